@@ -1,0 +1,162 @@
+//! The `Codec` extension point: a compression format that streams in both directions.
+//!
+//! A codec is stateless; it hands out an encoder or a decoder per stream. Encoders
+//! and decoders stream with bounded memory whatever the input size, so a 60 GB disk
+//! never sits in memory. Decoders must fail on truncated or corrupt input rather
+//! than return short output: callers rely on an error, not on counting bytes.
+
+use std::io::{self, Read, Write};
+use std::ops::RangeInclusive;
+
+use thiserror::Error;
+
+/// Errors a codec reports when it is set up (stream errors are `io::Error`s).
+#[derive(Debug, Error)]
+pub enum CodecError {
+    #[error("codec {codec}: level {level} is out of range {min}..={max}")]
+    LevelOutOfRange {
+        codec: String,
+        level: i32,
+        min: i32,
+        max: i32,
+    },
+    #[error("codec {codec}: {message}")]
+    Setup { codec: String, message: String },
+    #[error("codec {codec}: {source}")]
+    Io {
+        codec: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How to encode one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodeOptions {
+    /// Compression level; `None` picks the codec's default.
+    pub level: Option<i32>,
+    /// Worker threads for one stream; 0 or 1 means single-threaded.
+    pub threads: usize,
+    /// The original file name, for formats that record it (gzip's FNAME).
+    pub file_name: Option<String>,
+    /// Modification time in seconds since the epoch, for formats that record it
+    /// (gzip's MTIME). `None` writes 0, which keeps output deterministic.
+    pub mtime: Option<u32>,
+}
+
+impl EncodeOptions {
+    pub fn with_level(mut self, level: i32) -> Self {
+        self.level = Some(level);
+        self
+    }
+
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+}
+
+/// A streaming encoder. Dropping it without `finish` leaves the output incomplete,
+/// which decoders reject.
+pub trait Encoder: Write + Send {
+    /// Writes the trailer and flushes everything to the underlying writer.
+    fn finish(self: Box<Self>) -> io::Result<()>;
+}
+
+/// Something that can be written to and then finished: a boxed writer for output.
+pub type Output<'w> = Box<dyn Write + Send + 'w>;
+/// A boxed reader for input.
+pub type Input<'r> = Box<dyn Read + Send + 'r>;
+
+/// A compression format.
+pub trait Codec: Send + Sync {
+    /// The name users pass to `--codec` and config files (`zstd`, `xz`, `gzip`, `raw`).
+    fn name(&self) -> &str;
+
+    /// The media-type suffix this codec produces (`+zstd`, `+xz`, `+gzip`), or `None`
+    /// for uncompressed data.
+    fn media_type_suffix(&self) -> Option<&str>;
+
+    /// The accepted range of compression levels, or `None` when levels mean nothing.
+    fn levels(&self) -> Option<RangeInclusive<i32>>;
+
+    /// The level used when none is given.
+    fn default_level(&self) -> Option<i32>;
+
+    /// Whether `EncodeOptions::threads` > 1 speeds up a single stream.
+    fn multithreaded(&self) -> bool {
+        false
+    }
+
+    /// Starts compressing into `output`.
+    fn encoder<'w>(
+        &self,
+        output: Output<'w>,
+        options: &EncodeOptions,
+    ) -> Result<Box<dyn Encoder + 'w>, CodecError>;
+
+    /// Starts decompressing `input`; the reader yields the original bytes and an
+    /// `io::Error` (never a silent end) on truncated or corrupt input.
+    fn decoder<'r>(&self, input: Input<'r>) -> Result<Input<'r>, CodecError>;
+
+    /// Checks a level against `levels()`; codecs call this from `encoder`.
+    fn check_level(&self, options: &EncodeOptions) -> Result<Option<i32>, CodecError> {
+        let level = options.level.or_else(|| self.default_level());
+        match (level, self.levels()) {
+            (Some(level), Some(range)) if !range.contains(&level) => {
+                Err(CodecError::LevelOutOfRange {
+                    codec: self.name().to_string(),
+                    level,
+                    min: *range.start(),
+                    max: *range.end(),
+                })
+            }
+            _ => Ok(level),
+        }
+    }
+}
+
+/// Compresses a byte slice in one call (pieces of a chunked disk are small enough).
+pub fn encode_to_vec(
+    codec: &dyn Codec,
+    data: &[u8],
+    options: &EncodeOptions,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    let io_err = |source| CodecError::Io {
+        codec: codec.name().to_string(),
+        source,
+    };
+    let mut encoder = codec.encoder(Box::new(&mut out), options)?;
+    encoder.write_all(data).map_err(io_err)?;
+    encoder.finish().map_err(io_err)?;
+    Ok(out)
+}
+
+/// Decompresses `input` into `output`, insisting on exactly `expected` bytes: more is
+/// refused as soon as it appears (a decompression bomb never gets further than one
+/// buffer past the limit), fewer is an error too.
+pub fn decode_exact(
+    codec: &dyn Codec,
+    input: Input<'_>,
+    output: &mut dyn Write,
+    expected: u64,
+) -> Result<(), CodecError> {
+    let io_err = |source| CodecError::Io {
+        codec: codec.name().to_string(),
+        source,
+    };
+    let decoder = codec.decoder(input)?;
+    // Take one byte more than allowed so an oversized stream is detected.
+    let mut limited = decoder.take(expected + 1);
+    let copied = io::copy(&mut limited, output).map_err(io_err)?;
+    if copied != expected {
+        let message = if copied > expected {
+            format!("decompressed data is larger than the announced {expected} bytes")
+        } else {
+            format!("decompressed data has {copied} bytes, {expected} were announced")
+        };
+        return Err(io_err(io::Error::new(io::ErrorKind::InvalidData, message)));
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Image references (`host[:port]/path[:tag][@digest]`). Written by a helper.

@@ -1,0 +1,196 @@
+//! The `Transport` extension point: a place that stores OCI images — a registry
+//! (`docker://`), a local OCI image layout (`oci-dir:`) or whatever a plugin adds.
+//!
+//! The shape follows containers/image: a factory per URL scheme opens a transport
+//! for one location (a registry host, a layout root); the transport reads and writes
+//! manifests and blobs of repositories there. One copy engine moves images between
+//! any two transports, so push and fetch are the same code with the ends swapped.
+//! Blobs always stream; a transport never holds a whole blob in memory.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use thiserror::Error;
+use tokio::io::AsyncRead;
+
+use crate::digest::Digest;
+use crate::oci::Descriptor;
+
+/// A blob's bytes as they arrive.
+pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// What went wrong talking to a transport. Variants are the cases a user acts on
+/// differently; each names the registry or path and the object.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("{location}: authentication required or refused for {object}: check the credentials (sarde login {location})")]
+    Unauthorized { location: String, object: String },
+    #[error("{location}: access to {object} is forbidden for these credentials")]
+    Forbidden { location: String, object: String },
+    #[error("{location}: manifest {reference} not found in {repository}")]
+    ManifestUnknown {
+        location: String,
+        repository: String,
+        reference: String,
+    },
+    #[error("{location}: blob {digest} not found in {repository}")]
+    BlobUnknown {
+        location: String,
+        repository: String,
+        digest: Digest,
+    },
+    #[error("{location}: the registry refuses media type {media_type}")]
+    UnsupportedMediaType {
+        location: String,
+        media_type: String,
+    },
+    #[error("{location}: TLS failure: {message} (for a private CA see `ca-file`; for plain HTTP `--insecure`)")]
+    Tls { location: String, message: String },
+    #[error("{location}: {object}: expected {expected}, got {actual} ({what})")]
+    Mismatch {
+        location: String,
+        object: String,
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("{location}: {message}")]
+    Protocol { location: String, message: String },
+    /// A failure that may go away when retried (connection reset, 5xx, 429).
+    #[error("{location}: {message}")]
+    Transient {
+        location: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{location}: {context}: {source}")]
+    Io {
+        location: String,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TransportError {
+    /// Whether retrying the same request can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TransportError::Transient { .. })
+    }
+}
+
+/// Settings a transport factory may honour when it opens a location.
+#[derive(Debug, Clone, Default)]
+pub struct TransportOptions {
+    /// Allow plain HTTP and unverified TLS for this location.
+    pub insecure: bool,
+    /// Extra CA certificate (PEM) to trust.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Explicit credentials; otherwise the transport looks them up itself.
+    pub credentials: Option<Credentials>,
+    /// Blob transfers at a time.
+    pub concurrency: usize,
+}
+
+/// A user name and secret for a registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never print the password, not even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A manifest as stored: its exact bytes (digests are over these), media type and digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawManifest {
+    pub media_type: String,
+    pub digest: Digest,
+    pub bytes: Vec<u8>,
+}
+
+/// One storage location opened by a factory.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// The location in the transport's own syntax (`registry.example.org:5000`, a path).
+    fn location(&self) -> String;
+
+    /// Reads a manifest by tag or digest.
+    async fn get_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+    ) -> Result<RawManifest, TransportError>;
+
+    /// Stores a manifest under a tag or its digest. Blobs it names must exist first.
+    async fn put_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        manifest: &RawManifest,
+    ) -> Result<(), TransportError>;
+
+    /// Lists the tags of a repository.
+    async fn list_tags(&self, repository: &str) -> Result<Vec<String>, TransportError>;
+
+    /// Whether the repository holds the blob (size checked where the transport knows it).
+    async fn blob_exists(
+        &self,
+        repository: &str,
+        blob: &Descriptor,
+    ) -> Result<bool, TransportError>;
+
+    /// Streams a blob from byte `offset` on (0 for all of it), for resuming.
+    async fn get_blob(
+        &self,
+        repository: &str,
+        blob: &Descriptor,
+        offset: u64,
+    ) -> Result<BlobReader, TransportError>;
+
+    /// Stores a blob whose digest and size are known in advance; the transport
+    /// verifies both and fails rather than store anything else.
+    async fn put_blob(
+        &self,
+        repository: &str,
+        blob: &Descriptor,
+        data: BlobReader,
+    ) -> Result<(), TransportError>;
+
+    /// Makes a blob of another repository at the same location available in
+    /// `repository` without copying bytes. `Ok(false)` when the transport can't,
+    /// and the caller uploads instead.
+    async fn mount_blob(
+        &self,
+        _repository: &str,
+        _from_repository: &str,
+        _blob: &Descriptor,
+    ) -> Result<bool, TransportError> {
+        Ok(false)
+    }
+}
+
+/// Opens transports for one URL scheme.
+pub trait TransportFactory: Send + Sync {
+    /// The scheme that selects this factory (`docker`, `oci-dir`).
+    fn scheme(&self) -> &str;
+
+    /// One line for `sarde plugins`.
+    fn description(&self) -> &str;
+
+    /// Opens `location` (the part after `scheme://` or `scheme:`).
+    fn open(
+        &self,
+        location: &str,
+        options: &TransportOptions,
+    ) -> Result<Box<dyn Transport>, TransportError>;
+}

@@ -171,12 +171,9 @@ pub fn load(registry: &mut Registry, path: &Path) -> Result<LoadedPlugin, Plugin
     // SAFETY: the symbol is only read as a PluginHeader (frozen C layout) until the
     // checks below pass.
     let header: *const PluginHeader = unsafe {
-        library
+        // For a data symbol, the symbol's value is the address of the static.
+        *library
             .get::<*const PluginHeader>(ENTRY_SYMBOL.as_bytes())
-            .map(|sym| {
-                let addr: *const *const PluginHeader = &*sym;
-                addr as *const PluginHeader
-            })
             .map_err(|_| PluginError::NoEntry { path: path.clone() })?
     };
     // SAFETY: the symbol exists; the header layout is the same in every ABI version.

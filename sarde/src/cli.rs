@@ -1,0 +1,166 @@
+//! Command-line syntax of `sarde`.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use sarde_cli::config::FlagValues;
+
+const ABOUT: &str = "Move libvirt VMs through OCI registries, the way docker moves containers";
+
+const LONG_ABOUT: &str = "\
+sarde moves libvirt VMs (domain XML, qcow2 disks with their backing chains, login \
+details) as OCI images through any OCI registry, so every CI runner can run the \
+same VM image, named per job like a container image.
+
+Configuration: defaults < /etc/sardinecake/sarde.ini < ~/.config/sardinecake/sarde.ini \
+(or the files in SARDE_CONF_FILES) < SARDE_* environment variables < flags. \
+`sarde config` shows the result and where each value came from.";
+
+#[derive(Debug, Parser)]
+#[command(name = "sarde", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// More output on stderr (repeat for more)
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Less output on stderr (repeat for less)
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub quiet: u8,
+
+    /// Load a plugin library (repeatable), besides those in the plugin directories
+    #[arg(long, value_name = "PATH", global = true)]
+    pub plugin: Vec<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List every registered codec, transport and hypervisor and where it comes from
+    Plugins(PluginsArgs),
+    /// Print the effective configuration and where each value came from
+    Config(ConfigArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(CompletionsArgs),
+}
+
+impl Command {
+    /// The section of the configuration files that applies.
+    pub fn config_section(&self) -> Option<&str> {
+        match self {
+            Command::Plugins(_) => Some("plugins"),
+            Command::Config(args) => args.for_command.as_deref(),
+            Command::Completions(_) => None,
+        }
+    }
+}
+
+/// Output for people or for programs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct PluginsArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Show the configuration as SUBCOMMAND sees it (its INI section applies)
+    #[arg(long = "for", value_name = "SUBCOMMAND")]
+    pub for_command: Option<String>,
+
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+
+    #[command(flatten)]
+    pub overrides: SettingsFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to generate completions for
+    pub shell: clap_complete::Shell,
+}
+
+/// Flags that override configuration keys of the same name. Subcommands flatten the
+/// ones they use.
+#[derive(Debug, Args, Default)]
+pub struct SettingsFlags {
+    /// libvirt connection URI (e.g. qemu:///system)
+    #[arg(long, value_name = "URI")]
+    pub connect: Option<String>,
+    /// Local cache of OCI images
+    #[arg(long, value_name = "DIR")]
+    pub ocidir: Option<PathBuf>,
+    /// Directory for the disks of imported VMs
+    #[arg(long, value_name = "DIR")]
+    pub vmdir: Option<PathBuf>,
+    /// Directory for the overlays of clones
+    #[arg(long, value_name = "DIR")]
+    pub clonedir: Option<PathBuf>,
+    /// Size of the uncompressed pieces disks are cut into (e.g. 64MiB)
+    #[arg(long, value_name = "SIZE")]
+    pub chunksize: Option<String>,
+    /// Compression codec (see `sarde plugins`)
+    #[arg(long, value_name = "NAME")]
+    pub codec: Option<String>,
+    /// Compression level
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub level: Option<i32>,
+    /// Worker threads (0 = one per core)
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Blob transfers at a time
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Plugin directories, colon-separated
+    #[arg(long, value_name = "DIRS")]
+    pub plugin_dir: Option<String>,
+}
+
+impl SettingsFlags {
+    pub fn to_flag_values(&self) -> FlagValues {
+        let mut flags = FlagValues::default();
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        if let Some(v) = &self.connect {
+            flags.set("connect", v.as_str());
+        }
+        if let Some(v) = &self.ocidir {
+            flags.set("ocidir", path(v));
+        }
+        if let Some(v) = &self.vmdir {
+            flags.set("vmdir", path(v));
+        }
+        if let Some(v) = &self.clonedir {
+            flags.set("clonedir", path(v));
+        }
+        if let Some(v) = &self.chunksize {
+            flags.set("chunksize", v.as_str());
+        }
+        if let Some(v) = &self.codec {
+            flags.set("codec", v.as_str());
+        }
+        if let Some(v) = self.level {
+            flags.set("level", v.to_string());
+        }
+        if let Some(v) = self.threads {
+            flags.set("threads", v.to_string());
+        }
+        if let Some(v) = self.concurrency {
+            flags.set("concurrency", v.to_string());
+        }
+        if let Some(v) = &self.plugin_dir {
+            flags.set("plugin-dir", v.as_str());
+        }
+        flags
+    }
+}

@@ -1,0 +1,169 @@
+//! What each subcommand does: load configuration and the registry, call the
+//! libraries, print the result.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::CommandFactory;
+use sarde_cli::builtin;
+use sarde_cli::config::{self, Config, Environment, FlagValues};
+use serde_json::json;
+
+use crate::cli::{Cli, Command, ConfigArgs, OutputFormat, PluginsArgs};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Completions(args) = &cli.command {
+        let mut command = Cli::command();
+        clap_complete::generate(args.shell, &mut command, "sarde", &mut std::io::stdout());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let flags = match &cli.command {
+        Command::Config(args) => args.overrides.to_flag_values(),
+        _ => FlagValues::default(),
+    };
+    let env = Environment::from_process();
+    let config = Config::load(&env, cli.command.config_section(), &flags)
+        .context("invalid configuration")?;
+    let verbosity = config.settings.verbose - config.settings.quiet + i32::from(cli.verbose)
+        - i32::from(cli.quiet);
+    sarde_cli::logging::init(verbosity);
+    for (key, origin) in &config.unknown_keys {
+        tracing::debug!("unknown configuration key `{key}` from {origin}: ignored");
+    }
+
+    match &cli.command {
+        Command::Plugins(args) => plugins(&cli, &config, args),
+        Command::Config(args) => show_config(&config, &env, args),
+        Command::Completions(_) => unreachable!("handled above"),
+    }
+}
+
+fn plugins(cli: &Cli, config: &Config, args: &PluginsArgs) -> Result<ExitCode> {
+    let mut explicit = config.settings.plugin.clone();
+    explicit.extend(cli.plugin.iter().cloned());
+    let loaded = builtin::load_registry(&config.settings.plugin_dir, &explicit)?;
+    let entries = loaded.registry.entries();
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        OutputFormat::Json => {
+            let value = json!({
+                "factories": entries,
+                "plugins": loaded.plugins.iter().map(|p| json!({
+                    "name": p.name, "path": p.path, "api_version": p.api_version,
+                })).collect::<Vec<_>>(),
+                "skipped": loaded.skipped.iter().map(|s| json!({
+                    "path": s.path, "reason": s.reason,
+                })).collect::<Vec<_>>(),
+                "plugin_dirs": config.settings.plugin_dir,
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        }
+        OutputFormat::Text => {
+            let rows: Vec<[String; 4]> = entries
+                .iter()
+                .map(|e| {
+                    [
+                        e.kind.to_string(),
+                        e.name.clone(),
+                        e.origin.to_string(),
+                        e.description.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&mut out, ["KIND", "NAME", "ORIGIN", "DESCRIPTION"], &rows)?;
+            for s in &loaded.skipped {
+                writeln!(out, "skipped {}: {}", s.path.display(), s.reason)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_config(config: &Config, env: &Environment, args: &ConfigArgs) -> Result<ExitCode> {
+    let report = config.report();
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        OutputFormat::Json => {
+            let settings: serde_json::Map<String, serde_json::Value> = report
+                .iter()
+                .map(|(key, value, origin)| {
+                    (key.clone(), json!({ "value": value, "origin": origin }))
+                })
+                .collect();
+            let value = json!({
+                "command": config.command,
+                "files": env.files,
+                "files_from_env": env.files_from_env,
+                "files_read": config.files_read,
+                "settings": settings,
+                "unknown_keys": config.unknown_keys.iter()
+                    .map(|(k, o)| json!({"key": k, "origin": o}))
+                    .collect::<Vec<_>>(),
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        }
+        OutputFormat::Text => {
+            let source = if env.files_from_env {
+                " (from SARDE_CONF_FILES)"
+            } else {
+                ""
+            };
+            writeln!(out, "# configuration files{source}, in order:")?;
+            for file in &env.files {
+                let state = if config.files_read.contains(file) {
+                    "read"
+                } else {
+                    "absent"
+                };
+                writeln!(out, "#   {} ({state})", file.display())?;
+            }
+            if let Some(command) = &config.command {
+                writeln!(out, "# sections: [DEFAULT], then [{command}]")?;
+            }
+            let rows: Vec<[String; 3]> = report
+                .into_iter()
+                .map(|(k, v, o)| [k, v, o.to_string()])
+                .collect();
+            print_table(&mut out, ["KEY", "VALUE", "ORIGIN"], &rows)?;
+            for (origin, keys) in config::unknown_keys_by_origin(config) {
+                writeln!(
+                    out,
+                    "# not used by this command: {} (from {origin})",
+                    keys.join(", ")
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Left-aligned columns, the last one unpadded.
+fn print_table<const N: usize>(
+    out: &mut impl Write,
+    header: [&str; N],
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |out: &mut dyn Write, cells: Vec<&str>| -> std::io::Result<()> {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == N {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        writeln!(out, "{}", text.trim_end())
+    };
+    line(out, header.to_vec())?;
+    for row in rows {
+        line(out, row.iter().map(String::as_str).collect())?;
+    }
+    Ok(())
+}

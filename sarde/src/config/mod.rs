@@ -1,0 +1,546 @@
+//! Layered configuration: built-in defaults < `/etc/sardinecake/sarde.{ini,toml}`
+//! < `~/.config/sardinecake/sarde.{ini,toml}` (or only the files listed in
+//! `SARDE_CONF_FILES`) < `SARDE_*` environment variables < command-line flags.
+//!
+//! Keys are the long option names (`chunksize`, `plugin-dir`). Every value keeps
+//! its origin, which `sarde config` shows and error messages name.
+
+pub mod size;
+pub mod sources;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use figment::providers::Env;
+use figment::value::{Dict, Value};
+use figment::{Figment, Provider, Source};
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use size::ByteSize;
+pub use sources::{DEFAULT_SECTION, FileError};
+
+/// The effective settings of one subcommand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// libvirt connection URI.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub connect: String,
+    /// The local cache of OCI images: one OCI layout per repository.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub ocidir: PathBuf,
+    /// Where imported VMs' disks go: `<vmdir>/<vm name>/`.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub vmdir: PathBuf,
+    /// Where clones' overlays go; next to the source VM's disks when unset.
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_from_str",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clonedir: Option<PathBuf>,
+    /// Size of the uncompressed pieces a disk is cut into.
+    pub chunksize: ByteSize,
+    /// Compression codec for export.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub codec: String,
+    /// Compression level; the codec's default when unset.
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_from_str",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub level: Option<i32>,
+    /// Worker threads for compression and hashing; 0 = one per core.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub threads: usize,
+    /// Blob transfers at a time.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub concurrency: usize,
+    /// Directories whose shared libraries are loaded as plugins.
+    #[serde(deserialize_with = "lenient::path_list")]
+    pub plugin_dir: Vec<PathBuf>,
+    /// Extra plugin libraries to load.
+    #[serde(default, deserialize_with = "lenient::path_list")]
+    pub plugin: Vec<PathBuf>,
+    /// Verbosity from the config file (the Python tool's `verbose` / `quiet` keys);
+    /// `-v` and `-q` add to these.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub verbose: i32,
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub quiet: i32,
+}
+
+/// The keys `Settings` knows, as users write them.
+pub const KNOWN_KEYS: &[&str] = &[
+    "connect",
+    "ocidir",
+    "vmdir",
+    "clonedir",
+    "chunksize",
+    "codec",
+    "level",
+    "threads",
+    "concurrency",
+    "plugin-dir",
+    "plugin",
+    "verbose",
+    "quiet",
+];
+
+/// Whether this process runs as root, which picks system-wide defaults.
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The user's home directory.
+pub fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Expands a leading `~` or `~/`.
+pub fn expand_tilde(path: &Path, home: Option<&Path>) -> PathBuf {
+    match (path.strip_prefix("~"), home) {
+        (Ok(rest), Some(home)) => home.join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
+impl Settings {
+    /// Defaults for root (system directories) or a user (XDG data directory).
+    pub fn defaults(root: bool, home: Option<&Path>) -> Settings {
+        let data_dir = if root {
+            PathBuf::from("/var/lib/sardinecake")
+        } else {
+            std::env::var_os("XDG_DATA_HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| home.map(|h| h.join(".local/share")))
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join("sardinecake")
+        };
+        let mut plugin_dir = vec![
+            PathBuf::from("/usr/lib/sardinecake/plugins"),
+            PathBuf::from("/usr/local/lib/sardinecake/plugins"),
+        ];
+        if !root {
+            plugin_dir.push(data_dir.join("plugins"));
+        }
+        Settings {
+            connect: if root {
+                "qemu:///system".into()
+            } else {
+                "qemu:///session".into()
+            },
+            ocidir: data_dir.join("OCI"),
+            vmdir: data_dir.join("VMs"),
+            clonedir: None,
+            chunksize: ByteSize(64 << 20),
+            codec: "zstd".into(),
+            level: None,
+            threads: 0,
+            concurrency: 4,
+            plugin_dir,
+            plugin: Vec::new(),
+            verbose: 0,
+            quiet: 0,
+        }
+    }
+
+    fn expand_paths(&mut self, home: Option<&Path>) {
+        self.ocidir = expand_tilde(&self.ocidir, home);
+        self.vmdir = expand_tilde(&self.vmdir, home);
+        if let Some(dir) = &self.clonedir {
+            self.clonedir = Some(expand_tilde(dir, home));
+        }
+        for p in self.plugin_dir.iter_mut().chain(self.plugin.iter_mut()) {
+            *p = expand_tilde(p, home);
+        }
+    }
+
+    /// Worker threads to use: `threads`, or one per core when 0.
+    pub fn effective_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// Values given on the command line, keyed by field name (`plugin_dir`); they
+/// override everything else.
+#[derive(Debug, Clone, Default)]
+pub struct FlagValues(pub Dict);
+
+impl FlagValues {
+    pub fn set(&mut self, key: &str, value: impl Into<Value>) {
+        self.0.insert(sources::normalise_key(key), value.into());
+    }
+}
+
+/// Where the configuration comes from, as the process sees it.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub root: bool,
+    pub home: Option<PathBuf>,
+    pub files: Vec<PathBuf>,
+    /// Whether `files` came from `SARDE_CONF_FILES`.
+    pub files_from_env: bool,
+}
+
+impl Environment {
+    /// The real process environment.
+    pub fn from_process() -> Environment {
+        let home = home_dir();
+        let env_files = std::env::var("SARDE_CONF_FILES").ok();
+        Environment {
+            root: running_as_root(),
+            files: sources::default_files(env_files.as_deref(), home.as_deref()),
+            files_from_env: env_files.is_some(),
+            home,
+        }
+    }
+}
+
+/// A configuration error that names the file, section and key, and says what is expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{origin}: key `{key}`: {message}")]
+    Value {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OriginInfo {
+    /// `default`, `file`, `environment` or `command line`.
+    pub kind: &'static str,
+    /// Human description: the file and section, the variable, or the flag.
+    pub detail: String,
+}
+
+impl fmt::Display for OriginInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.detail.is_empty() {
+            f.write_str(self.kind)
+        } else {
+            write!(f, "{} {}", self.kind, self.detail)
+        }
+    }
+}
+
+const DEFAULTS_NAME: &str = "built-in default";
+const FLAGS_NAME: &str = "command line";
+
+/// The loaded configuration of one subcommand.
+pub struct Config {
+    pub settings: Settings,
+    /// The subcommand whose section applied.
+    pub command: Option<String>,
+    /// Files that existed and were read, in order.
+    pub files_read: Vec<PathBuf>,
+    /// Keys in the files or environment that sarde does not know, with their origin.
+    pub unknown_keys: Vec<(String, OriginInfo)>,
+    figment: Figment,
+}
+
+impl Config {
+    /// Loads the layers for `command` (its section overrides `[DEFAULT]`).
+    pub fn load(
+        env: &Environment,
+        command: Option<&str>,
+        flags: &FlagValues,
+    ) -> Result<Config, ConfigError> {
+        let defaults = Settings::defaults(env.root, env.home.as_deref());
+        let mut figment = Figment::from(sources::NamedDict {
+            name: DEFAULTS_NAME.into(),
+            source: Source::Custom(DEFAULTS_NAME.into()),
+            values: to_dict(&defaults),
+        });
+
+        let mut all_sections = Vec::new();
+        let mut files_read = Vec::new();
+        for file in &env.files {
+            if let Some(sections) = sources::read_file(file)? {
+                files_read.push(file.clone());
+                all_sections.extend(sections);
+            }
+        }
+        // Every file's [DEFAULT] first, then every file's subcommand section.
+        for section in all_sections.iter().filter(|s| s.name == DEFAULT_SECTION) {
+            figment = figment.merge(sources::NamedDict::from_section(section));
+        }
+        if let Some(command) = command {
+            for section in all_sections.iter().filter(|s| s.name == command) {
+                figment = figment.merge(sources::NamedDict::from_section(section));
+            }
+        }
+        figment = figment.merge(sarde_env());
+        figment = figment.merge(sources::NamedDict {
+            name: FLAGS_NAME.into(),
+            source: Source::Custom(FLAGS_NAME.into()),
+            values: flags.0.clone(),
+        });
+
+        let mut settings: Settings = figment.extract().map_err(value_error)?;
+        settings.expand_paths(env.home.as_deref());
+        validate(&settings, &figment)?;
+
+        let data = figment
+            .data()
+            .ok()
+            .and_then(|mut d| d.remove(&figment::Profile::Default));
+        let unknown_keys = data
+            .map(|dict| {
+                dict.keys()
+                    .filter(|k| {
+                        !KNOWN_KEYS
+                            .iter()
+                            .any(|known| sources::normalise_key(known) == **k)
+                    })
+                    .map(|k| (k.replace('_', "-"), origin_of(&figment, k)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Config {
+            settings,
+            command: command.map(str::to_string),
+            files_read,
+            unknown_keys,
+            figment,
+        })
+    }
+
+    /// Where `key` (as users write it) got its value.
+    pub fn origin(&self, key: &str) -> OriginInfo {
+        origin_of(&self.figment, &sources::normalise_key(key))
+    }
+
+    /// Every known key with its effective value (as text) and origin.
+    pub fn report(&self) -> Vec<(String, String, OriginInfo)> {
+        let value = serde_json::to_value(&self.settings).expect("settings serialise");
+        KNOWN_KEYS
+            .iter()
+            .map(|key| {
+                let field = sources::normalise_key(key);
+                let shown = match (key, &value[&field]) {
+                    (&"chunksize", _) => self.settings.chunksize.to_string(),
+                    (_, serde_json::Value::String(s)) => s.clone(),
+                    (_, serde_json::Value::Null) => "(unset)".into(),
+                    (_, serde_json::Value::Array(items)) => items
+                        .iter()
+                        .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    (_, other) => other.to_string(),
+                };
+                (key.to_string(), shown, self.origin(key))
+            })
+            .collect()
+    }
+}
+
+fn to_dict(settings: &Settings) -> Dict {
+    match Value::serialize(settings) {
+        Ok(Value::Dict(_, dict)) => dict,
+        _ => unreachable!("Settings serialises to a map"),
+    }
+}
+
+/// `SARDE_*` variables, except those that are not settings.
+fn sarde_env() -> Env {
+    Env::prefixed("SARDE_").filter(|key| {
+        let key = key.as_str().to_ascii_lowercase();
+        !(key == "conf_files" || key == "log" || key.starts_with("registry_"))
+    })
+}
+
+fn env_var_name(field: &str) -> String {
+    format!("SARDE_{}", field.to_ascii_uppercase())
+}
+
+fn origin_of(figment: &Figment, field: &str) -> OriginInfo {
+    let Some(meta) = figment.find_metadata(field) else {
+        return OriginInfo {
+            kind: "default",
+            detail: String::new(),
+        };
+    };
+    match &meta.source {
+        Some(Source::File(_)) => OriginInfo {
+            kind: "file",
+            detail: meta.name.to_string(),
+        },
+        Some(Source::Custom(name)) if name == FLAGS_NAME => OriginInfo {
+            kind: "command line",
+            detail: format!("--{}", field.replace('_', "-")),
+        },
+        Some(Source::Custom(name)) if name == DEFAULTS_NAME => OriginInfo {
+            kind: "default",
+            detail: String::new(),
+        },
+        _ => OriginInfo {
+            kind: "environment",
+            detail: env_var_name(field),
+        },
+    }
+}
+
+fn describe_metadata(meta: Option<&figment::Metadata>, key: &str) -> String {
+    match meta {
+        Some(m) if matches!(m.source, Some(Source::File(_))) => m.name.to_string(),
+        Some(m) if matches!(&m.source, Some(Source::Custom(n)) if n == FLAGS_NAME) => {
+            format!("command line flag --{}", key.replace('_', "-"))
+        }
+        Some(m) if matches!(&m.source, Some(Source::Custom(n)) if n == DEFAULTS_NAME) => {
+            "built-in default".into()
+        }
+        Some(_) => format!("environment variable {}", env_var_name(key)),
+        None => "configuration".into(),
+    }
+}
+
+fn value_error(err: figment::Error) -> ConfigError {
+    // Report the first error; figment chains them and the first is the one to fix.
+    let err = err
+        .into_iter()
+        .next()
+        .expect("an error has at least one entry");
+    let key = err.path.last().cloned().unwrap_or_default();
+    ConfigError::Value {
+        origin: describe_metadata(err.metadata.as_ref(), &key),
+        key: key.replace('_', "-"),
+        message: err.kind.to_string(),
+    }
+}
+
+fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
+    let fail = |key: &str, message: &str| ConfigError::Value {
+        origin: describe_metadata(figment.find_metadata(key), key),
+        key: key.replace('_', "-"),
+        message: message.to_string(),
+    };
+    if settings.concurrency == 0 {
+        return Err(fail("concurrency", "must be at least 1"));
+    }
+    if settings.chunksize.0 < (1 << 20) {
+        return Err(fail(
+            "chunksize",
+            "must be at least 1 MiB (pieces that small cost more in requests than they save)",
+        ));
+    }
+    if settings.connect.trim().is_empty() {
+        return Err(fail(
+            "connect",
+            "expected a libvirt URI such as qemu:///system",
+        ));
+    }
+    if settings.codec.trim().is_empty() {
+        return Err(fail(
+            "codec",
+            "expected a codec name such as zstd, xz, gzip or raw",
+        ));
+    }
+    Ok(())
+}
+
+/// Deserializers that accept a value as a string or as the native type, since INI
+/// and environment values are text while TOML values are typed.
+mod lenient {
+    use super::*;
+
+    struct AnyAsText;
+
+    impl serde::de::Visitor<'_> for AnyAsText {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string, number or boolean")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+
+    pub fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let text = d.deserialize_any(AnyAsText)?;
+        T::from_str(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{:?} is not valid: {e} (expected {})",
+                text,
+                std::any::type_name::<T>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("a value")
+            ))
+        })
+    }
+
+    pub fn opt_from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let text = d.deserialize_any(AnyAsText)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        T::from_str(text.trim())
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not valid: {e}")))
+    }
+
+    /// A colon-separated string (like `PATH`) or a list.
+    pub fn path_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Text(String),
+            List(Vec<String>),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Text(s) => s
+                .split(':')
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| PathBuf::from(p.trim()))
+                .collect(),
+            Either::List(items) => items.into_iter().map(PathBuf::from).collect(),
+        })
+    }
+}
+
+/// Unknown keys grouped for display.
+pub fn unknown_keys_by_origin(config: &Config) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, origin) in &config.unknown_keys {
+        map.entry(origin.to_string()).or_default().push(key.clone());
+    }
+    map
+}

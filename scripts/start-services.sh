@@ -29,6 +29,12 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
     return 1
 }
 
+# libvirt probes QEMU as the libvirt-qemu user; when that user cannot open /dev/kvm,
+# every define re-probes (~40 s each). udev would set this mode; there is no udev here.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+    chgrp kvm /dev/kvm && chmod 660 /dev/kvm
+fi
+
 # libvirt's daemons (no systemd here). virtlogd first: every VM start needs it.
 if ! pgrep -x virtlogd >/dev/null; then
     virtlogd -d

@@ -90,13 +90,18 @@ pub trait Hypervisor: Send + Sync {
     fn exists(&self, name: &str) -> Result<bool, HypervisorError>;
 
     /// The domain's XML as the hypervisor describes it (inactive config when
-    /// `inactive`, which is what export wants).
+    /// `inactive`, which is what export wants). Secrets such as VNC passwords are
+    /// left out.
     fn domain_xml(&self, name: &str, inactive: bool) -> Result<String, HypervisorError>;
 
-    /// Defines a persistent domain; returns its name.
+    /// Defines a persistent domain; returns its name. Fails with
+    /// [`HypervisorError::DomainExists`] when a domain of that name exists: it never
+    /// redefines (libvirt's define would silently replace the configuration).
     fn define(&self, xml: &str) -> Result<String, HypervisorError>;
 
-    /// Removes a domain's definition (and its NVRAM), leaving disks alone.
+    /// Removes a domain's definition (and its NVRAM and managed-save image), leaving
+    /// disks alone. A running persistent domain keeps running as a transient one; a
+    /// transient domain has no definition and is an error (destroy it instead).
     fn undefine(&self, name: &str) -> Result<(), HypervisorError>;
 
     fn state(&self, name: &str) -> Result<DomainState, HypervisorError>;
@@ -104,10 +109,12 @@ pub trait Hypervisor: Send + Sync {
     /// Starts a defined domain.
     fn start(&self, name: &str) -> Result<(), HypervisorError>;
 
-    /// Creates and starts a transient domain; returns its name.
+    /// Creates and starts a transient domain; returns its name. Fails with
+    /// [`HypervisorError::DomainExists`] when a domain of that name exists.
     fn create_transient(&self, xml: &str) -> Result<String, HypervisorError>;
 
-    /// Stops a domain at once (power off).
+    /// Stops a domain at once (power off). A domain that is not running is an
+    /// error; a transient domain disappears.
     fn destroy(&self, name: &str) -> Result<(), HypervisorError>;
 
     /// The guest's addresses from the given source.

@@ -22,6 +22,6 @@ pub mod transport;
 pub use codec::{Codec, CodecError, EncodeOptions, Encoder};
 pub use digest::Digest;
 pub use hypervisor::{Hypervisor, HypervisorError, HypervisorFactory};
-// pub use reference::{ImageReference, ReferenceError};  (added with reference.rs)
+pub use reference::{ImageReference, ReferenceError};
 pub use registry::{Origin, Registrar, Registry, RegistryError};
 pub use transport::{Transport, TransportError, TransportFactory};

@@ -118,8 +118,9 @@ pub enum PluginError {
     Register {
         path: PathBuf,
         name: String,
+        // Boxed: keeps every Result<_, PluginError> small.
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("plugin {path} ({name}) panicked while registering")]
     Panicked { path: PathBuf, name: String },
@@ -215,7 +216,13 @@ pub fn load(registry: &mut Registry, path: &Path) -> Result<LoadedPlugin, Plugin
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| register(&mut registrar)));
     match outcome {
         Err(_) => return Err(PluginError::Panicked { path, name }),
-        Ok(Err(source)) => return Err(PluginError::Register { path, name, source }),
+        Ok(Err(source)) => {
+            return Err(PluginError::Register {
+                path,
+                name,
+                source: Box::new(source),
+            });
+        }
         Ok(Ok(())) => {}
     }
     // Keep the code mapped for as long as the process runs.

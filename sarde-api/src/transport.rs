@@ -24,7 +24,9 @@ pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
 /// differently; each names the registry or path and the object.
 #[derive(Debug, Error)]
 pub enum TransportError {
-    #[error("{location}: authentication required or refused for {object}: check the credentials (sarde login {location})")]
+    #[error(
+        "{location}: authentication required or refused for {object}: check the credentials (sarde login {location})"
+    )]
     Unauthorized { location: String, object: String },
     #[error("{location}: access to {object} is forbidden for these credentials")]
     Forbidden { location: String, object: String },
@@ -45,7 +47,9 @@ pub enum TransportError {
         location: String,
         media_type: String,
     },
-    #[error("{location}: TLS failure: {message} (for a private CA see `ca-file`; for plain HTTP `--insecure`)")]
+    #[error(
+        "{location}: TLS failure: {message} (for a private CA see `ca-file`; for plain HTTP `--insecure`)"
+    )]
     Tls { location: String, message: String },
     #[error("{location}: {object}: expected {expected}, got {actual} ({what})")]
     Mismatch {

@@ -14,6 +14,7 @@ pub fn register_builtins(registry: &mut Registry) -> Result<()> {
     sarde_codec_xz::register(&mut r)?;
     sarde_codec_gzip::register(&mut r)?;
     sarde_codec_raw::register(&mut r)?;
+    sarde_backend_libvirt::register(&mut r)?;
     Ok(())
 }
 

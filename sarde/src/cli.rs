@@ -40,7 +40,7 @@ pub enum Command {
     /// List every registered codec, transport and hypervisor and where it comes from
     Plugins(PluginsArgs),
     /// Print the effective configuration and where each value came from
-    Config(ConfigArgs),
+    Config(Box<ConfigArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions(CompletionsArgs),
 }

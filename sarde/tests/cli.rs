@@ -242,6 +242,12 @@ fn plugins_lists_builtins_and_loaded_plugins_with_origin() {
             "{codec} missing: {names:?}"
         );
     }
+    for scheme in ["qemu", "xen", "lxc", "test"] {
+        assert!(
+            names.contains(&("hypervisor".into(), scheme.into(), "built in".into())),
+            "{scheme} missing: {names:?}"
+        );
+    }
 
     let lib = build_cdylib("sarde-plugin-example-lz4", &[]);
     let out = run_ok(sarde(home.path()).arg("plugins").arg("--plugin").arg(&lib));

@@ -242,6 +242,7 @@ fn plugins_lists_builtins_and_loaded_plugins_with_origin() {
             "{codec} missing: {names:?}"
         );
     }
+    assert!(names.contains(&("transport".into(), "oci-dir".into(), "built in".into())));
     for scheme in ["qemu", "xen", "lxc", "test"] {
         assert!(
             names.contains(&("hypervisor".into(), scheme.into(), "built in".into())),

@@ -1,0 +1,550 @@
+//! The `oci-dir` transport: the [`Transport`] view of the cache, so the copy
+//! engine moves images between a registry and the cache like between any two
+//! transports. Repositories are `host[:port]/path`; the location is the cache root.
+//!
+//! The layout code is synchronous (export and import call it from blocking
+//! threads); here every filesystem step runs under `spawn_blocking`, and
+//! `put_blob` feeds a [`crate::BlobWriter`] through a small bounded queue so
+//! memory stays bounded whatever the blob size.
+
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sarde_api::digest::Algorithm;
+use sarde_api::oci::{Descriptor, ImageIndex, ImageManifest, media_types};
+use sarde_api::transport::{BlobReader, RawManifest, TransportOptions};
+use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::cache::OciDir;
+use crate::error::LayoutError;
+use crate::layout::Layout;
+
+/// The URL scheme of this transport.
+pub const SCHEME: &str = "oci-dir";
+
+/// Bytes per piece handed from the async reader to the blocking writer.
+const PIECE: usize = 1 << 20;
+/// Pieces in flight: with one being read and one being written, about 6 MiB.
+const QUEUE: usize = 4;
+
+/// Opens `oci-dir` transports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OciDirFactory;
+
+impl TransportFactory for OciDirFactory {
+    fn scheme(&self) -> &str {
+        SCHEME
+    }
+
+    fn description(&self) -> &str {
+        "local OCI image layouts, one per repository: <dir>/<host[:port]>/<path>"
+    }
+
+    fn open(
+        &self,
+        location: &str,
+        _options: &TransportOptions,
+    ) -> Result<Box<dyn Transport>, TransportError> {
+        if location.is_empty() {
+            return Err(TransportError::Protocol {
+                location: format!("{SCHEME}:"),
+                message: "no directory given: use oci-dir:/path/to/cache".to_string(),
+            });
+        }
+        Ok(Box::new(OciDirTransport::new(location)))
+    }
+}
+
+/// Registers [`OciDirFactory`] under `oci-dir`.
+pub fn register(r: &mut dyn Registrar) -> Result<(), RegistryError> {
+    r.register_transport(Arc::new(OciDirFactory))
+}
+
+/// The cache as a transport. The root need not exist until something is stored.
+#[derive(Debug, Clone)]
+pub struct OciDirTransport {
+    dir: OciDir,
+}
+
+impl OciDirTransport {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        OciDirTransport {
+            dir: OciDir::new(root),
+        }
+    }
+
+    fn layout_path(&self, repository: &str) -> Result<PathBuf, TransportError> {
+        self.dir
+            .layout_for_repository(repository)
+            .map_err(|e| self.error(repository, e))
+    }
+
+    /// Maps layout failures to the transport variants callers act on.
+    fn error(&self, repository: &str, e: LayoutError) -> TransportError {
+        let location = self.location();
+        match e {
+            LayoutError::TagNotFound { tag, .. } => TransportError::ManifestUnknown {
+                location,
+                repository: repository.to_string(),
+                reference: tag,
+            },
+            LayoutError::ManifestNotFound { digest, .. } => TransportError::ManifestUnknown {
+                location,
+                repository: repository.to_string(),
+                reference: digest.to_string(),
+            },
+            LayoutError::BlobMissing { digest, .. } => TransportError::BlobUnknown {
+                location,
+                repository: repository.to_string(),
+                digest,
+            },
+            LayoutError::BlobSize {
+                digest,
+                expected,
+                actual,
+                ..
+            } => TransportError::Mismatch {
+                location,
+                object: format!("blob {digest} in {repository} (the cache is damaged)"),
+                what: "size",
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            },
+            LayoutError::BlobDigest { digest, actual, .. } => TransportError::Mismatch {
+                location,
+                object: format!("blob {digest} in {repository} (the cache is damaged)"),
+                what: "digest",
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            },
+            LayoutError::VerifyFailed {
+                expected,
+                expected_size,
+                actual,
+                actual_size,
+                ..
+            } => TransportError::Mismatch {
+                location,
+                object: format!("blob {expected} for {repository} (nothing stored)"),
+                what: "digest and size of the data received",
+                expected: format!("{expected} ({expected_size} bytes)"),
+                actual: format!("{actual} ({actual_size} bytes)"),
+            },
+            LayoutError::Io {
+                path,
+                context,
+                source,
+            } => TransportError::Io {
+                location,
+                context: format!("{}: {context}", path.display()),
+                source,
+            },
+            LayoutError::NotFound { .. } => TransportError::Io {
+                location,
+                context: format!("repository {repository}"),
+                source: io::Error::new(io::ErrorKind::NotFound, e.to_string()),
+            },
+            other => TransportError::Protocol {
+                location,
+                message: other.to_string(),
+            },
+        }
+    }
+
+    /// Runs blocking filesystem work off the async threads.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, TransportError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, TransportError> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| TransportError::Io {
+                location: self.location(),
+                context: "a filesystem task failed".to_string(),
+                source: io::Error::other(e.to_string()),
+            })?
+    }
+
+    /// Opens the repository's layout; `None` when there is none yet.
+    fn open_layout(&self, repository: &str) -> Result<Option<Layout>, TransportError> {
+        match Layout::open(self.layout_path(repository)?) {
+            Ok(layout) => Ok(Some(layout)),
+            Err(LayoutError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error(repository, e)),
+        }
+    }
+
+    /// Refuses a manifest naming blobs the layout lacks, as registries do, so a
+    /// tag never points at an incomplete image.
+    fn check_referenced_blobs(
+        &self,
+        repository: &str,
+        layout: &Layout,
+        manifest: &RawManifest,
+    ) -> Result<(), TransportError> {
+        let protocol = |message: String| TransportError::Protocol {
+            location: self.location(),
+            message,
+        };
+        let base = media_types::split(&manifest.media_type).0.to_string();
+        let needed: Vec<Descriptor> = if base == media_types::split(media_types::IMAGE_MANIFEST).0
+            || base == media_types::split(media_types::DOCKER_MANIFEST).0
+        {
+            let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes)
+                .map_err(|e| protocol(format!("manifest {} is not valid: {e}", manifest.digest)))?;
+            std::iter::once(parsed.config)
+                .chain(parsed.layers)
+                // Foreign layers live elsewhere by design.
+                .filter(|d| d.urls.is_empty())
+                .collect()
+        } else if base == media_types::split(media_types::IMAGE_INDEX).0
+            || base == media_types::split(media_types::DOCKER_MANIFEST_LIST).0
+        {
+            let parsed: ImageIndex = serde_json::from_slice(&manifest.bytes)
+                .map_err(|e| protocol(format!("index {} is not valid: {e}", manifest.digest)))?;
+            parsed.manifests
+        } else {
+            Vec::new()
+        };
+        match needed.into_iter().find(|d| !layout.has_blob(d)) {
+            Some(missing) => Err(TransportError::BlobUnknown {
+                location: self.location(),
+                repository: repository.to_string(),
+                digest: missing.digest,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the async side hands the blob writer.
+enum Piece {
+    Data(Vec<u8>),
+    End,
+}
+
+#[async_trait]
+impl Transport for OciDirTransport {
+    fn location(&self) -> String {
+        self.dir.root().display().to_string()
+    }
+
+    async fn get_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+    ) -> Result<RawManifest, TransportError> {
+        let this = self.clone();
+        let (repository, reference) = (repository.to_string(), reference.to_string());
+        self.blocking(move || {
+            let Some(layout) = this.open_layout(&repository)? else {
+                return Err(TransportError::ManifestUnknown {
+                    location: this.location(),
+                    repository,
+                    reference,
+                });
+            };
+            let descriptor = layout
+                .resolve(&reference)
+                .map_err(|e| this.error(&repository, e))?;
+            let bytes = layout
+                .read_blob(&descriptor)
+                .map_err(|e| this.error(&repository, e))?;
+            Ok(RawManifest {
+                media_type: descriptor.media_type,
+                digest: descriptor.digest,
+                bytes,
+            })
+        })
+        .await
+    }
+
+    async fn put_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        manifest: &RawManifest,
+    ) -> Result<(), TransportError> {
+        let actual = Digest::sha256_of(&manifest.bytes);
+        if manifest.digest.algorithm() != Algorithm::Sha256 || actual != manifest.digest {
+            return Err(TransportError::Mismatch {
+                location: self.location(),
+                object: format!("manifest for {repository}:{reference}"),
+                what: "digest",
+                expected: manifest.digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let by_digest = reference.parse::<Digest>().ok();
+        if let Some(digest) = &by_digest {
+            if *digest != manifest.digest {
+                return Err(TransportError::Mismatch {
+                    location: self.location(),
+                    object: format!("manifest pushed as {repository}@{reference}"),
+                    what: "digest",
+                    expected: reference.to_string(),
+                    actual: manifest.digest.to_string(),
+                });
+            }
+        }
+        let path = self.layout_path(repository)?;
+        let this = self.clone();
+        let (repository, reference, manifest) = (
+            repository.to_string(),
+            reference.to_string(),
+            manifest.clone(),
+        );
+        self.blocking(move || {
+            let err = |e| this.error(&repository, e);
+            let layout = Layout::create(path).map_err(err)?;
+            this.check_referenced_blobs(&repository, &layout, &manifest)?;
+            let descriptor = layout
+                .put_manifest(&manifest.bytes, &manifest.media_type)
+                .map_err(err)?;
+            match by_digest {
+                Some(_) => layout.add_untagged(&descriptor).map_err(err),
+                None => layout.set_tag(&reference, &descriptor).map_err(err),
+            }
+        })
+        .await
+    }
+
+    async fn list_tags(&self, repository: &str) -> Result<Vec<String>, TransportError> {
+        let this = self.clone();
+        let repository = repository.to_string();
+        self.blocking(move || {
+            let layout = Layout::open(this.layout_path(&repository)?)
+                .map_err(|e| this.error(&repository, e))?;
+            let tags = layout.tags().map_err(|e| this.error(&repository, e))?;
+            Ok(tags.into_iter().map(|(tag, _)| tag).collect())
+        })
+        .await
+    }
+
+    async fn blob_exists(
+        &self,
+        repository: &str,
+        blob: &Descriptor,
+    ) -> Result<bool, TransportError> {
+        let this = self.clone();
+        let (repository, blob) = (repository.to_string(), blob.clone());
+        self.blocking(move || {
+            Ok(this
+                .open_layout(&repository)?
+                .is_some_and(|layout| layout.has_blob(&blob)))
+        })
+        .await
+    }
+
+    async fn get_blob(
+        &self,
+        repository: &str,
+        blob: &Descriptor,
+        offset: u64,
+    ) -> Result<BlobReader, TransportError> {
+        if offset > blob.size {
+            return Err(TransportError::Protocol {
+                location: self.location(),
+                message: format!(
+                    "offset {offset} is past the end of blob {} ({} bytes) in {repository}",
+                    blob.digest, blob.size
+                ),
+            });
+        }
+        let this = self.clone();
+        let (repository, descriptor) = (repository.to_string(), blob.clone());
+        let file = self
+            .blocking(move || {
+                let Some(layout) = this.open_layout(&repository)? else {
+                    return Err(TransportError::BlobUnknown {
+                        location: this.location(),
+                        repository,
+                        digest: descriptor.digest,
+                    });
+                };
+                let mut file = layout
+                    .open_blob(&descriptor)
+                    .map_err(|e| this.error(&repository, e))?;
+                file.seek(SeekFrom::Start(offset))
+                    .map_err(|source| TransportError::Io {
+                        location: this.location(),
+                        context: format!("seeking in blob {} of {repository}", descriptor.digest),
+                        source,
+                    })?;
+                Ok(file)
+            })
+            .await?;
+        // Never more than the descriptor says, even if the file grows meanwhile.
+        let reader = tokio::fs::File::from_std(file).take(blob.size - offset);
+        Ok(Box::pin(reader))
+    }
+
+    async fn put_blob(
+        &self,
+        repository: &str,
+        blob: &Descriptor,
+        mut data: BlobReader,
+    ) -> Result<(), TransportError> {
+        if blob.digest.algorithm() != Algorithm::Sha256 {
+            return Err(self.error(
+                repository,
+                LayoutError::UnsupportedAlgorithm {
+                    dir: self.dir.root().to_path_buf(),
+                    digest: blob.digest.clone(),
+                },
+            ));
+        }
+        let path = self.layout_path(repository)?;
+        let this = self.clone();
+        let (repo, descriptor) = (repository.to_string(), blob.clone());
+        let layout = self
+            .blocking(move || {
+                let layout = Layout::create(path).map_err(|e| this.error(&repo, e))?;
+                if layout.has_blob(&descriptor) {
+                    Ok(None)
+                } else {
+                    Ok(Some(layout))
+                }
+            })
+            .await?;
+        // Already there with the right size: nothing to store.
+        let Some(layout) = layout else {
+            return Ok(());
+        };
+
+        let (tx, mut rx) = mpsc::channel::<Piece>(QUEUE);
+        let this = self.clone();
+        let (repo, descriptor) = (repository.to_string(), blob.clone());
+        let writer = tokio::task::spawn_blocking(move || -> Result<bool, TransportError> {
+            let err = |e| this.error(&repo, e);
+            let mut writer = layout.blob_writer().map_err(err)?;
+            while let Some(piece) = rx.blocking_recv() {
+                match piece {
+                    Piece::Data(bytes) => {
+                        writer
+                            .write_all(&bytes)
+                            .map_err(|source| TransportError::Io {
+                                location: this.location(),
+                                context: format!("writing blob {} of {repo}", descriptor.digest),
+                                source,
+                            })?;
+                    }
+                    Piece::End => {
+                        writer
+                            .commit(Some((&descriptor.digest, descriptor.size)))
+                            .map_err(err)?;
+                        return Ok(true);
+                    }
+                }
+            }
+            // The sender gave up: drop the writer, which removes the temporary file.
+            Ok(false)
+        });
+
+        let pumped = pump(&mut data, &tx, blob, repository, &self.location()).await;
+        drop(tx);
+        let written = writer.await.map_err(|e| TransportError::Io {
+            location: self.location(),
+            context: format!("writing blob {} of {repository}", blob.digest),
+            source: io::Error::other(e.to_string()),
+        });
+        // A reading failure explains an aborted writer; report it first.
+        pumped?;
+        match written?? {
+            true => Ok(()),
+            false => Err(TransportError::Protocol {
+                location: self.location(),
+                message: format!(
+                    "blob {} of {repository} was not stored: the writer stopped early",
+                    blob.digest
+                ),
+            }),
+        }
+    }
+
+    async fn mount_blob(
+        &self,
+        repository: &str,
+        from_repository: &str,
+        blob: &Descriptor,
+    ) -> Result<bool, TransportError> {
+        let target = self.layout_path(repository)?;
+        let this = self.clone();
+        let (repo, from, descriptor) = (
+            repository.to_string(),
+            from_repository.to_string(),
+            blob.clone(),
+        );
+        self.blocking(move || {
+            let Some(source) = this.open_layout(&from)? else {
+                return Ok(false);
+            };
+            if !source.has_blob(&descriptor) {
+                return Ok(false);
+            }
+            let layout = Layout::create(target).map_err(|e| this.error(&repo, e))?;
+            layout
+                .mount_blob_from(&source, &descriptor)
+                .map_err(|e| this.error(&repo, e))
+        })
+        .await
+    }
+}
+
+/// Reads `data` in pieces of up to [`PIECE`] bytes into the writer's queue, then
+/// sends [`Piece::End`]. Stops early (without `End`) when the writer has gone, and
+/// fails when the data runs past the announced size or cannot be read.
+async fn pump(
+    data: &mut BlobReader,
+    tx: &mpsc::Sender<Piece>,
+    blob: &Descriptor,
+    repository: &str,
+    location: &str,
+) -> Result<(), TransportError> {
+    let mut total = 0u64;
+    loop {
+        let mut buf = vec![0u8; PIECE];
+        let mut filled = 0;
+        let mut eof = false;
+        while filled < PIECE {
+            let n = data
+                .read(&mut buf[filled..])
+                .await
+                .map_err(|source| TransportError::Io {
+                    location: location.to_string(),
+                    context: format!("reading blob {} for {repository}", blob.digest),
+                    source,
+                })?;
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            filled += n;
+        }
+        total += filled as u64;
+        if total > blob.size {
+            return Err(TransportError::Mismatch {
+                location: location.to_string(),
+                object: format!("blob {} for {repository} (nothing stored)", blob.digest),
+                what: "size of the data received",
+                expected: blob.size.to_string(),
+                actual: format!("more than {}", blob.size),
+            });
+        }
+        if filled > 0 {
+            buf.truncate(filled);
+            if tx.send(Piece::Data(buf)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if eof {
+            let _ = tx.send(Piece::End).await;
+            return Ok(());
+        }
+    }
+}

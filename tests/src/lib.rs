@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: locating the workspace and building plugin
 //! libraries the way a third party would (`cargo build` of a `cdylib`).
 
+pub mod vm;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -42,4 +44,73 @@ pub fn build_cdylib(package: &str, features: &[&str]) -> PathBuf {
         .join(format!("lib{}.so", package.replace('-', "_")));
     assert!(lib.is_file(), "{} was not built", lib.display());
     lib
+}
+
+static SARDE_LOCK: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The `sarde` binary of this checkout, built once per test process into a target
+/// directory of its own (the outer `cargo test` holds the main one).
+pub fn sarde_bin() -> PathBuf {
+    let mut built = SARDE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.as_ref() {
+        return path.clone();
+    }
+    let root = workspace_root();
+    let target_dir = root.join("target").join("e2e-build");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "sarde",
+            "--bin",
+            "sarde",
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building sarde failed");
+    let path = target_dir.join("debug").join("sarde");
+    *built = Some(path.clone());
+    path
+}
+
+/// `sarde` with an isolated configuration: cache, VM directory and plugin directory
+/// under `home`, the real libvirt.
+pub fn sarde(home: &Path) -> Command {
+    let mut cmd = Command::new(sarde_bin());
+    cmd.env("HOME", home)
+        .env("SARDE_CONF_FILES", "")
+        .env("SARDE_PLUGIN_DIR", home.join("plugins"))
+        .env("SARDE_OCIDIR", home.join("OCI"))
+        .env("SARDE_VMDIR", home.join("VMs"))
+        .env("SARDE_CONNECT", vm::LIBVIRT_URI)
+        .env_remove("SARDE_LOG");
+    cmd
+}
+
+/// Runs `cmd`, asserts success, returns trimmed stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Runs `cmd`, asserts failure, returns stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command runs");
+    assert!(
+        !out.status.success(),
+        "{cmd:?} succeeded unexpectedly:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -9,6 +9,9 @@ bash scripts/install-deps.sh
 bash scripts/start-services.sh
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
+# The Python tool, for the v1 compatibility tests.
+SARDE_TEST_PYTHON_SARDE="$(bash scripts/install-python-tool.sh)"
+export SARDE_TEST_PYTHON_SARDE
 export SARDE_TEST_LIBVIRT=1
 export SARDE_TEST_REGISTRY="127.0.0.1:${SARDE_TEST_REGISTRY_PORT:-5000}"
 

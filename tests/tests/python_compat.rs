@@ -1,0 +1,133 @@
+//! The v1 format both ways against the Python tool (PyPI sardinecake 0.4.2, installed
+//! by scripts/install-python-tool.sh): it imports what sarde writes, sarde imports
+//! what it writes; disks compared byte for byte and by guest content.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content, sha256};
+use sarde_e2e::{ok, sarde};
+
+fn python_sarde(test: &str) -> Option<PathBuf> {
+    if !vm::libvirt_enabled(test) {
+        return None;
+    }
+    match std::env::var_os("SARDE_TEST_PYTHON_SARDE") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            eprintln!("SKIPPED {test}: set SARDE_TEST_PYTHON_SARDE to the Python tool's sarde (scripts/install-python-tool.sh prints it)");
+            None
+        }
+    }
+}
+
+#[test]
+fn python_tool_imports_what_sarde_exports_as_v1() {
+    let Some(python) = python_sarde("python_tool_imports_what_sarde_exports_as_v1") else {
+        return;
+    };
+    let work = vm::workdir();
+    let elsewhere = work.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let base = elsewhere.join("base.qcow2");
+    qcow2(&base, "64M", None);
+    fill_random(&base, 0, 4, 3);
+    let top = work.path().join("top.qcow2");
+    // An absolute reference in another directory: the Python tool could not export
+    // this; sarde's v1 output must still be importable by it.
+    qcow2(&top, "64M", Some(base.to_str().unwrap()));
+    fill(&top, 0x42, "10M", "2M");
+    let name = vm::unique("sarde-py-in");
+    let mut test_vm = TestVm::define(&name, &[&top], None);
+    let imported = format!("{name}-by-python");
+    test_vm.cleanup_also(&imported);
+
+    let home = vm::workdir();
+    let layout = home.path().join("layout");
+    ok(sarde(home.path()).args([
+        "export", "--raw", "--format", "v1", "--codec", "gzip", "--chunksize", "1MiB", &name,
+        &format!("{}:v1", layout.display()),
+    ]));
+    let vmdir = home.path().join("py-vms");
+    let out = Command::new(&python)
+        .args(["--connect", vm::LIBVIRT_URI, "import", "--raw", "-n", &imported])
+        .arg(format!("--vmdir={}/", vmdir.display()))
+        .arg(format!("{}:v1", layout.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Python import failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(vm::domain_exists(&imported));
+    // The Python tool puts the files in <vmdir>/<something>/; find them.
+    let found_base = find(&vmdir, "base.qcow2").expect("Python extracted base.qcow2");
+    let found_top = find(&vmdir, "top.qcow2").expect("Python extracted top.qcow2");
+    assert_eq!(sha256(&found_base), sha256(&base), "base bytes differ");
+    assert!(same_guest_content(&found_top, &top), "top guest content differs");
+    assert_eq!(vm::backing_reference(&found_top).as_deref(), Some("base.qcow2"));
+}
+
+#[test]
+fn sarde_imports_what_the_python_tool_exports() {
+    let Some(python) = python_sarde("sarde_imports_what_the_python_tool_exports") else {
+        return;
+    };
+    let work = vm::workdir();
+    // The Python tool wants backing files next to their overlays, by relative name.
+    let base = work.path().join("base.qcow2");
+    qcow2(&base, "64M", None);
+    fill_random(&base, 0, 3, 5);
+    let top = work.path().join("top.qcow2");
+    qcow2(&top, "64M", Some("base.qcow2"));
+    fill(&top, 0x24, "5M", "1M");
+    let name = vm::unique("sarde-py-out");
+    let mut test_vm = TestVm::define(&name, &[&top], None);
+    let imported = format!("{name}-by-sarde");
+    test_vm.cleanup_also(&imported);
+    let access = work.path().join("access.json");
+    std::fs::write(&access, r#"{"users":[{"username":"vagrant","password":"vagrant"}]}"#).unwrap();
+
+    let home = vm::workdir();
+    let layout = home.path().join("py-layout");
+    let out = Command::new(&python)
+        .args(["--connect", vm::LIBVIRT_URI, "export", "--raw", "--chunksize", "1MiB"])
+        .arg("--vmconfig")
+        .arg(&access)
+        .arg(&name)
+        .arg(format!("{}:py", layout.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Python export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = ok(sarde(home.path()).args([
+        "import", "--raw", "-n", &imported, &format!("{}:py", layout.display()),
+    ]));
+    assert_eq!(printed, imported);
+    let dir = home.path().join("VMs").join(&imported);
+    assert_eq!(sha256(&dir.join("base.qcow2")), sha256(&base));
+    assert_eq!(sha256(&dir.join("top.qcow2")), sha256(&top));
+    assert!(same_guest_content(&dir.join("top.qcow2"), &top));
+    let config = ok(sarde(home.path()).args(["getconfig", "--raw", &format!("{}:py", layout.display())]));
+    assert!(config.contains("vagrant"), "{config}");
+}
+
+fn find(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()? {
+        let path = entry.ok()?.path();
+        if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+        if path.is_dir() {
+            if let Some(found) = find(&path, name) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}

@@ -37,6 +37,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Export a libvirt VM (domain, disks with their backing chains) as an image in the local cache
+    Export(Box<ExportArgs>),
+    /// Create a libvirt VM from an image in the local cache
+    Import(Box<ImportArgs>),
+    /// List the images in the local cache and the VMs imported from them
+    List(Box<ListArgs>),
+    /// Print the access JSON (users, services) stored with an image
+    Getconfig(Box<GetconfigArgs>),
     /// List every registered codec, transport and hypervisor and where it comes from
     Plugins(PluginsArgs),
     /// Print the effective configuration and where each value came from
@@ -49,6 +57,10 @@ impl Command {
     /// The section of the configuration files that applies.
     pub fn config_section(&self) -> Option<&str> {
         match self {
+            Command::Export(_) => Some("export"),
+            Command::Import(_) => Some("import"),
+            Command::List(_) => Some("list"),
+            Command::Getconfig(_) => Some("getconfig"),
             Command::Plugins(_) => Some("plugins"),
             Command::Config(args) => args.for_command.as_deref(),
             Command::Completions(_) => None,
@@ -62,6 +74,87 @@ pub enum OutputFormat {
     #[default]
     Text,
     Json,
+}
+
+/// The image format export writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    /// sarde's chunked format: pieces compressed alone, parallel and incremental
+    #[default]
+    Native,
+    /// The Python tool's format (gzip streams; use with --codec gzip)
+    V1,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// JSON file with how to log in ({"users":[{"username":…,"password":…}]})
+    #[arg(long, value_name = "FILE")]
+    pub vmconfig: Option<PathBuf>,
+    /// Read the domain XML from FILE instead of libvirt
+    #[arg(long, value_name = "FILE")]
+    pub libvirtconfig: Option<PathBuf>,
+    /// Image format to write
+    #[arg(long, value_enum, default_value_t)]
+    pub format: ImageFormat,
+    /// Export even though the VM is running (its disks may be inconsistent)
+    #[arg(long)]
+    pub force: bool,
+    /// IMAGE is a directory (an OCI layout) with an optional :TAG, not a name in the cache
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// The libvirt domain to export
+    pub vm: String,
+    /// Image name[:tag] (default: the VM's name, tag latest)
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Name of the new VM (default: the image id, so one image maps to one VM)
+    #[arg(short, long)]
+    pub name: Option<String>,
+    /// Print the new VM's UUID instead of its name
+    #[arg(long)]
+    pub print_uuid: bool,
+    /// Replace an existing VM of that name that was not imported from this image
+    #[arg(long)]
+    pub replace: bool,
+    /// Accept domain XML that reaches outside the VM (host devices, host paths, qemu:commandline)
+    #[arg(long)]
+    pub allow_unsafe_xml: bool,
+    /// IMAGE is a directory (an OCI layout) with an optional :TAG, not a name in the cache
+    #[arg(long)]
+    pub raw: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Image name[:tag|@digest]
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct GetconfigArgs {
+    /// IMAGE is a directory (an OCI layout) with an optional :TAG, not a name in the cache
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Image name[:tag|@digest]
+    pub image: String,
 }
 
 #[derive(Debug, Args)]

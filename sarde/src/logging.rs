@@ -1,6 +1,8 @@
 //! Logging to stderr through tracing. `-v`/`-q` move the level; `SARDE_LOG`
 //! (an env-filter directive such as `sarde_api=debug`) overrides it.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// `verbosity` 0 shows warnings and errors; each step up adds a level.
@@ -19,6 +21,7 @@ pub fn init(verbosity: i32) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(verbosity >= 2)
         .without_time()
         .try_init();

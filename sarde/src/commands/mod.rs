@@ -1,6 +1,8 @@
 //! What each subcommand does: load configuration and the registry, call the
 //! libraries, print the result.
 
+mod image;
+
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -20,6 +22,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
     let flags = match &cli.command {
         Command::Config(args) => args.overrides.to_flag_values(),
+        Command::Export(args) => args.settings.to_flag_values(),
+        Command::Import(args) => args.settings.to_flag_values(),
+        Command::List(args) => args.settings.to_flag_values(),
+        Command::Getconfig(args) => args.settings.to_flag_values(),
         _ => FlagValues::default(),
     };
     let env = Environment::from_process();
@@ -33,16 +39,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 
     match &cli.command {
+        Command::Export(args) => image::export(&cli, &config, args),
+        Command::Import(args) => image::import(&cli, &config, args),
+        Command::List(args) => image::list(&cli, &config, args),
+        Command::Getconfig(args) => image::getconfig(&cli, &config, args),
         Command::Plugins(args) => plugins(&cli, &config, args),
         Command::Config(args) => show_config(&config, &env, args),
         Command::Completions(_) => unreachable!("handled above"),
     }
 }
 
-fn plugins(cli: &Cli, config: &Config, args: &PluginsArgs) -> Result<ExitCode> {
+/// The registry with built-ins and the configured and named plugins.
+pub(crate) fn load_registry(cli: &Cli, config: &Config) -> Result<builtin::Loaded> {
     let mut explicit = config.settings.plugin.clone();
     explicit.extend(cli.plugin.iter().cloned());
-    let loaded = builtin::load_registry(&config.settings.plugin_dir, &explicit)?;
+    builtin::load_registry(&config.settings.plugin_dir, &explicit)
+}
+
+fn plugins(cli: &Cli, config: &Config, args: &PluginsArgs) -> Result<ExitCode> {
+    let loaded = load_registry(cli, config)?;
     let entries = loaded.registry.entries();
     let mut out = std::io::stdout().lock();
     match args.format {
@@ -139,7 +154,7 @@ fn show_config(config: &Config, env: &Environment, args: &ConfigArgs) -> Result<
 }
 
 /// Left-aligned columns, the last one unpadded.
-fn print_table<const N: usize>(
+pub(crate) fn print_table<const N: usize>(
     out: &mut impl Write,
     header: [&str; N],
     rows: &[[String; N]],

@@ -1,0 +1,628 @@
+//! `sarde import`: an image from the local OCI layout into a libvirt VM.
+//!
+//! Everything is verified before the VM exists: every blob by size and digest as it
+//! streams, every decompressed piece by size and digest, the domain XML against the
+//! rules for untrusted input. Files are written into a staging directory, which is
+//! renamed into place only when complete; the domain is defined last. An interrupted
+//! or failed import therefore leaves no VM and no partial disk, and running it again
+//! completes it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use sarde_api::Hypervisor;
+use sarde_api::digest::Digest;
+use sarde_api::oci::{Descriptor, ImageManifest};
+use sarde_format::native::{self, NativeImage};
+use sarde_format::v1::{self, V1Image};
+use sarde_format::{FileRole, Format};
+use sarde_transport_oci_dir::Layout;
+use sha2::{Digest as _, Sha256};
+
+use crate::marker::{FileRecord, Marker, Region};
+use crate::verify::VerifyingReader;
+use crate::{Engine, EngineError, ImageLocation, Result, gzip_header, read_full};
+
+/// What to import.
+#[derive(Debug, Clone)]
+pub struct ImportRequest {
+    pub image: ImageLocation,
+    /// VM name; the image id (config digest) when `None`.
+    pub name: Option<String>,
+    /// Replace an existing VM of that name that is not this image.
+    pub replace: bool,
+    /// Keep domain XML that reaches outside the VM (host devices, host paths…).
+    pub allow_unsafe_xml: bool,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImportOutcome {
+    pub name: String,
+    pub uuid: String,
+    pub image_id: Digest,
+    pub directory: PathBuf,
+    /// False when the VM already existed from the same image and was left alone.
+    pub created: bool,
+    pub bytes_written: u64,
+}
+
+/// An image read from the layout and checked.
+pub(crate) struct LoadedImage {
+    pub manifest_descriptor: Descriptor,
+    pub config_digest: Digest,
+    pub content: Content,
+}
+
+pub(crate) enum Content {
+    Native(NativeImage),
+    V1(V1Image),
+}
+
+impl Content {
+    pub fn domain_xml(&self) -> &Descriptor {
+        match self {
+            Content::Native(n) => &n.common.domain_xml,
+            Content::V1(v) => &v.common.domain_xml,
+        }
+    }
+
+    pub fn vm_config(&self) -> Option<&Descriptor> {
+        match self {
+            Content::Native(n) => n.common.vm_config.as_ref(),
+            Content::V1(v) => v.common.vm_config.as_ref(),
+        }
+    }
+}
+
+/// Reads manifest and config of `image` from `layout` (both verified) and parses them.
+pub(crate) fn load_image(layout: &Layout, image: &ImageLocation) -> Result<LoadedImage> {
+    let manifest_descriptor = layout.resolve(&image.reference)?;
+    let bytes = layout.read_blob(&manifest_descriptor)?;
+    let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| {
+        EngineError::Refused(format!(
+            "{}: manifest {} is not an OCI image manifest: {e}",
+            image.name, manifest_descriptor.digest
+        ))
+    })?;
+    let config_bytes = layout.read_blob(&manifest.config)?;
+    let config = sarde_format::parse_config(&manifest, &config_bytes)?;
+    let content = match Format::detect(&manifest) {
+        Format::Native => Content::Native(native::parse(&manifest)?),
+        Format::V1 => Content::V1(v1::parse(&manifest, &config)?),
+    };
+    Ok(LoadedImage {
+        manifest_descriptor,
+        config_digest: manifest.config.digest.clone(),
+        content,
+    })
+}
+
+/// Holds an exclusive lock on `<vmdir>/.<name>.lock` for the import of one VM name;
+/// the lock goes with the file when this is dropped.
+struct NameLock {
+    _file: File,
+}
+
+impl NameLock {
+    fn acquire(vmdir: &Path, name: &str) -> Result<NameLock> {
+        let path = vmdir.join(format!(".{name}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(EngineError::io(&path, "creating the import lock"))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(EngineError::io(&path, "locking")(io::Error::last_os_error()));
+        }
+        Ok(NameLock { _file: file })
+    }
+}
+
+impl Engine {
+    /// Imports an image from the local cache as a VM.
+    pub fn import(&self, request: &ImportRequest) -> Result<ImportOutcome> {
+        let layout = self.layout(&request.image)?;
+        let image = load_image(&layout, &request.image)?;
+        let name = request
+            .name
+            .clone()
+            .unwrap_or_else(|| image.config_digest.to_string());
+        sarde_format::check_file_name(&name).map_err(|_| {
+            EngineError::Refused(format!(
+                "{name:?} cannot name a VM: it becomes a directory name, so no '/', NUL or leading dot"
+            ))
+        })?;
+        fs::create_dir_all(&self.vmdir)
+            .map_err(EngineError::io(&self.vmdir, "creating the VM directory"))?;
+        let _lock = NameLock::acquire(&self.vmdir, &name)?;
+        let hypervisor = self.registry.connect(&self.connect)?;
+        let final_dir = self.vmdir.join(&name);
+
+        if hypervisor.exists(&name)? {
+            let marker = Marker::read(&final_dir);
+            let same = marker
+                .as_ref()
+                .is_some_and(|m| m.config == image.config_digest);
+            if same && self.intact(&final_dir, marker.as_ref().expect("checked"))? {
+                return Ok(ImportOutcome {
+                    uuid: uuid_of(hypervisor.as_ref(), &name)?,
+                    name,
+                    image_id: image.config_digest,
+                    directory: final_dir,
+                    created: false,
+                    bytes_written: 0,
+                });
+            }
+            if !request.replace {
+                let why = if same {
+                    "its disks no longer match the image"
+                } else {
+                    "it was not imported from this image"
+                };
+                return Err(EngineError::Refused(format!(
+                    "VM {name:?} already exists and {why}; pass --replace to replace it, or -n to import under another name"
+                )));
+            }
+            self.remove_vm(hypervisor.as_ref(), &name, &final_dir)?;
+        } else if final_dir.exists() {
+            if Marker::read(&final_dir).is_none() {
+                return Err(EngineError::Refused(format!(
+                    "{} exists but was not made by sarde; move it away or import under another name (-n)",
+                    final_dir.display()
+                )));
+            }
+            // Left by an import that was interrupted before the VM was defined.
+            fs::remove_dir_all(&final_dir)
+                .map_err(EngineError::io(&final_dir, "removing a stale import"))?;
+        }
+
+        let staging = self.vmdir.join(format!(".staging-{name}"));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(EngineError::io(
+                &staging,
+                "removing a stale staging directory",
+            ))?;
+        }
+        fs::create_dir(&staging)
+            .map_err(EngineError::io(&staging, "creating the staging directory"))?;
+        let result = self.import_into(
+            &layout,
+            &image,
+            request,
+            &name,
+            &staging,
+            &final_dir,
+            hypervisor.as_ref(),
+        );
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn import_into(
+        &self,
+        layout: &Layout,
+        image: &LoadedImage,
+        request: &ImportRequest,
+        name: &str,
+        staging: &Path,
+        final_dir: &Path,
+        hypervisor: &dyn Hypervisor,
+    ) -> Result<ImportOutcome> {
+        // The domain XML first: a hostile image is refused before any disk is written.
+        let xml = String::from_utf8(layout.read_blob(image.content.domain_xml())?)
+            .map_err(|_| EngineError::Refused("the domain XML layer is not UTF-8 text".into()))?;
+        let (records, bytes_written) = match &image.content {
+            Content::Native(native) => {
+                self.check_xml(
+                    &xml,
+                    native.files.iter().map(|f| f.spec.name.as_str()),
+                    request,
+                )?;
+                self.write_native(layout, native, staging)?
+            }
+            Content::V1(v1) => {
+                let (records, bytes) = self.write_v1(layout, v1, staging)?;
+                self.check_xml(&xml, records.iter().map(|r| r.name.as_str()), request)?;
+                (records, bytes)
+            }
+        };
+        let files: BTreeMap<String, PathBuf> = records
+            .iter()
+            .map(|r| (r.name.clone(), final_dir.join(&r.name)))
+            .collect();
+        let nvram = match &image.content {
+            Content::Native(n) => n
+                .files
+                .iter()
+                .find(|f| f.spec.role == FileRole::Nvram)
+                .map(|f| final_dir.join(&f.spec.name)),
+            Content::V1(_) => None,
+        };
+        let domain_xml = sarde_domain::prepare_import(
+            &xml,
+            &sarde_domain::ImportSpec {
+                name: name.to_string(),
+                files,
+                nvram,
+                keep_uuid: false,
+            },
+        )?;
+        let marker = Marker {
+            image: request.image.name.clone(),
+            manifest: image.manifest_descriptor.digest.clone(),
+            config: image.config_digest.clone(),
+            vm_name: name.to_string(),
+            files: records,
+        };
+        marker
+            .write(staging)
+            .map_err(EngineError::io(staging, "writing the import record"))?;
+        sync_dir(staging)?;
+        fs::rename(staging, final_dir).map_err(EngineError::io(
+            final_dir,
+            "moving the imported files into place",
+        ))?;
+        sync_dir(&self.vmdir)?;
+        if let Err(e) = hypervisor.define(&domain_xml) {
+            let _ = fs::remove_dir_all(final_dir);
+            return Err(e.into());
+        }
+        Ok(ImportOutcome {
+            uuid: uuid_of(hypervisor, name)?,
+            name: name.to_string(),
+            image_id: image.config_digest.clone(),
+            directory: final_dir.to_path_buf(),
+            created: true,
+            bytes_written,
+        })
+    }
+
+    fn check_xml<'a>(
+        &self,
+        xml: &str,
+        names: impl Iterator<Item = &'a str>,
+        request: &ImportRequest,
+    ) -> Result<()> {
+        let allowed: Vec<&str> = names.collect();
+        match sarde_domain::check_untrusted(xml, &allowed) {
+            Ok(()) => Ok(()),
+            Err(unsafe_xml) if request.allow_unsafe_xml => {
+                tracing::warn!(
+                    "importing domain XML that reaches outside the VM, as --allow-unsafe-xml asks: {unsafe_xml}"
+                );
+                Ok(())
+            }
+            Err(unsafe_xml) => Err(unsafe_xml.into()),
+        }
+    }
+
+    /// Decompresses all pieces of all files in parallel, each straight to its offset.
+    fn write_native(
+        &self,
+        layout: &Layout,
+        image: &NativeImage,
+        staging: &Path,
+    ) -> Result<(Vec<FileRecord>, u64)> {
+        let mut files = Vec::new();
+        let mut jobs = Vec::new();
+        for (index, file) in image.files.iter().enumerate() {
+            let path = staging.join(&file.spec.name);
+            files.push(sarde_disk::create_sparse(&path, file.spec.size)?);
+            for piece in &file.pieces {
+                jobs.push((index, piece));
+            }
+        }
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_error: Mutex<Option<EngineError>> = Mutex::new(None);
+        let written = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..self.effective_threads().min(jobs.len().max(1)) {
+                scope.spawn(|| {
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(file_index, piece)) = jobs.get(i) else {
+                            break;
+                        };
+                        let spec = &image.files[file_index].spec;
+                        match self.write_native_piece(layout, &files[file_index], spec, piece) {
+                            Ok(()) => {
+                                written.fetch_add(piece.size as usize, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                first_error.lock().expect("not poisoned").get_or_insert(e);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_error.into_inner().expect("not poisoned") {
+            return Err(e);
+        }
+        for (file, spec) in files.iter().zip(&image.files) {
+            file.sync_all()
+                .map_err(EngineError::io(&staging.join(&spec.spec.name), "syncing"))?;
+        }
+        // Point each overlay at its imported backing file.
+        for file in &image.files {
+            if let Some(backing) = &file.spec.backing {
+                let format = image.file(backing).map(|b| b.spec.format.as_str());
+                sarde_disk::rebase_in_place(&staging.join(&file.spec.name), Some(backing), format)?;
+            }
+        }
+        let records = image
+            .files
+            .iter()
+            .map(|f| FileRecord {
+                name: f.spec.name.clone(),
+                size: f.spec.size,
+                regions: f
+                    .pieces
+                    .iter()
+                    .map(|p| Region {
+                        offset: p.offset,
+                        size: p.size,
+                        digest: p.digest.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok((records, written.into_inner() as u64))
+    }
+
+    fn write_native_piece(
+        &self,
+        layout: &Layout,
+        file: &File,
+        spec: &native::FileSpec,
+        piece: &native::Piece,
+    ) -> Result<()> {
+        let codec = self.registry.codec_for_suffix(piece.suffix.as_deref()).ok_or_else(|| {
+            EngineError::Refused(format!(
+                "{}: piece at offset {} is compressed with {}, which no registered codec reads; load the plugin that provides it (sarde plugins lists what is loaded)",
+                spec.name,
+                piece.offset,
+                piece.suffix.as_deref().unwrap_or("(none)")
+            ))
+        })?;
+        let blob = Descriptor::new("", piece.blob.clone(), piece.blob_size);
+        let raw = layout.open_blob(&blob)?;
+        let what = format!("{} piece at offset {}", spec.name, piece.offset);
+        let mut verifying = VerifyingReader::new(
+            BufReader::with_capacity(1 << 20, raw),
+            piece.blob.clone(),
+            piece.blob_size,
+            what.clone(),
+        );
+        {
+            let mut decoder = codec.decoder(Box::new(&mut verifying))?;
+            sarde_disk::write_piece(file, piece.offset, piece.size, &piece.digest, &mut decoder)?;
+        }
+        verifying
+            .finish()
+            .map_err(|e| EngineError::Refused(e.to_string()))
+    }
+
+    /// v1: each file is one gzip stream across its pieces; files decompress in parallel.
+    fn write_v1(
+        &self,
+        layout: &Layout,
+        image: &V1Image,
+        staging: &Path,
+    ) -> Result<(Vec<FileRecord>, u64)> {
+        let gzip = self
+            .registry
+            .codec_for_suffix(Some("+gzip"))
+            .ok_or_else(|| {
+                EngineError::Refused(
+                    "v1 images need the gzip codec, which is not registered".into(),
+                )
+            })?;
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<(usize, Result<(FileRecord, u64)>)>> = Mutex::new(Vec::new());
+        let failed = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..self.effective_threads().min(image.files.len().max(1)) {
+                scope.spawn(|| {
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(file) = image.files.get(i) else {
+                            break;
+                        };
+                        let result = write_v1_file(layout, gzip.as_ref(), file, staging);
+                        if result.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        results.lock().expect("not poisoned").push((i, result));
+                    }
+                });
+            }
+        });
+        let mut results = results.into_inner().expect("not poisoned");
+        results.sort_by_key(|(i, _)| *i);
+        let mut records = Vec::new();
+        let mut total = 0;
+        for (_, result) in results {
+            let (record, bytes) = result?;
+            if records.iter().any(|r: &FileRecord| r.name == record.name) {
+                return Err(EngineError::Refused(format!(
+                    "two files in the image are both named {:?}",
+                    record.name
+                )));
+            }
+            total += bytes;
+            records.push(record);
+        }
+        Ok((records, total))
+    }
+
+    /// Whether an imported VM's files still hold what the record says.
+    fn intact(&self, dir: &Path, marker: &Marker) -> Result<bool> {
+        for file in &marker.files {
+            let path = dir.join(&file.name);
+            match fs::metadata(&path) {
+                Ok(meta) if meta.len() == file.size => {}
+                _ => return Ok(false),
+            }
+            let spans: Vec<sarde_disk::PieceSpan> = file
+                .regions
+                .iter()
+                .map(|r| sarde_disk::PieceSpan {
+                    offset: r.offset,
+                    length: r.size,
+                    digest: r.digest.clone(),
+                })
+                .collect();
+            if !sarde_disk::verify_file(&path, &spans, self.effective_threads())? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes a VM that sarde imported (for --replace): stop, undefine, delete files.
+    fn remove_vm(&self, hypervisor: &dyn Hypervisor, name: &str, dir: &Path) -> Result<()> {
+        use sarde_api::hypervisor::DomainState;
+        if matches!(
+            hypervisor.state(name)?,
+            DomainState::Running | DomainState::Paused
+        ) {
+            hypervisor.destroy(name)?;
+        }
+        if hypervisor.exists(name)? {
+            hypervisor.undefine(name)?;
+        }
+        if Marker::read(dir).is_some() {
+            fs::remove_dir_all(dir)
+                .map_err(EngineError::io(dir, "removing the replaced VM's files"))?;
+        } else if dir.exists() {
+            tracing::warn!(
+                "{} was not made by sarde; leaving it in place",
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The largest file a v1 image may inflate to: v1 records no sizes, so this is the
+/// only bound on a decompression bomb (the file's digest is still checked).
+const V1_MAX_FILE: u64 = 16 << 40;
+
+fn write_v1_file(
+    layout: &Layout,
+    gzip: &dyn sarde_api::Codec,
+    file: &v1::V1File,
+    staging: &Path,
+) -> Result<(FileRecord, u64)> {
+    // The file name is in the first piece's gzip header.
+    let first = &file.pieces[0];
+    let mut head = vec![0u8; first.size.min(64 * 1024) as usize];
+    layout
+        .open_blob(first)?
+        .read_exact(&mut head)
+        .map_err(EngineError::io(&layout.blob_path(&first.digest), "reading"))?;
+    let header = gzip_header::parse(&head)
+        .map_err(|e| EngineError::Refused(format!("v1 layer {}: {e}", first.digest)))?;
+    let name = header.file_name.ok_or_else(|| {
+        EngineError::Refused(format!(
+            "v1 layer {}: the gzip header names no file (FNAME), so the file cannot be named",
+            first.digest
+        ))
+    })?;
+    sarde_format::check_file_name(&name)?;
+    let path = staging.join(&name);
+    let mut readers: Vec<Box<dyn Read + Send>> = Vec::new();
+    for piece in &file.pieces {
+        let raw = layout.open_blob(piece)?;
+        readers.push(Box::new(VerifyingReader::new(
+            BufReader::with_capacity(1 << 20, raw),
+            piece.digest.clone(),
+            piece.size,
+            format!("{name} (v1)"),
+        )));
+    }
+    let chained = readers
+        .into_iter()
+        .reduce(|a, b| Box::new(a.chain(b)))
+        .expect("a file has a piece");
+    let mut decoder = gzip.decoder(chained)?.take(V1_MAX_FILE + 1);
+    let out = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(EngineError::io(&path, "creating"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        let n = read_full(&mut decoder, &mut buf).map_err(|e| {
+            EngineError::Refused(format!("{name}: cannot decompress the v1 layers: {e}"))
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        // Zero blocks stay holes.
+        if buf[..n].iter().any(|&b| b != 0) {
+            out.write_all_at(&buf[..n], pos)
+                .map_err(EngineError::io(&path, "writing"))?;
+        }
+        pos += n as u64;
+        if pos > V1_MAX_FILE {
+            return Err(EngineError::Refused(format!(
+                "{name}: inflates beyond {V1_MAX_FILE} bytes"
+            )));
+        }
+    }
+    out.set_len(pos).map_err(EngineError::io(&path, "sizing"))?;
+    out.sync_all().map_err(EngineError::io(&path, "syncing"))?;
+    let digest = Digest::from_sha256(hasher.finalize().into());
+    if let Some(expected) = &file.diff_id {
+        if *expected != digest {
+            return Err(EngineError::Refused(format!(
+                "{name}: decompressed content hashes to {digest}, the image config says {expected}"
+            )));
+        }
+    }
+    Ok((
+        FileRecord {
+            name,
+            size: pos,
+            regions: vec![Region {
+                offset: 0,
+                size: pos,
+                digest,
+            }],
+        },
+        pos,
+    ))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(EngineError::io(dir, "syncing the directory"))
+}
+
+fn uuid_of(hypervisor: &dyn Hypervisor, name: &str) -> Result<String> {
+    Ok(hypervisor
+        .list_domains()?
+        .into_iter()
+        .find(|d| d.name == name)
+        .map(|d| d.uuid)
+        .unwrap_or_default())
+}

@@ -1,0 +1,193 @@
+//! export, import, list, getconfig: flags and config to engine requests, results to
+//! stdout.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use sarde_api::ImageReference;
+use sarde_cli::config::Config;
+use sarde_engine::export::ExportRequest;
+use sarde_engine::import::ImportRequest;
+use sarde_engine::{Engine, ImageLocation};
+use sarde_format::Format;
+use sarde_transport_oci_dir::OciDir;
+
+use super::{load_registry, print_table};
+use crate::cli::{Cli, ExportArgs, GetconfigArgs, ImageFormat, ImportArgs, ListArgs, OutputFormat};
+
+fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
+    let loaded = load_registry(cli, config)?;
+    let s = &config.settings;
+    Ok(Engine {
+        registry: Arc::new(loaded.registry),
+        connect: s.connect.clone(),
+        ocidir: OciDir::new(s.ocidir.clone()),
+        vmdir: s.vmdir.clone(),
+        threads: s.effective_threads(),
+    })
+}
+
+fn location(config: &Config, raw: bool, image: &str) -> Result<ImageLocation> {
+    if raw {
+        return Ok(ImageLocation::raw(image));
+    }
+    let reference: ImageReference = image.parse()?;
+    Ok(ImageLocation::cached(
+        &OciDir::new(config.settings.ocidir.clone()),
+        &reference,
+    ))
+}
+
+/// The default image name for a VM: its name, lower-cased, with characters that a
+/// repository name cannot hold replaced by `-`.
+fn default_image_name(vm: &str) -> String {
+    let mut name: String = vm
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name = name
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    if name.is_empty() { "vm".into() } else { name }
+}
+
+pub fn export(cli: &Cli, config: &Config, args: &ExportArgs) -> Result<ExitCode> {
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| default_image_name(&args.vm));
+    let location = location(config, args.raw, &image)?;
+    let engine = engine(cli, config)?;
+    let request = ExportRequest {
+        vm: args.vm.clone(),
+        libvirt_xml: args.libvirtconfig.clone(),
+        vm_config: args.vmconfig.clone(),
+        image: location,
+        chunksize: config.settings.chunksize.0,
+        codec: config.settings.codec.clone(),
+        level: config.settings.level,
+        format: match args.format {
+            ImageFormat::Native => Format::Native,
+            ImageFormat::V1 => Format::V1,
+        },
+        force: args.force,
+    };
+    let started = std::time::Instant::now();
+    let outcome = engine
+        .export(&request)
+        .with_context(|| format!("exporting VM {:?} to {image}", args.vm))?;
+    tracing::info!(
+        "exported {} files ({} bytes) into {} layers, {} bytes stored, {} zero pieces skipped, in {:.1}s",
+        outcome.files,
+        outcome.bytes_read,
+        outcome.layers,
+        outcome.bytes_stored,
+        outcome.zero_pieces,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", outcome.image_id);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn import(cli: &Cli, config: &Config, args: &ImportArgs) -> Result<ExitCode> {
+    let location = location(config, args.raw, &args.image)?;
+    let engine = engine(cli, config)?;
+    let request = ImportRequest {
+        image: location,
+        name: args.name.clone(),
+        replace: args.replace,
+        allow_unsafe_xml: args.allow_unsafe_xml,
+    };
+    let outcome = engine
+        .import(&request)
+        .with_context(|| format!("importing {}", args.image))?;
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&outcome)?),
+        OutputFormat::Text if args.print_uuid => println!("{}", outcome.uuid),
+        OutputFormat::Text => println!("{}", outcome.name),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(cli: &Cli, config: &Config, args: &ListArgs) -> Result<ExitCode> {
+    let engine = engine(cli, config)?;
+    let entries = engine.list().context("listing the local images")?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?,
+        OutputFormat::Text => {
+            let rows: Vec<[String; 5]> = entries
+                .iter()
+                .map(|e| {
+                    let id = e
+                        .image_id
+                        .as_ref()
+                        .map(|d| d.hex()[..12].to_string())
+                        .unwrap_or_else(|| "?".into());
+                    let vms = e
+                        .vms
+                        .iter()
+                        .map(|v| format!("{} ({})", v.name, v.state))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    [
+                        format!("{}:{}", e.name, e.tag),
+                        id,
+                        e.manifest.hex()[..12].to_string(),
+                        human_size(e.size),
+                        vms,
+                    ]
+                })
+                .collect();
+            print_table(
+                &mut out,
+                ["IMAGE", "IMAGE ID", "MANIFEST", "SIZE", "VMS"],
+                &rows,
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn getconfig(cli: &Cli, config: &Config, args: &GetconfigArgs) -> Result<ExitCode> {
+    let location = location(config, args.raw, &args.image)?;
+    let engine = engine(cli, config)?;
+    let json = engine
+        .getconfig(&location)
+        .with_context(|| format!("reading the configuration of {}", args.image))?;
+    let mut out = std::io::stdout().lock();
+    match json {
+        Some(bytes) => {
+            out.write_all(&bytes)?;
+            if !bytes.ends_with(b"\n") {
+                writeln!(out)?;
+            }
+        }
+        None => writeln!(out, "{{}}")?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -407,13 +407,18 @@ impl Engine {
             piece.blob_size,
             what.clone(),
         );
-        {
+        let written = {
             let mut decoder = codec.decoder(Box::new(&mut verifying))?;
-            sarde_disk::write_piece(file, piece.offset, piece.size, &piece.digest, &mut decoder)?;
+            sarde_disk::write_piece(file, piece.offset, piece.size, &piece.digest, &mut decoder)
+        };
+        // The blob's own digest is the most precise diagnosis: check it first, also
+        // when decoding failed (a flipped bit usually trips the codec's checksum).
+        let blob_check = verifying.finish();
+        match (written, blob_check) {
+            (_, Err(e)) => Err(EngineError::Refused(e.to_string())),
+            (Err(e), Ok(())) => Err(e.into()),
+            (Ok(()), Ok(())) => Ok(()),
         }
-        verifying
-            .finish()
-            .map_err(|e| EngineError::Refused(e.to_string()))
     }
 
     /// v1: each file is one gzip stream across its pieces; files decompress in parallel.

@@ -15,7 +15,9 @@ fn python_sarde(test: &str) -> Option<PathBuf> {
     match std::env::var_os("SARDE_TEST_PYTHON_SARDE") {
         Some(path) => Some(PathBuf::from(path)),
         None => {
-            eprintln!("SKIPPED {test}: set SARDE_TEST_PYTHON_SARDE to the Python tool's sarde (scripts/install-python-tool.sh prints it)");
+            eprintln!(
+                "SKIPPED {test}: set SARDE_TEST_PYTHON_SARDE to the Python tool's sarde (scripts/install-python-tool.sh prints it)"
+            );
             None
         }
     }
@@ -45,12 +47,27 @@ fn python_tool_imports_what_sarde_exports_as_v1() {
     let home = vm::workdir();
     let layout = home.path().join("layout");
     ok(sarde(home.path()).args([
-        "export", "--raw", "--format", "v1", "--codec", "gzip", "--chunksize", "1MiB", &name,
+        "export",
+        "--raw",
+        "--format",
+        "v1",
+        "--codec",
+        "gzip",
+        "--chunksize",
+        "1MiB",
+        &name,
         &format!("{}:v1", layout.display()),
     ]));
     let vmdir = home.path().join("py-vms");
     let out = Command::new(&python)
-        .args(["--connect", vm::LIBVIRT_URI, "import", "--raw", "-n", &imported])
+        .args([
+            "--connect",
+            vm::LIBVIRT_URI,
+            "import",
+            "--raw",
+            "-n",
+            &imported,
+        ])
         .arg(format!("--vmdir={}/", vmdir.display()))
         .arg(format!("{}:v1", layout.display()))
         .output()
@@ -66,8 +83,14 @@ fn python_tool_imports_what_sarde_exports_as_v1() {
     let found_base = find(&vmdir, "base.qcow2").expect("Python extracted base.qcow2");
     let found_top = find(&vmdir, "top.qcow2").expect("Python extracted top.qcow2");
     assert_eq!(sha256(&found_base), sha256(&base), "base bytes differ");
-    assert!(same_guest_content(&found_top, &top), "top guest content differs");
-    assert_eq!(vm::backing_reference(&found_top).as_deref(), Some("base.qcow2"));
+    assert!(
+        same_guest_content(&found_top, &top),
+        "top guest content differs"
+    );
+    assert_eq!(
+        vm::backing_reference(&found_top).as_deref(),
+        Some("base.qcow2")
+    );
 }
 
 #[test]
@@ -88,12 +111,23 @@ fn sarde_imports_what_the_python_tool_exports() {
     let imported = format!("{name}-by-sarde");
     test_vm.cleanup_also(&imported);
     let access = work.path().join("access.json");
-    std::fs::write(&access, r#"{"users":[{"username":"vagrant","password":"vagrant"}]}"#).unwrap();
+    std::fs::write(
+        &access,
+        r#"{"users":[{"username":"vagrant","password":"vagrant"}]}"#,
+    )
+    .unwrap();
 
     let home = vm::workdir();
     let layout = home.path().join("py-layout");
     let out = Command::new(&python)
-        .args(["--connect", vm::LIBVIRT_URI, "export", "--raw", "--chunksize", "1MiB"])
+        .args([
+            "--connect",
+            vm::LIBVIRT_URI,
+            "export",
+            "--raw",
+            "--chunksize",
+            "1MiB",
+        ])
         .arg("--vmconfig")
         .arg(&access)
         .arg(&name)
@@ -106,14 +140,19 @@ fn sarde_imports_what_the_python_tool_exports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = ok(sarde(home.path()).args([
-        "import", "--raw", "-n", &imported, &format!("{}:py", layout.display()),
+        "import",
+        "--raw",
+        "-n",
+        &imported,
+        &format!("{}:py", layout.display()),
     ]));
     assert_eq!(printed, imported);
     let dir = home.path().join("VMs").join(&imported);
     assert_eq!(sha256(&dir.join("base.qcow2")), sha256(&base));
     assert_eq!(sha256(&dir.join("top.qcow2")), sha256(&top));
     assert!(same_guest_content(&dir.join("top.qcow2"), &top));
-    let config = ok(sarde(home.path()).args(["getconfig", "--raw", &format!("{}:py", layout.display())]));
+    let config =
+        ok(sarde(home.path()).args(["getconfig", "--raw", &format!("{}:py", layout.display())]));
     assert!(config.contains("vagrant"), "{config}");
 }
 

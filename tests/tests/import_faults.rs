@@ -1,0 +1,273 @@
+//! Broken and hostile images: each import fails with a clear message, defines no VM
+//! and leaves no partial files; an import killed half way is completed by a rerun.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2};
+use sarde_e2e::{fails, ok, sarde};
+use serde_json::Value;
+
+/// A cache with one exported image `localhost/faults:1` of a VM with random data.
+struct Fixture {
+    home: tempfile::TempDir,
+    _work: tempfile::TempDir,
+    _vm: TestVm,
+}
+
+impl Fixture {
+    fn new(random_mib: u64) -> Fixture {
+        let work = vm::workdir();
+        let disk = work.path().join("disk.qcow2");
+        qcow2(&disk, "512M", None);
+        fill_random(&disk, 0, random_mib, 9);
+        fill(&disk, 0x33, "300M", "1M");
+        let name = vm::unique("sarde-faults");
+        let test_vm = TestVm::define(&name, &[&disk], None);
+        let home = vm::workdir();
+        ok(sarde(home.path()).args(["export", "--chunksize", "1MiB", &name, "localhost/faults:1"]));
+        Fixture {
+            home,
+            _work: work,
+            _vm: test_vm,
+        }
+    }
+
+    fn layout(&self) -> PathBuf {
+        self.home.path().join("OCI/localhost/faults")
+    }
+
+    fn blob(&self, digest: &str) -> PathBuf {
+        self.layout()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
+    fn manifest(&self) -> Value {
+        let index: Value = read_json(&self.layout().join("index.json"));
+        let digest = index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        read_json(&self.blob(&digest))
+    }
+
+    /// The first disk piece layer.
+    fn piece(&self) -> Value {
+        self.manifest()["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["mediaType"].as_str().unwrap().contains("disk.piece"))
+            .unwrap()
+            .clone()
+    }
+
+    /// Stores a changed manifest and points the tag at it.
+    fn rewrite_manifest(&self, change: impl FnOnce(&mut Value)) {
+        let mut manifest = self.manifest();
+        change(&mut manifest);
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        let digest = self.store(&bytes);
+        let index_path = self.layout().join("index.json");
+        let mut index = read_json(&index_path);
+        index["manifests"][0]["digest"] = Value::String(digest);
+        index["manifests"][0]["size"] = Value::from(bytes.len());
+        std::fs::write(index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    }
+
+    /// Stores a blob; returns its digest.
+    fn store(&self, bytes: &[u8]) -> String {
+        let tmp = self.layout().join("blobs/sha256/.test-tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        let hex = vm::sha256(&tmp);
+        std::fs::rename(&tmp, self.layout().join("blobs/sha256").join(&hex)).unwrap();
+        format!("sha256:{hex}")
+    }
+
+    /// Imports as `name`, expecting failure; checks nothing was left behind.
+    fn import_fails(&self, name: &str) -> String {
+        let err = fails(sarde(self.home.path()).args(["import", "-n", name, "localhost/faults:1"]));
+        assert!(
+            !vm::domain_exists(name),
+            "{name} was defined despite: {err}"
+        );
+        let vms = self.home.path().join("VMs");
+        let left: Vec<String> = std::fs::read_dir(&vms)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.ends_with(".lock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "left behind in {}: {left:?}",
+            vms.display()
+        );
+        err
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn corrupt_truncated_and_missing_blobs_are_refused() {
+    if !vm::libvirt_enabled("corrupt_truncated_and_missing_blobs_are_refused") {
+        return;
+    }
+    let f = Fixture::new(3);
+    let piece = f.piece();
+    let path = f.blob(piece["digest"].as_str().unwrap());
+    let original = std::fs::read(&path).unwrap();
+
+    let mut corrupt = original.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0x40;
+    std::fs::write(&path, &corrupt).unwrap();
+    let err = f.import_fails(&vm::unique("corrupt"));
+    assert!(
+        err.contains("sha256:") && (err.contains("corrupt") || err.contains("digest")),
+        "{err}"
+    );
+
+    std::fs::write(&path, &original[..original.len() - 10]).unwrap();
+    let err = f.import_fails(&vm::unique("truncated"));
+    assert!(err.contains("bytes") || err.contains("size"), "{err}");
+
+    std::fs::remove_file(&path).unwrap();
+    let err = f.import_fails(&vm::unique("missing"));
+    assert!(
+        err.contains(
+            piece["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+        ),
+        "{err}"
+    );
+
+    // Repaired, the same image imports.
+    std::fs::write(&path, &original).unwrap();
+    let name = vm::unique("repaired");
+    ok(sarde(f.home.path()).args(["import", "-n", &name, "localhost/faults:1"]));
+    vm::undefine(&name);
+}
+
+#[test]
+fn hostile_xml_and_file_names_are_refused() {
+    if !vm::libvirt_enabled("hostile_xml_and_file_names_are_refused") {
+        return;
+    }
+    let f = Fixture::new(1);
+    let original = f.manifest();
+
+    // Domain XML that passes a host device through.
+    let xml_digest = original["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let xml = std::fs::read_to_string(f.blob(&xml_digest)).unwrap();
+    let hostile = xml.replace("</devices>", "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0' slot='1' function='0'/></source></hostdev></devices>");
+    assert_ne!(hostile, xml);
+    let hostile_digest = f.store(hostile.as_bytes());
+    f.rewrite_manifest(|m| {
+        m["layers"][0]["digest"] = Value::String(hostile_digest.clone());
+        m["layers"][0]["size"] = Value::from(hostile.len());
+    });
+    let err = f.import_fails(&vm::unique("hostile"));
+    assert!(
+        err.contains("hostdev") && err.contains("--allow-unsafe-xml"),
+        "{err}"
+    );
+
+    // A file name that climbs out of the VM directory.
+    f.rewrite_manifest(|m| *m = original.clone());
+    f.rewrite_manifest(|m| {
+        for layer in m["layers"].as_array_mut().unwrap() {
+            if let Some(a) = layer.get_mut("annotations") {
+                a["org.sardinecake.file.name"] = Value::String("../../escape.qcow2".into());
+            }
+        }
+    });
+    let err = f.import_fails(&vm::unique("traversal"));
+    assert!(
+        err.contains("../../escape.qcow2") && err.contains("path separator"),
+        "{err}"
+    );
+    assert!(!f.home.path().join("escape.qcow2").exists());
+}
+
+#[test]
+fn a_piece_that_inflates_beyond_its_size_is_refused() {
+    if !vm::libvirt_enabled("a_piece_that_inflates_beyond_its_size_is_refused") {
+        return;
+    }
+    let f = Fixture::new(1);
+    // 64 MiB of zeros compress to a few KiB: a bomb for a piece announced as 1 MiB.
+    let zeros = f.home.path().join("zeros");
+    std::fs::write(&zeros, vec![0u8; 64 << 20]).unwrap();
+    let out = Command::new("zstd")
+        .args(["-q", "-c"])
+        .arg(&zeros)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bomb = f.store(&out.stdout);
+    let piece_digest = f.piece()["digest"].as_str().unwrap().to_string();
+    f.rewrite_manifest(|m| {
+        for layer in m["layers"].as_array_mut().unwrap() {
+            if layer["digest"] == piece_digest.as_str() {
+                layer["digest"] = Value::String(bomb.clone());
+                layer["size"] = Value::from(out.stdout.len());
+            }
+        }
+    });
+    let err = f.import_fails(&vm::unique("bomb"));
+    assert!(
+        err.contains("more") || err.contains("larger") || err.contains("long"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_import_killed_half_way_leaves_nothing_and_a_rerun_completes() {
+    if !vm::libvirt_enabled("an_import_killed_half_way_leaves_nothing_and_a_rerun_completes") {
+        return;
+    }
+    let f = Fixture::new(160);
+    let name = vm::unique("killed");
+    let staging = f.home.path().join("VMs").join(format!(".staging-{name}"));
+    let mut child = sarde(f.home.path())
+        .args(["import", "-n", &name, "localhost/faults:1"])
+        .spawn()
+        .unwrap();
+    // Wait until pieces are being written, then kill without warning.
+    let start = std::time::Instant::now();
+    while !staging.exists() && start.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "import finished before it could be killed; make the disk bigger"
+    );
+    assert!(!vm::domain_exists(&name));
+    assert!(
+        !f.home.path().join("VMs").join(&name).exists(),
+        "a partial VM directory is in place"
+    );
+
+    let printed = ok(sarde(f.home.path()).args(["import", "-n", &name, "localhost/faults:1"]));
+    assert_eq!(printed, name);
+    assert!(vm::domain_exists(&name));
+    assert!(
+        !staging.exists(),
+        "the staging directory was not cleaned up"
+    );
+    vm::undefine(&name);
+}

@@ -167,6 +167,17 @@ fn dropped_on_export(path: &[String], name: &str) -> bool {
     }
 }
 
+/// What export has read of a `<disk>` so far.
+#[derive(Default)]
+struct DiskInProgress {
+    kind: String,
+    device: String,
+    driver_type: Option<String>,
+    source: Option<String>,
+    image_name: Option<String>,
+    target: String,
+}
+
 /// Prepares a domain's XML for export.
 pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
     precheck(xml)?;
@@ -181,15 +192,8 @@ pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
         loader: None,
     };
     let mut used = Vec::new();
-    // The disk being read: (type, device, driver type, source, image name, target).
-    let mut disk: Option<(
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-    )> = None;
+    // The disk being read.
+    let mut disk: Option<DiskInProgress> = None;
     while let Some(event) = rw.next()? {
         let path = rw.path().to_vec();
         match &event {
@@ -205,29 +209,26 @@ pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
                         e = events::without_attr(&e, "id");
                     }
                     "disk" if path.last().map(String::as_str) == Some("devices") => {
-                        disk = Some((
-                            attr(&e, "type").unwrap_or_else(|| "file".into()),
-                            attr(&e, "device").unwrap_or_else(|| "disk".into()),
-                            None,
-                            None,
-                            None,
-                            String::new(),
-                        ));
+                        disk = Some(DiskInProgress {
+                            kind: attr(&e, "type").unwrap_or_else(|| "file".into()),
+                            device: attr(&e, "device").unwrap_or_else(|| "disk".into()),
+                            ..DiskInProgress::default()
+                        });
                     }
                     "driver" if path.last().map(String::as_str) == Some("disk") => {
                         if let Some(d) = disk.as_mut() {
-                            d.2 = attr(&e, "type");
+                            d.driver_type = attr(&e, "type");
                         }
                     }
                     "target" if path.last().map(String::as_str) == Some("disk") => {
                         if let Some(d) = disk.as_mut() {
-                            d.5 = attr(&e, "dev").unwrap_or_default();
+                            d.target = attr(&e, "dev").unwrap_or_default();
                         }
                     }
                     "source" if path.last().map(String::as_str) == Some("disk") => {
                         if let Some(d) = disk.as_mut() {
-                            if d.0 != "file" {
-                                let target = d.5.clone();
+                            if d.kind != "file" {
+                                let target = d.target.clone();
                                 return Err(DomainError::NotExportable {
                                     target: if target.is_empty() {
                                         "(no target yet)".into()
@@ -236,15 +237,15 @@ pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
                                     },
                                     reason: format!(
                                         "its source is of type {:?}; only file-backed disks can travel in an image (copy it into a qcow2 file first)",
-                                        d.0
+                                        d.kind
                                     ),
                                 });
                             }
                             if let Some(file) = attr(&e, "file") {
                                 let image_name = unique(base_name(&file), &mut used);
                                 e = events::with_attr(&e, "file", &image_name);
-                                d.3 = Some(file);
-                                d.4 = Some(image_name);
+                                d.source = Some(file);
+                                d.image_name = Some(image_name);
                             }
                         }
                     }
@@ -269,8 +270,14 @@ pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
             Event::End(_) => {
                 let name = rw.current().unwrap_or_default();
                 if name == "disk" && path.len() >= 2 && path[path.len() - 2] == "devices" {
-                    if let Some((_, device, driver_type, Some(source), Some(image_name), target)) =
-                        disk.take()
+                    if let Some(DiskInProgress {
+                        device,
+                        driver_type,
+                        source: Some(source),
+                        image_name: Some(image_name),
+                        target,
+                        ..
+                    }) = disk.take()
                     {
                         out.disks.push(DiskSource {
                             target,

@@ -437,7 +437,8 @@ impl Engine {
                 )
             })?;
         let next = AtomicUsize::new(0);
-        let results: Mutex<Vec<(usize, Result<(FileRecord, u64)>)>> = Mutex::new(Vec::new());
+        type FileResult = Result<(FileRecord, u64)>;
+        let results: Mutex<Vec<(usize, FileResult)>> = Mutex::new(Vec::new());
         let failed = AtomicBool::new(false);
         std::thread::scope(|scope| {
             for _ in 0..self.effective_threads().min(image.files.len().max(1)) {

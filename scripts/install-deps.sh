@@ -17,6 +17,8 @@ PACKAGES=(
     docker-registry skopeo apache2-utils openssl ca-certificates curl
     # command-line codecs the benchmarks compare against
     zstd pigz xz-utils gzip
+    # UEFI firmware, for VMs with NVRAM in the tests
+    ovmf
     # C toolchain for -sys crates
     gcc libc6-dev make
 )

@@ -150,7 +150,7 @@ impl TestVm {
         }
         let os = match nvram {
             Some(path) => format!(
-                "<os><type arch='x86_64' machine='pc'>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader><nvram>{}</nvram></os>",
+                "<os><type arch='x86_64' machine='pc'>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader><nvram>{}</nvram></os><features><acpi/></features>",
                 path.display()
             ),
             None => "<os><type arch='x86_64' machine='pc'>hvm</type></os>".to_string(),

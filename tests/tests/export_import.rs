@@ -239,3 +239,55 @@ fn v1_format_round_trip() {
     let got = ok(sarde(home.path()).args(["getconfig", "localhost/e2e/v1:1"]));
     assert!(got.contains("vagrant"), "{got}");
 }
+
+#[test]
+fn uefi_vm_with_nvram_and_access_json_round_trips() {
+    if !vm::libvirt_enabled("uefi_vm_with_nvram_and_access_json_round_trips") {
+        return;
+    }
+    let work = vm::workdir();
+    let disk = work.path().join("uefi.qcow2");
+    qcow2(&disk, "64M", None);
+    fill(&disk, 0x99, "0", "1M");
+    let nvram = work.path().join("uefi_VARS.fd");
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &nvram).unwrap();
+    // Make the variable store differ from the template, as a used one does.
+    let mut vars = std::fs::read(&nvram).unwrap();
+    vars[4096..4100].copy_from_slice(b"sard");
+    std::fs::write(&nvram, &vars).unwrap();
+    let name = vm::unique("sarde-uefi");
+    let mut test_vm = TestVm::define(&name, &[&disk], Some(&nvram));
+    let new = format!("{name}-imported");
+    test_vm.cleanup_also(&new);
+    let access = work.path().join("access.json");
+    std::fs::write(&access, r#"{"users":[{"username":"ci","password":"secret"}],"services":[{"service":"ssh","port":22,"protocol":"tcp"}]}"#).unwrap();
+    let home = vm::workdir();
+    let dir = round_trip(
+        home.path(),
+        &name,
+        "localhost/e2e/uefi:1",
+        &["--vmconfig", access.to_str().unwrap()],
+        &new,
+    );
+    assert_same(&dir, "uefi.qcow2", &disk, true);
+    assert_eq!(
+        sha256(&dir.join("uefi_VARS.fd")),
+        sha256(&nvram),
+        "NVRAM differs"
+    );
+    let xml = vm::dumpxml(&new);
+    assert!(
+        xml.contains(&format!("{}</nvram>", dir.join("uefi_VARS.fd").display())),
+        "NVRAM not rewritten: {xml}"
+    );
+    assert!(xml.contains("/usr/share/OVMF/OVMF_CODE.fd"), "{xml}");
+    let config = ok(sarde(home.path()).args(["getconfig", "localhost/e2e/uefi:1"]));
+    let v: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(v["users"][0]["username"], "ci");
+    // The default name is the image id, and --print-uuid prints a UUID.
+    let id = ok(sarde(home.path()).args(["export", &name, "localhost/e2e/uefi:2"]));
+    test_vm.cleanup_also(&id);
+    let uuid = ok(sarde(home.path()).args(["import", "--print-uuid", "localhost/e2e/uefi:2"]));
+    assert_eq!(uuid.len(), 36, "{uuid}");
+    assert!(vm::domain_exists(&id));
+}

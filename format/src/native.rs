@@ -155,6 +155,18 @@ pub fn build(
             ));
         }
     }
+    Ok(assemble(meta, layers, diff_ids, history, true))
+}
+
+/// The config blob and the manifest over `layers`, shared by both formats. The v1
+/// layout has no manifest annotations, as the Python tool wrote none.
+pub(crate) fn assemble(
+    meta: &ImageMeta,
+    layers: Vec<Descriptor>,
+    diff_ids: Vec<Digest>,
+    history: Vec<History>,
+    annotate_created: bool,
+) -> Built {
     let config = ImageConfig {
         created: Some(meta.created.clone()),
         author: None,
@@ -170,19 +182,21 @@ pub fn build(
     let config_bytes = serde_json::to_vec(&config).expect("config serialises");
     let config_descriptor = Descriptor::of(media_types::IMAGE_CONFIG, &config_bytes);
     let mut manifest = ImageManifest::new(config_descriptor.clone(), layers);
-    manifest
-        .annotations
-        .insert(media_types::ANNOTATION_CREATED.into(), meta.created.clone());
+    if annotate_created {
+        manifest
+            .annotations
+            .insert(media_types::ANNOTATION_CREATED.into(), meta.created.clone());
+    }
     let manifest_bytes = manifest.to_bytes();
-    Ok(Built {
+    Built {
         config: config_bytes,
         config_descriptor,
         manifest,
         manifest_bytes,
-    })
+    }
 }
 
-fn history_entry(meta: &ImageMeta, created_by: &str) -> History {
+pub(crate) fn history_entry(meta: &ImageMeta, created_by: &str) -> History {
     History {
         created: Some(serde_json::Value::String(meta.created.clone())),
         created_by: Some(created_by.to_string()),

@@ -9,7 +9,7 @@
 //! continuation piece with the gzip magic, so both importers read what it writes.
 
 use sarde_api::digest::Digest;
-use sarde_api::oci::{Descriptor, History, ImageConfig, ImageManifest, RootFs, media_types};
+use sarde_api::oci::{Descriptor, ImageConfig, ImageManifest, media_types};
 
 use crate::{CommonLayers, FormatError, common_layers};
 
@@ -121,13 +121,7 @@ pub fn build(
     vm_config: Option<&Descriptor>,
     files: &[V1FileOut],
 ) -> crate::native::Built {
-    let history_entry = |by: String| History {
-        created: Some(serde_json::Value::String(meta.created.clone())),
-        created_by: Some(by),
-        author: None,
-        comment: None,
-        empty_layer: None,
-    };
+    let history_entry = |by: String| crate::native::history_entry(meta, &by);
     let mut layers = vec![domain_xml.clone()];
     let mut diff_ids = vec![domain_xml.digest.clone()];
     let mut history = vec![history_entry("sarde export: domain XML".into())];
@@ -151,28 +145,7 @@ pub fn build(
             layers.push(Descriptor::new(media, digest.clone(), *size));
         }
     }
-    let config = ImageConfig {
-        created: Some(meta.created.clone()),
-        author: None,
-        architecture: meta.architecture.clone(),
-        os: meta.os.clone(),
-        config: None,
-        rootfs: RootFs {
-            kind: "layers".into(),
-            diff_ids,
-        },
-        history,
-    };
-    let config_bytes = serde_json::to_vec(&config).expect("config serialises");
-    let config_descriptor = Descriptor::of(media_types::IMAGE_CONFIG, &config_bytes);
-    let manifest = ImageManifest::new(config_descriptor.clone(), layers);
-    let manifest_bytes = manifest.to_bytes();
-    crate::native::Built {
-        config: config_bytes,
-        config_descriptor,
-        manifest,
-        manifest_bytes,
-    }
+    crate::native::assemble(meta, layers, diff_ids, history, false)
 }
 
 #[cfg(test)]

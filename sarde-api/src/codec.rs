@@ -35,7 +35,8 @@ pub enum CodecError {
 pub struct EncodeOptions {
     /// Compression level; `None` picks the codec's default.
     pub level: Option<i32>,
-    /// Worker threads for one stream; 0 or 1 means single-threaded.
+    /// Worker threads for one stream; 0 or 1 asks for one. A codec may run that
+    /// worker beside the caller's thread so I/O overlaps compression (zstd does).
     pub threads: usize,
     /// The original file name, for formats that record it (gzip's FNAME).
     pub file_name: Option<String>,

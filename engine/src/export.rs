@@ -630,7 +630,10 @@ mod tests {
             assert_eq!(blob.len() as u64, *size);
             assert!(*size <= chunk);
             if i > 0 {
-                assert!(!blob.starts_with(&GZIP_MAGIC), "piece {i} starts with the magic");
+                assert!(
+                    !blob.starts_with(&GZIP_MAGIC),
+                    "piece {i} starts with the magic"
+                );
             }
             joined.extend_from_slice(&blob);
         }

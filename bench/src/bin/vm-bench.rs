@@ -336,7 +336,7 @@ fn bench(
     let py_bytes = du(Path::new(&py_oci));
     println!();
     println!(
-        "disk: {:.0} MB qcow2 file, {} GiB virtual; stored: sarde {:.0} MB, Python {:.0} MB",
+        "disk: {:.0} MB qcow2 file, {} GiB virtual; cache size: sarde {:.0} MB (native and v1 image), Python {:.0} MB",
         mb,
         args.virtual_gib,
         oci_bytes as f64 / 1e6,

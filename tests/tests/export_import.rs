@@ -148,6 +148,17 @@ fn backing_chains_anywhere_import_into_one_directory() {
     assert_eq!(entry["vms"][0]["name"], new.as_str());
     assert_eq!(entry["vms"][0]["state"], "stopped");
 
+    // Another image under the same VM name is refused unless --replace.
+    ok(sarde(home.path()).args(["export", "--codec", "gzip", &name, "localhost/e2e/other:1"]));
+    let err = fails(sarde(home.path()).args(["import", "-n", &new, "localhost/e2e/other:1"]));
+    assert!(
+        err.contains("already exists") && err.contains("--replace"),
+        "{err}"
+    );
+    ok(sarde(home.path()).args(["import", "--replace", "-n", &new, "localhost/e2e/other:1"]));
+    assert!(same_guest_content(&dir.join("top.qcow2"), &top));
+    ok(sarde(home.path()).args(["import", "--replace", "-n", &new, "localhost/e2e/chain:1"]));
+
     // Re-exporting the same tag replaces it (no duplicate entries).
     ok(sarde(home.path()).args([
         "export",
@@ -158,7 +169,13 @@ fn backing_chains_anywhere_import_into_one_directory() {
     ]));
     let listed = ok(sarde(home.path()).args(["list", "--format", "json"]));
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    let chains = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "localhost/e2e/chain")
+        .count();
+    assert_eq!(chains, 1, "{v}");
 }
 
 #[test]
@@ -179,6 +196,17 @@ fn export_is_deterministic_and_refuses_a_running_vm() {
     let listed = ok(sarde(home.path()).args(["list", "--format", "json"]));
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(v[0]["manifest"], v[1]["manifest"]);
+
+    // Other OCI tools read the image: skopeo inspects the layout.
+    let layout = home.path().join("OCI/localhost/e2e/det");
+    let inspected = vm::run(
+        "skopeo",
+        &["inspect", &format!("oci:{}:a", layout.display())],
+    );
+    let v: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(v["Architecture"], "amd64", "{inspected}");
+    assert_eq!(v["Os"], "linux", "{inspected}");
+    assert!(v["Layers"].as_array().unwrap().len() >= 2, "{inspected}");
 
     // A VM that is not stopped is refused, and says why and what to do.
     vm::run(

@@ -184,15 +184,26 @@ impl Engine {
                 .map_err(EngineError::io(&final_dir, "removing a stale import"))?;
         }
 
+        // A staging directory left by an interrupted import of the same image is
+        // resumed: pieces already written and verified are kept.
         let staging = self.vmdir.join(format!(".staging-{name}"));
-        if staging.exists() {
-            fs::remove_dir_all(&staging).map_err(EngineError::io(
-                &staging,
-                "removing a stale staging directory",
-            ))?;
+        let stamp = staging.join(STAGING_STAMP);
+        let resume = fs::read_to_string(&stamp).is_ok_and(|s| s == image.config_digest.to_string())
+            && matches!(image.content, Content::Native(_));
+        if !resume {
+            if staging.exists() {
+                fs::remove_dir_all(&staging).map_err(EngineError::io(
+                    &staging,
+                    "removing a stale staging directory",
+                ))?;
+            }
+            fs::create_dir(&staging)
+                .map_err(EngineError::io(&staging, "creating the staging directory"))?;
+            fs::write(&stamp, image.config_digest.to_string())
+                .map_err(EngineError::io(&stamp, "writing"))?;
+        } else {
+            tracing::info!("resuming the interrupted import in {}", staging.display());
         }
-        fs::create_dir(&staging)
-            .map_err(EngineError::io(&staging, "creating the staging directory"))?;
         let result = self.import_into(
             &layout,
             &image,
@@ -318,11 +329,44 @@ impl Engine {
         let mut jobs = Vec::new();
         for (index, file) in image.files.iter().enumerate() {
             let path = staging.join(&file.spec.name);
-            files.push(sarde_disk::create_sparse(&path, file.spec.size)?);
-            for piece in &file.pieces {
+            let resumable = fs::metadata(&path).is_ok_and(|m| m.len() == file.spec.size);
+            let done = if resumable {
+                let spans: Vec<sarde_disk::PieceSpan> = file
+                    .pieces
+                    .iter()
+                    .map(|p| sarde_disk::PieceSpan {
+                        offset: p.offset,
+                        length: p.size,
+                        digest: p.digest.clone(),
+                    })
+                    .collect();
+                files.push(
+                    File::options()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(EngineError::io(&path, "reopening to resume"))?,
+                );
+                sarde_disk::verify_pieces(&path, &spans, self.effective_threads())?
+            } else {
+                if path.exists() {
+                    fs::remove_file(&path).map_err(EngineError::io(&path, "removing"))?;
+                }
+                files.push(sarde_disk::create_sparse(&path, file.spec.size)?);
+                vec![false; file.pieces.len()]
+            };
+            for (piece, done) in file.pieces.iter().zip(done) {
+                if done {
+                    continue;
+                }
+                if resumable {
+                    // A piece cut short by the interruption: clear it before rewriting.
+                    sarde_disk::zero_range(&files[index], piece.offset, piece.size)?;
+                }
                 jobs.push((index, piece));
             }
         }
+        tracing::debug!(pieces = jobs.len(), "pieces to write");
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<EngineError>> = Mutex::new(None);
@@ -523,6 +567,9 @@ impl Engine {
         Ok(())
     }
 }
+
+/// Names the image a staging directory is being filled from, so a rerun can resume.
+const STAGING_STAMP: &str = ".sarde-staging";
 
 /// The largest file a v1 image may inflate to: v1 records no sizes, so this is the
 /// only bound on a decompression bomb (the file's digest is still checked).

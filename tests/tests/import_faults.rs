@@ -262,8 +262,22 @@ fn an_import_killed_half_way_leaves_nothing_and_a_rerun_completes() {
         "a partial VM directory is in place"
     );
 
-    let printed = ok(sarde(f.home.path()).args(["import", "-n", &name, "localhost/faults:1"]));
-    assert_eq!(printed, name);
+    // The rerun resumes the staging directory (when the kill left its stamp).
+    let stamped = staging.join(".sarde-staging").exists();
+    eprintln!("killed with the staging stamp in place: {stamped}");
+    let out = sarde(f.home.path())
+        .args(["-v", "import", "-n", &name, "localhost/faults:1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rerun failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
+    if stamped {
+        assert!(
+            stderr.contains("resuming the interrupted import"),
+            "{stderr}"
+        );
+    }
     assert!(vm::domain_exists(&name));
     assert!(
         !staging.exists(),

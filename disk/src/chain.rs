@@ -179,6 +179,41 @@ pub fn rebase_in_place(
     run_qemu_img(file, &args).map(drop)
 }
 
+/// What a file's own header says, read without following its backing chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageHeader {
+    /// The format qemu-img detects by probing (`qcow2`, `raw`…).
+    pub format: String,
+    /// The backing reference stored in the header, as written.
+    pub backing_reference: Option<String>,
+    /// An external data file named in the header (qcow2 `data-file`).
+    pub data_file: Option<String>,
+}
+
+/// Probes one file's header (format detected, not assumed; backing file not opened):
+/// what an importer checks before it lets qemu or libvirt near a file from an image.
+pub fn inspect(path: &Path) -> Result<ImageHeader, DiskError> {
+    let info = qemu_img_info(path, false)?
+        .pop()
+        .ok_or_else(|| DiskError::QemuImgOutput {
+            file: path.to_path_buf(),
+            command: info_command(false),
+            message: "no output".into(),
+        })?;
+    let data_file = info
+        .format_specific
+        .as_ref()
+        .and_then(|f| f.data.as_ref())
+        .and_then(|d| d.get("data-file"))
+        .and_then(|d| d.as_str())
+        .map(str::to_string);
+    Ok(ImageHeader {
+        format: info.format,
+        backing_reference: info.backing_filename,
+        data_file,
+    })
+}
+
 fn info_command(chain: bool) -> String {
     let chain = if chain { " --backing-chain" } else { "" };
     format!("qemu-img info --output=json{chain} -U")

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use events::{Rewriter, attr, local};
 
-pub use rules::{UnsafeXml, Violation, check_untrusted};
+pub use rules::{UnsafeXml, Violation, check_host_paths, check_untrusted};
 
 /// The largest domain XML accepted: real ones are a few KiB.
 pub const MAX_XML_SIZE: usize = 1 << 20;
@@ -192,6 +192,8 @@ pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
         loader: None,
     };
     let mut used = Vec::new();
+    // Host path → image name, for files named already.
+    let mut named: Vec<(String, String)> = Vec::new();
     // The disk being read.
     let mut disk: Option<DiskInProgress> = None;
     while let Some(event) = rw.next()? {
@@ -242,7 +244,15 @@ pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
                                 });
                             }
                             if let Some(file) = attr(&e, "file") {
-                                let image_name = unique(base_name(&file), &mut used);
+                                // The same file used by two disks keeps one name.
+                                let image_name = match named.iter().find(|(f, _)| *f == file) {
+                                    Some((_, n)) => n.clone(),
+                                    None => {
+                                        let n = unique(base_name(&file), &mut used);
+                                        named.push((file.clone(), n.clone()));
+                                        n
+                                    }
+                                };
                                 e = events::with_attr(&e, "file", &image_name);
                                 d.source = Some(file);
                                 d.image_name = Some(image_name);

@@ -196,10 +196,13 @@ fn check_element(
         (Some("tpm"), "backend") if kind == "passthrough" => {
             flag("passes the host TPM through".into())
         }
+        (_, "seclabel") => {
+            flag("sets its own security label (sarde strips these on export)".into())
+        }
         (Some("devices"), "interface")
             if matches!(
                 kind.as_str(),
-                "direct" | "hostdev" | "vhostuser" | "ethernet"
+                "direct" | "hostdev" | "vhostuser" | "ethernet" | "vdpa"
             ) =>
         {
             flag(format!("a {kind:?} interface reaches host network devices"))
@@ -245,5 +248,110 @@ fn check_element(
             }
         }
         _ => {}
+    }
+}
+
+/// Host paths an imported domain may name besides its own files.
+fn allowed_host_path(path: &str) -> bool {
+    // `..` or `.` components would escape any prefix rule.
+    if path.split('/').any(|c| c == ".." || c == ".") {
+        return false;
+    }
+    path.starts_with("/usr/share/")
+        || allowed_emulator(path)
+        || matches!(path, "/dev/random" | "/dev/urandom" | "/dev/hwrng")
+}
+
+/// The last line of defence, run on the XML as it will be defined: every attribute
+/// value and every piece of text (CDATA and character references included, each
+/// element's text taken whole) that is an absolute path must be one of `own_files`
+/// or an allowed host path (firmware and templates under /usr/share, the QEMU
+/// emulator, random devices). Whatever element or attribute carries it — a log
+/// file, an ACPI table, an nvdimm, a socket — a host path is refused.
+pub fn check_host_paths(xml: &str, own_files: &[&str]) -> Result<(), UnsafeXml> {
+    if xml.len() > MAX_XML_SIZE {
+        return Err(DomainError::TooLarge(xml.len()).into());
+    }
+    let mut reader = quick_xml::Reader::from_str(xml);
+    reader.config_mut().check_end_names = true;
+    let mut path: Vec<String> = Vec::new();
+    // Text of each open element, gathered across children, CDATA and references.
+    let mut texts: Vec<String> = Vec::new();
+    let mut violations = Vec::new();
+    let check = |element: String, value: &str, violations: &mut Vec<Violation>| {
+        let value = value.trim();
+        if value.starts_with('/') && !own_files.contains(&value) && !allowed_host_path(value) {
+            violations.push(Violation {
+                element,
+                reason: format!("names the host path {value:?}"),
+            });
+        }
+    };
+    loop {
+        let position = reader.buffer_position();
+        let event = reader
+            .read_event()
+            .map_err(|e| DomainError::Parse(format!("{e} (at byte {position})")))?;
+        match event {
+            Event::Eof => break,
+            Event::DocType(_) => return Err(DomainError::Doctype.into()),
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let name = local(e);
+                let here = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{}/{name}", path.join("/"))
+                };
+                for a in e.attributes() {
+                    let a = a.map_err(|e| DomainError::Parse(e.to_string()))?;
+                    let value = a
+                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                        .map_err(|e| DomainError::Parse(e.to_string()))?;
+                    check(
+                        format!("{here} {}=", a.key.as_ref()),
+                        &value,
+                        &mut violations,
+                    );
+                }
+                if matches!(event, Event::Start(_)) {
+                    path.push(name);
+                    texts.push(String::new());
+                }
+            }
+            Event::End(_) => {
+                let here = path.join("/");
+                path.pop();
+                if let Some(text) = texts.pop() {
+                    check(here, &text, &mut violations);
+                }
+            }
+            Event::Text(ref t) => {
+                if let Some(text) = texts.last_mut() {
+                    text.push_str(&t.xml10_content());
+                }
+            }
+            Event::CData(ref t) => {
+                if let Some(text) = texts.last_mut() {
+                    text.push_str(&t.clone().into_inner());
+                }
+            }
+            Event::GeneralRef(ref r) => {
+                let resolved = match r.resolve_char_ref() {
+                    Ok(Some(c)) => c.to_string(),
+                    _ => quick_xml::escape::resolve_predefined_entity(r.as_ref())
+                        .unwrap_or("?")
+                        .to_string(),
+                };
+                if let Some(text) = texts.last_mut() {
+                    text.push_str(&resolved);
+                }
+            }
+            _ => {}
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(UnsafeXml { violations })
     }
 }

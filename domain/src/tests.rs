@@ -334,3 +334,36 @@ fn architecture_and_os_names_follow_go() {
     assert_eq!(go_os("http://debian.org/debian/12"), "linux");
     assert_eq!(go_os("http://microsoft.com/win/2k22"), "windows");
 }
+
+#[test]
+fn bypasses_found_in_review_are_caught_by_one_of_the_checks() {
+    let own = ["/vms/x/disk.qcow2"];
+    let cases = [
+        "<devices><emulator><![CDATA[/tmp/evil]]></emulator></devices>",
+        "<devices><emulator>&#47;tmp&#47;evil</emulator></devices>",
+        "<os><kernel><x></x>/etc/shadow</kernel></os>",
+        "<os><loader>/usr/share/../../etc/shadow</loader></os>",
+        "<os><nvram template='/usr/share/../../etc/shadow'>/vms/x/disk.qcow2</nvram></os>",
+        "<devices><serial type='pty'><log file='/etc/cron.d/x'/></serial></devices>",
+        "<os><acpi><table type='slic'>/etc/shadow</table></acpi></os>",
+        "<sysinfo type='fwcfg'><entry name='opt/x' file='/etc/shadow'/></sysinfo>",
+        "<devices><memory model='nvdimm'><source><path>/dev/sda</path></source></memory></devices>",
+        "<os><nvram type='file'><source file='/etc/x'/></nvram></os>",
+        "<devices><audio id='1' type='file' path='/etc/x'/></devices>",
+        "<devices><graphics type='vnc' socket='/run/x.sock'/></devices>",
+        "<devices><interface type='vdpa'><source dev='/dev/vhost-vdpa-0'/></interface></devices>",
+        "<devices><disk type='file'><source file='/vms/x/disk.qcow2'><dataStore type='file'><source file='/etc/x'/></dataStore></source></disk></devices>",
+        "<seclabel type='none'/>",
+    ];
+    for body in cases {
+        let xml = format!("<domain><name>x</name>{body}</domain>");
+        let untrusted = check_untrusted(&xml, &["disk.qcow2"]).is_err();
+        let host_paths = check_host_paths(&xml, &own).is_err();
+        assert!(untrusted || host_paths, "not caught: {body}");
+    }
+    // What sarde itself produces passes: own files, firmware, emulator, urandom.
+    let fine = "<domain><name>x</name><os><loader>/usr/share/OVMF/OVMF_CODE.fd</loader><nvram>/vms/x/VARS.fd</nvram></os>\
+        <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><disk type='file'><source file='/vms/x/disk.qcow2'/></disk>\
+        <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng></devices></domain>";
+    check_host_paths(fine, &["/vms/x/disk.qcow2", "/vms/x/VARS.fd"]).unwrap();
+}

@@ -343,15 +343,26 @@ fn collect_files(exported: &sarde_domain::ExportedDomain) -> Result<Vec<SourceFi
             path,
         });
     }
+    // Tops first: a file that one disk uses directly and another as its backing
+    // file keeps the name the domain XML gives it.
+    let mut chains = Vec::new();
     for disk in &exported.disks {
         let chain = sarde_disk::backing_chain(&disk.source)?;
-        let top = chain.len().saturating_sub(1);
-        for (i, link) in chain.iter().enumerate() {
-            if names.contains_key(&link.path) {
+        if let Some(top) = chain.last() {
+            names
+                .entry(top.path.clone())
+                .or_insert_with(|| disk.image_name.clone());
+        }
+        chains.push(chain);
+    }
+    let mut stored: BTreeSet<PathBuf> = BTreeSet::new();
+    for chain in &chains {
+        for link in chain {
+            if !stored.insert(link.path.clone()) {
                 continue;
             }
-            let name = if i == top {
-                disk.image_name.clone()
+            let name = if let Some(name) = names.get(&link.path) {
+                name.clone()
             } else {
                 let base = link
                     .path

@@ -135,17 +135,14 @@ impl Engine {
             .name
             .clone()
             .unwrap_or_else(|| image.config_digest.to_string());
-        sarde_format::check_file_name(&name).map_err(|_| {
-            EngineError::Refused(format!(
-                "{name:?} cannot name a VM: it becomes a directory name, so no '/', NUL or leading dot"
-            ))
-        })?;
+        check_vm_name(&name)?;
         fs::create_dir_all(&self.vmdir)
             .map_err(EngineError::io(&self.vmdir, "creating the VM directory"))?;
         let _lock = NameLock::acquire(&self.vmdir, &name)?;
         let hypervisor = self.registry.connect(&self.connect)?;
         let final_dir = self.vmdir.join(&name);
 
+        let mut replace_existing = false;
         if hypervisor.exists(&name)? {
             let marker = Marker::read(&final_dir);
             let same = marker
@@ -161,27 +158,43 @@ impl Engine {
                     bytes_written: 0,
                 });
             }
+            if marker.is_none() {
+                return Err(EngineError::Refused(format!(
+                    "VM {name:?} already exists and was not imported by sarde; sarde never replaces it: import under another name (-n)"
+                )));
+            }
             if !request.replace {
                 let why = if same {
                     "its disks no longer match the image"
                 } else {
-                    "it was not imported from this image"
+                    "it was imported from another image"
                 };
                 return Err(EngineError::Refused(format!(
                     "VM {name:?} already exists and {why}; pass --replace to replace it, or -n to import under another name"
                 )));
             }
-            self.remove_vm(hypervisor.as_ref(), &name, &final_dir)?;
+            // Replaced only once the new image is complete and verified.
+            replace_existing = true;
         } else if final_dir.exists() {
-            if Marker::read(&final_dir).is_none() {
-                return Err(EngineError::Refused(format!(
-                    "{} exists but was not made by sarde; move it away or import under another name (-n)",
-                    final_dir.display()
-                )));
+            match Marker::read(&final_dir) {
+                None => {
+                    return Err(EngineError::Refused(format!(
+                        "{} exists but was not made by sarde; move it away or import under another name (-n)",
+                        final_dir.display()
+                    )));
+                }
+                Some(m) if m.defined && !request.replace => {
+                    return Err(EngineError::Refused(format!(
+                        "{} holds VM {name:?} imported by sarde, but no such domain is defined on {}; pass --replace to overwrite its files",
+                        final_dir.display(),
+                        self.connect
+                    )));
+                }
+                // Left by an import interrupted between moving its files into
+                // place and defining the domain, or replaced on request.
+                Some(_) => fs::remove_dir_all(&final_dir)
+                    .map_err(EngineError::io(&final_dir, "removing a stale import"))?,
             }
-            // Left by an import that was interrupted before the VM was defined.
-            fs::remove_dir_all(&final_dir)
-                .map_err(EngineError::io(&final_dir, "removing a stale import"))?;
         }
 
         // A staging directory left by an interrupted import of the same image is
@@ -208,6 +221,7 @@ impl Engine {
             &layout,
             &image,
             request,
+            replace_existing,
             &name,
             &staging,
             &final_dir,
@@ -225,6 +239,7 @@ impl Engine {
         layout: &Layout,
         image: &LoadedImage,
         request: &ImportRequest,
+        replace_existing: bool,
         name: &str,
         staging: &Path,
         final_dir: &Path,
@@ -252,7 +267,7 @@ impl Engine {
             .iter()
             .map(|r| (r.name.clone(), final_dir.join(&r.name)))
             .collect();
-        let nvram = match &image.content {
+        let nvram_path = match &image.content {
             Content::Native(n) => n
                 .files
                 .iter()
@@ -260,6 +275,7 @@ impl Engine {
                 .map(|f| final_dir.join(&f.spec.name)),
             Content::V1(_) => None,
         };
+        let nvram = nvram_path.clone();
         let domain_xml = sarde_domain::prepare_import(
             &xml,
             &sarde_domain::ImportSpec {
@@ -269,17 +285,26 @@ impl Engine {
                 keep_uuid: false,
             },
         )?;
+        if !request.allow_unsafe_xml {
+            let own: Vec<String> = files_and_nvram(&records, final_dir, nvram_path.as_deref());
+            let own: Vec<&str> = own.iter().map(String::as_str).collect();
+            sarde_domain::check_host_paths(&domain_xml, &own)?;
+        }
         let marker = Marker {
             image: request.image.name.clone(),
             manifest: image.manifest_descriptor.digest.clone(),
             config: image.config_digest.clone(),
             vm_name: name.to_string(),
             files: records,
+            defined: false,
         };
         marker
             .write(staging)
             .map_err(EngineError::io(staging, "writing the import record"))?;
         sync_dir(staging)?;
+        if replace_existing {
+            self.remove_vm(hypervisor, name, final_dir)?;
+        }
         fs::rename(staging, final_dir).map_err(EngineError::io(
             final_dir,
             "moving the imported files into place",
@@ -289,6 +314,14 @@ impl Engine {
             let _ = fs::remove_dir_all(final_dir);
             return Err(e.into());
         }
+        // From now on the directory belongs to a defined VM: never removed silently.
+        let marker = Marker {
+            defined: true,
+            ..marker
+        };
+        marker
+            .write(final_dir)
+            .map_err(EngineError::io(final_dir, "updating the import record"))?;
         Ok(ImportOutcome {
             uuid: uuid_of(hypervisor, name)?,
             name: name.to_string(),
@@ -400,30 +433,45 @@ impl Engine {
             file.sync_all()
                 .map_err(EngineError::io(&staging.join(&spec.spec.name), "syncing"))?;
         }
+        // The headers must say what the image announced before qemu touches them.
+        for file in &image.files {
+            let path = staging.join(&file.spec.name);
+            check_header(&path, Some(&file.spec.format), |_| {
+                file.spec.backing.is_some()
+            })?;
+        }
         // Point each overlay at its imported backing file.
+        let mut rebased = Vec::new();
         for file in &image.files {
             if let Some(backing) = &file.spec.backing {
                 let format = image.file(backing).map(|b| b.spec.format.as_str());
                 sarde_disk::rebase_in_place(&staging.join(&file.spec.name), Some(backing), format)?;
+                rebased.push(file.spec.name.as_str());
             }
         }
-        let records = image
-            .files
-            .iter()
-            .map(|f| FileRecord {
+        let mut records = Vec::new();
+        for f in &image.files {
+            let path = staging.join(&f.spec.name);
+            let mut regions = Vec::new();
+            for p in &f.pieces {
+                // A rebase rewrites the header, so record what the file holds now.
+                let digest = if rebased.contains(&f.spec.name.as_str()) && p.offset < REBASE_REACH {
+                    hash_range(&path, p.offset, p.size)?
+                } else {
+                    p.digest.clone()
+                };
+                regions.push(Region {
+                    offset: p.offset,
+                    size: p.size,
+                    digest,
+                });
+            }
+            records.push(FileRecord {
                 name: f.spec.name.clone(),
                 size: f.spec.size,
-                regions: f
-                    .pieces
-                    .iter()
-                    .map(|p| Region {
-                        offset: p.offset,
-                        size: p.size,
-                        digest: p.digest.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
+                regions,
+            });
+        }
         Ok((records, written.into_inner() as u64))
     }
 
@@ -516,6 +564,14 @@ impl Engine {
             total += bytes;
             records.push(record);
         }
+        let names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
+        for record in &records {
+            // v1 keeps backing references as written: they must name a file of the image.
+            check_header(&staging.join(&record.name), None, |reference| {
+                sarde_format::check_file_name(reference).is_ok()
+                    && names.iter().any(|n| n == reference)
+            })?;
+        }
         Ok((records, total))
     }
 
@@ -565,6 +621,111 @@ impl Engine {
             );
         }
         Ok(())
+    }
+}
+
+/// How far into a file `qemu-img rebase -u` may write: the header cluster (qcow2
+/// clusters are at most 2 MiB).
+const REBASE_REACH: u64 = 2 << 20;
+
+/// The absolute paths of an import's own files, as the defined XML names them.
+fn files_and_nvram(records: &[FileRecord], dir: &Path, nvram: Option<&Path>) -> Vec<String> {
+    let mut own: Vec<String> = records
+        .iter()
+        .map(|r| dir.join(&r.name).to_string_lossy().into_owned())
+        .collect();
+    if let Some(n) = nvram {
+        own.push(n.to_string_lossy().into_owned());
+    }
+    own
+}
+
+/// Refuses a file whose header is not what the image announced: another format
+/// (a "raw" file that is really qcow2 could name any host file as backing), an
+/// external data file, or a backing reference `backing_ok` does not accept.
+fn check_header(
+    path: &Path,
+    format: Option<&str>,
+    backing_ok: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let header = sarde_disk::inspect(path)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let refuse = |why: String| {
+        Err(EngineError::Refused(format!(
+            "{name} in the image is unsafe: {why}"
+        )))
+    };
+    if let Some(expected) = format {
+        if header.format != expected {
+            return refuse(format!(
+                "it is announced as {expected} but its content is {}",
+                header.format
+            ));
+        }
+    } else if !matches!(header.format.as_str(), "qcow2" | "raw") {
+        return refuse(format!(
+            "its format {} is neither qcow2 nor raw",
+            header.format
+        ));
+    }
+    if let Some(data_file) = &header.data_file {
+        return refuse(format!(
+            "its header names the external data file {data_file:?}"
+        ));
+    }
+    if let Some(reference) = &header.backing_reference {
+        if !backing_ok(reference) {
+            return refuse(format!(
+                "its header names the backing file {reference:?}, which is not a file of the image"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// sha256 of `size` bytes of `path` at `offset`.
+fn hash_range(path: &Path, offset: u64, size: u64) -> Result<Digest> {
+    let file = File::open(path).map_err(EngineError::io(path, "opening to hash"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < size {
+        let want = (size - done).min(buf.len() as u64) as usize;
+        let n = file
+            .read_at(&mut buf[..want], offset + done)
+            .map_err(EngineError::io(path, "reading to hash"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(Digest::from_sha256(hasher.finalize().into()))
+}
+
+/// A VM name becomes a directory name: plain, visible, no separators.
+fn check_vm_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 200 {
+        Some("it is longer than 200 bytes")
+    } else if name.contains('/') || name.contains('\\') {
+        Some("it contains a path separator")
+    } else if name.starts_with('.') {
+        Some("it starts with a dot")
+    } else if name.chars().any(char::is_control) {
+        Some("it contains control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(EngineError::Refused(format!(
+            "{name:?} cannot name a VM (it names its directory too): {reason}"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -41,6 +41,10 @@ pub struct Marker {
     pub config: Digest,
     pub vm_name: String,
     pub files: Vec<FileRecord>,
+    /// Set once the domain was defined: before that, the directory is the leftover
+    /// of an interrupted import and may be removed.
+    #[serde(default)]
+    pub defined: bool,
 }
 
 impl Marker {

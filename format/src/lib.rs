@@ -78,6 +78,10 @@ pub fn check_file_name(name: &str) -> Result<(), FormatError> {
     if name.contains('\0') {
         return fail("it contains a NUL byte");
     }
+    if name.contains(':') {
+        // qemu reads `proto:…` backing references as network URLs (nbd:, http:…).
+        return fail("it contains ':', which qemu would read as a network protocol");
+    }
     if name == "." || name == ".." {
         return fail("it names a directory");
     }
@@ -178,6 +182,7 @@ mod tests {
             ".hidden",
             "nul\0byte",
             "back\\slash",
+            "nbd:10.0.0.5:10809",
             "new\nline",
             &"x".repeat(201),
         ] {

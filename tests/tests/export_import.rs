@@ -104,7 +104,8 @@ fn backing_chains_anywhere_import_into_one_directory() {
     fill(&top, 0x55, "2M", "1M");
 
     let name = vm::unique("sarde-chain");
-    let mut test_vm = TestVm::define(&name, &[&top, &dot], None);
+    // vdc uses base2.qcow2 directly while dot.qcow2 (vdb) is an overlay of it.
+    let mut test_vm = TestVm::define(&name, &[&top, &dot, &local_base], None);
     let new = format!("{name}-imported");
     test_vm.cleanup_also(&new);
     let home = vm::workdir();
@@ -138,6 +139,27 @@ fn backing_chains_anywhere_import_into_one_directory() {
         .filter(|n| !n.starts_with('.'))
         .collect();
     assert_eq!(entries.len(), 5, "{entries:?}");
+    let xml = vm::dumpxml(&new);
+    assert!(
+        xml.contains(&format!("{}", dir.join("base2.qcow2").display())),
+        "{xml}"
+    );
+
+    // Importing the same image again finds the VM intact (overlays were rebased).
+    assert_eq!(
+        ok(sarde(home.path()).args(["import", "-n", &new, "localhost/e2e/chain:1"])),
+        new
+    );
+    // A VM sarde did not import is never replaced.
+    let err = fails(sarde(home.path()).args([
+        "import",
+        "--replace",
+        "-n",
+        &name,
+        "localhost/e2e/chain:1",
+    ]));
+    assert!(err.contains("not imported by sarde"), "{err}");
+    assert!(vm::domain_exists(&name));
 
     // `list` shows the image and the VM imported under an explicit name.
     let listed = ok(sarde(home.path()).args(["list", "--format", "json"]));

@@ -152,10 +152,12 @@ impl Settings {
     }
 
     fn expand_paths(&mut self, home: Option<&Path>) {
-        self.ocidir = expand_tilde(&self.ocidir, home);
-        self.vmdir = expand_tilde(&self.vmdir, home);
+        // Absolute, because these paths end up in domain XML that libvirt reads.
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        self.ocidir = absolute(expand_tilde(&self.ocidir, home));
+        self.vmdir = absolute(expand_tilde(&self.vmdir, home));
         if let Some(dir) = &self.clonedir {
-            self.clonedir = Some(expand_tilde(dir, home));
+            self.clonedir = Some(absolute(expand_tilde(dir, home)));
         }
         for p in self.plugin_dir.iter_mut().chain(self.plugin.iter_mut()) {
             *p = expand_tilde(p, home);
@@ -437,6 +439,12 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         return Err(fail(
             "chunksize",
             "must be at least 1 MiB (pieces that small cost more in requests than they save)",
+        ));
+    }
+    if settings.chunksize.0 > (4 << 30) {
+        return Err(fail(
+            "chunksize",
+            "must be at most 4 GiB (the largest piece an image may announce)",
         ));
     }
     if settings.connect.trim().is_empty() {

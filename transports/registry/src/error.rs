@@ -1,0 +1,383 @@
+//! How registry answers become [`TransportError`]s.
+//!
+//! Registries report failures twice: as an HTTP status and as OCI error codes in
+//! the body (`{"errors":[{"code":"MANIFEST_UNKNOWN",…}]}`). oci-client sometimes
+//! keeps only one of the two, so the mapping looks at whichever it has.
+
+use std::time::Duration;
+
+use oci_client::errors::OciDistributionError;
+use sarde_api::{Digest, TransportError};
+
+/// What a request was about, so every error names the object.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Manifest {
+        repository: String,
+        reference: String,
+        /// Set when pushing, to name a refused media type.
+        media_type: Option<String>,
+    },
+    Blob {
+        repository: String,
+        digest: Digest,
+    },
+    /// The tag list of a repository.
+    Tags {
+        repository: String,
+    },
+}
+
+impl std::fmt::Display for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Object::Manifest {
+                repository,
+                reference,
+                ..
+            } => write!(f, "manifest {repository}:{reference}"),
+            Object::Blob { repository, digest } => write!(f, "blob {digest} in {repository}"),
+            Object::Tags { repository } => write!(f, "the tags of {repository}"),
+        }
+    }
+}
+
+/// Maps an HTTP status plus the OCI error codes of the body to the variant a
+/// caller acts on. `status` is `None` when oci-client dropped it.
+pub fn map_status(
+    location: &str,
+    object: &Object,
+    status: Option<u16>,
+    body: &str,
+    retry_after: Option<Duration>,
+) -> TransportError {
+    let codes = error_codes(body);
+    let has = |code: &str| codes.iter().any(|c| c == code);
+    let location = location.to_string();
+    let detail = {
+        let body = body.trim();
+        let body: String = body.chars().take(300).collect();
+        match status {
+            Some(s) => format!("HTTP {s} {body}"),
+            None => body,
+        }
+    };
+    let status = status.unwrap_or(0);
+
+    if status == 401 || has("UNAUTHORIZED") {
+        return TransportError::Unauthorized {
+            location,
+            object: object.to_string(),
+        };
+    }
+    if status == 403 || has("DENIED") {
+        return TransportError::Forbidden {
+            location,
+            object: object.to_string(),
+        };
+    }
+    if status == 429 || status >= 500 || has("TOOMANYREQUESTS") {
+        return TransportError::Transient {
+            location,
+            message: format!("{object}: the registry answered {detail}"),
+            retry_after,
+        };
+    }
+    let unknown = status == 404
+        || [
+            "MANIFEST_UNKNOWN",
+            "BLOB_UNKNOWN",
+            "NAME_UNKNOWN",
+            "NOT_FOUND",
+        ]
+        .iter()
+        .any(|c| has(c));
+    if unknown {
+        return match object {
+            Object::Manifest {
+                repository,
+                reference,
+                ..
+            } => TransportError::ManifestUnknown {
+                location,
+                repository: repository.clone(),
+                reference: reference.clone(),
+            },
+            Object::Blob { repository, digest } => TransportError::BlobUnknown {
+                location,
+                repository: repository.clone(),
+                digest: digest.clone(),
+            },
+            Object::Tags { repository } => TransportError::ManifestUnknown {
+                location,
+                repository: repository.clone(),
+                reference: "(any tag: the repository is unknown)".to_string(),
+            },
+        };
+    }
+    if let Object::Blob { digest, .. } = object {
+        // A refused upload: the data did not hash or count to what we announced.
+        if has("DIGEST_INVALID") || has("SIZE_INVALID") {
+            return TransportError::Mismatch {
+                location,
+                object: format!("{object} (nothing stored)"),
+                what: if has("DIGEST_INVALID") {
+                    "digest of the data sent"
+                } else {
+                    "size of the data sent"
+                },
+                expected: digest.to_string(),
+                actual: format!("something else ({detail})"),
+            };
+        }
+    }
+    let media_refused = status == 415
+        || has("MANIFEST_INVALID")
+        || has("UNSUPPORTED")
+        || has("MANIFEST_UNVERIFIED");
+    if media_refused {
+        let media_type = match object {
+            Object::Manifest {
+                media_type: Some(m),
+                ..
+            } => m.clone(),
+            _ => "(unknown)".to_string(),
+        };
+        return TransportError::UnsupportedMediaType {
+            location,
+            media_type: format!("{media_type} for {object}: {detail}"),
+        };
+    }
+    TransportError::Protocol {
+        location,
+        message: format!("{object}: the registry answered {detail}"),
+    }
+}
+
+/// The OCI error codes in a registry's error body, if it is one.
+fn error_codes(body: &str) -> Vec<String> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    value
+        .get("errors")
+        .and_then(|e| e.as_array())
+        .map(|errors| {
+            errors
+                .iter()
+                .filter_map(|e| e.get("code")?.as_str())
+                .map(str::to_ascii_uppercase)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Maps a reqwest failure (no HTTP answer, or a broken body) to Tls or Transient.
+pub(crate) fn map_reqwest(location: &str, object: &Object, e: &reqwest::Error) -> TransportError {
+    if let Some(status) = e.status() {
+        return map_status(location, object, Some(status.as_u16()), "", None);
+    }
+    let chain = error_chain(e);
+    if looks_like_tls(&chain) {
+        return TransportError::Tls {
+            location: location.to_string(),
+            message: format!("{object}: {chain}"),
+        };
+    }
+    if e.is_builder() {
+        return TransportError::Protocol {
+            location: location.to_string(),
+            message: format!("{object}: {chain}"),
+        };
+    }
+    // Connection refused or reset, timeouts, a body cut off: all worth a retry.
+    TransportError::Transient {
+        location: location.to_string(),
+        message: format!("{object}: {chain}"),
+        retry_after: None,
+    }
+}
+
+/// Maps what oci-client reports to the transport variants.
+pub fn map_oci_error(location: &str, object: &Object, e: OciDistributionError) -> TransportError {
+    match e {
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => TransportError::Unauthorized {
+            location: location.to_string(),
+            object: object.to_string(),
+        },
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let body = serde_json::to_string(&envelope).unwrap_or_default();
+            map_status(location, object, None, &body, None)
+        }
+        OciDistributionError::ServerError { code, message, .. } => {
+            map_status(location, object, Some(code), &message, None)
+        }
+        OciDistributionError::RequestError(e) => map_reqwest(location, object, &e),
+        OciDistributionError::DigestError(e) => TransportError::Mismatch {
+            location: location.to_string(),
+            object: object.to_string(),
+            what: "digest",
+            expected: "the digest asked for".to_string(),
+            actual: e.to_string(),
+        },
+        OciDistributionError::IoError(source) => TransportError::Io {
+            location: location.to_string(),
+            context: object.to_string(),
+            source,
+        },
+        OciDistributionError::UnsupportedMediaTypeError(m) => {
+            TransportError::UnsupportedMediaType {
+                location: location.to_string(),
+                media_type: format!("{m} for {object}"),
+            }
+        }
+        other => TransportError::Protocol {
+            location: location.to_string(),
+            message: format!("{object}: {other}"),
+        },
+    }
+}
+
+/// The error and all its causes on one line: reqwest's own message is vague.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// rustls errors carry no type we can match without depending on rustls; their
+/// messages are stable enough to recognise.
+fn looks_like_tls(chain: &str) -> bool {
+    let lower = chain.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer", "ssl"]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
+/// `Retry-After` in seconds; HTTP dates are rare for registries and ignored.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_client::errors::{OciEnvelope, OciError, OciErrorCode};
+
+    const LOC: &str = "reg.example:5000";
+
+    fn blob() -> Object {
+        Object::Blob {
+            repository: "a/b".into(),
+            digest: Digest::sha256_of(b"x"),
+        }
+    }
+
+    fn manifest() -> Object {
+        Object::Manifest {
+            repository: "a/b".into(),
+            reference: "v1".into(),
+            media_type: Some("application/x-odd".into()),
+        }
+    }
+
+    #[test]
+    fn statuses_map_to_variants() {
+        let e = map_status(LOC, &blob(), Some(401), "", None);
+        assert!(matches!(e, TransportError::Unauthorized { .. }), "{e:?}");
+        assert!(e.to_string().contains(LOC) && e.to_string().contains("a/b"));
+        let e = map_status(LOC, &blob(), Some(403), "", None);
+        assert!(matches!(e, TransportError::Forbidden { .. }), "{e:?}");
+        let e = map_status(LOC, &blob(), Some(404), "", None);
+        assert!(matches!(e, TransportError::BlobUnknown { .. }), "{e:?}");
+        let e = map_status(LOC, &manifest(), Some(404), "", None);
+        assert!(
+            matches!(&e, TransportError::ManifestUnknown { reference, .. } if reference == "v1"),
+            "{e:?}"
+        );
+        let e = map_status(LOC, &manifest(), Some(415), "", None);
+        assert!(
+            matches!(&e, TransportError::UnsupportedMediaType { media_type, .. } if media_type.contains("application/x-odd")),
+            "{e:?}"
+        );
+        let body = r#"{"errors":[{"code":"MANIFEST_INVALID","message":"bad"}]}"#;
+        let e = map_status(LOC, &manifest(), Some(400), body, None);
+        assert!(
+            matches!(e, TransportError::UnsupportedMediaType { .. }),
+            "{e:?}"
+        );
+        let body = r#"{"errors":[{"code":"DIGEST_INVALID","message":"bad"}]}"#;
+        let e = map_status(LOC, &blob(), Some(400), body, None);
+        assert!(matches!(e, TransportError::Mismatch { .. }), "{e:?}");
+        let e = map_status(LOC, &blob(), Some(429), "", Some(Duration::from_secs(7)));
+        assert!(
+            matches!(e, TransportError::Transient { retry_after: Some(d), .. } if d.as_secs() == 7)
+        );
+        let e = map_status(LOC, &blob(), Some(503), "", None);
+        assert!(e.is_transient());
+        let e = map_status(LOC, &blob(), Some(400), "nonsense", None);
+        assert!(matches!(e, TransportError::Protocol { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn oci_client_errors_map_by_code_when_the_status_is_lost() {
+        let envelope = OciEnvelope {
+            errors: vec![OciError {
+                code: OciErrorCode::ManifestUnknown,
+                message: "manifest unknown".into(),
+                detail: serde_json::Value::Null,
+            }],
+        };
+        let e = map_oci_error(
+            LOC,
+            &manifest(),
+            OciDistributionError::RegistryError {
+                envelope,
+                url: "http://x".into(),
+            },
+        );
+        assert!(matches!(e, TransportError::ManifestUnknown { .. }), "{e:?}");
+        let e = map_oci_error(
+            LOC,
+            &blob(),
+            OciDistributionError::ServerError {
+                code: 502,
+                url: "http://x".into(),
+                message: "bad gateway".into(),
+            },
+        );
+        assert!(e.is_transient(), "{e:?}");
+        let e = map_oci_error(
+            LOC,
+            &blob(),
+            OciDistributionError::UnauthorizedError { url: "u".into() },
+        );
+        assert!(matches!(e, TransportError::Unauthorized { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn tls_failures_are_recognised() {
+        assert!(looks_like_tls("invalid peer certificate: UnknownIssuer"));
+        assert!(!looks_like_tls("connection refused"));
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "12".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(12)));
+    }
+}

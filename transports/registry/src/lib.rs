@@ -1,0 +1,12 @@
+//! # sarde-transport-registry
+//!
+//! The `docker` transport: OCI distribution registries (`docker://host[:port]/repo:tag`)
+//! as a [`sarde_api::Transport`], built on oci-client for authentication, manifests,
+//! blob downloads (with `Range` resume), mounts and tags, plus two requests of its
+//! own where oci-client cannot stream an upload or report a blob's size.
+
+mod error;
+mod transport;
+
+pub use error::{Object, map_oci_error, map_status};
+pub use transport::{RegistryFactory, RegistryTransport, SCHEME, register};

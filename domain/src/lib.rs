@@ -7,23 +7,30 @@
 //!   which become names inside the image) and reads the guest architecture and OS;
 //! - [`check_untrusted`] refuses XML from an image that reaches outside the VM
 //!   (host devices and paths, QEMU pass-through arguments, foreign kernels…);
-//! - [`prepare_import`] names the VM and points its disks at the imported files.
+//! - [`prepare_import`] names the VM and points its disks at the imported files;
+//! - [`check_host_paths`] scans that final XML once more: no host path but the
+//!   imported files and packaged firmware, wherever it hides.
 //!
-//! XML is streamed event by event (quick-xml) from reader to writer, so elements and
-//! namespaces sarde does not know survive unchanged; nothing is edited with regular
-//! expressions, and DOCTYPEs (entity expansion) are refused outright.
+//! XML goes through quick-xml events, kept verbatim in a small tree and written back
+//! by quick-xml's writer, so elements, attributes and namespaces sarde does not know
+//! survive unchanged; nothing is edited with regular expressions. DOCTYPEs (entity
+//! expansion) are refused outright, and so is anything libvirt's parser (libxml2)
+//! would read differently from ours: see `tree.rs`.
+//!
+//! Output has no XML declaration unless the input had one ([`prepare_import`] always
+//! drops it): libvirt writes none, and the v1 format's `<?xml version="1.0" ?>`
+//! prefix is the v1 writer's business. The same input always gives the same bytes.
 
-mod events;
 mod rules;
+mod tree;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use quick_xml::events::{BytesStart, BytesText, Event};
 use thiserror::Error;
 
-use events::{Rewriter, attr, local};
+use tree::{Document, Element};
 
 pub use rules::{UnsafeXml, Violation, check_host_paths, check_untrusted};
 
@@ -33,31 +40,29 @@ pub const MAX_XML_SIZE: usize = 1 << 20;
 /// Why domain XML cannot be used.
 #[derive(Debug, Error)]
 pub enum DomainError {
-    #[error("not well-formed XML: {0}")]
+    #[error("not usable domain XML: {0}")]
     Parse(String),
     #[error("the XML is {0} bytes; domain XML is at most {MAX_XML_SIZE}")]
     TooLarge(usize),
     #[error("the XML has a DOCTYPE, which domain XML never needs (entity expansion is refused)")]
     Doctype,
+    #[error("the root element is <{0}>, not <domain>")]
+    NotADomain(String),
     #[error("the XML has no <domain> element with a <name>")]
     NoName,
-    #[error("disk {target}: {reason}")]
-    NotExportable { target: String, reason: String },
+    #[error("{name:?} cannot be a VM name: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("disk {target} (type {kind:?}): {reason}")]
+    NotExportable {
+        target: String,
+        kind: String,
+        reason: String,
+    },
     #[error("disk {target} refers to {name:?}, which is not a file of the image")]
     UnknownFile { target: String, name: String },
-    #[error("the domain has an <nvram> but the image has no NVRAM file")]
-    NoNvram,
 }
 
-/// Refuses what is never domain XML before any parsing.
-fn precheck(xml: &str) -> Result<(), DomainError> {
-    if xml.len() > MAX_XML_SIZE {
-        return Err(DomainError::TooLarge(xml.len()));
-    }
-    Ok(())
-}
-
-/// A file-backed disk of the exported domain.
+/// A file-backed disk of a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSource {
     /// `<target dev>`, e.g. `vda`.
@@ -66,13 +71,14 @@ pub struct DiskSource {
     pub device: String,
     /// `<driver type>`, e.g. `qcow2`.
     pub driver_type: Option<String>,
-    /// The host path the XML named.
+    /// The path the XML names (a host path on export).
     pub source: PathBuf,
     /// The base name the image uses for the top file of this disk.
     pub image_name: String,
 }
 
-/// The UEFI variable store of the exported domain.
+/// The UEFI variable store of the exported domain: a per-VM file that travels in
+/// the image (unlike the firmware code, which is shared and stays on the host).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NvramSource {
     pub source: PathBuf,
@@ -89,10 +95,19 @@ pub struct ExportedDomain {
     pub architecture: String,
     /// Go OS name (`linux`, `windows`, `freebsd`…).
     pub os: String,
+    /// File-backed disks in document order, CD-ROMs with a file included (an ISO is
+    /// a file like any other). Two disks on the same file share one entry name.
     pub disks: Vec<DiskSource>,
     pub nvram: Option<NvramSource>,
-    /// Firmware (a host file shared by all VMs, kept as it is).
+    /// Firmware code, a host file shared by all VMs: kept in the XML as it is, not
+    /// exported.
     pub loader: Option<PathBuf>,
+}
+
+impl fmt::Display for ExportedDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.xml)
+    }
 }
 
 /// libvirt architecture → Go's `GOARCH`, as OCI configs want it.
@@ -112,19 +127,18 @@ pub fn go_architecture(libvirt_arch: &str) -> String {
 /// libosinfo OS id → Go's `GOOS` (the Python tool's table; anything else is linux).
 pub fn go_os(osinfo_id: &str) -> &'static str {
     const TABLE: &[(&str, &str)] = &[
-        ("android-x86.org", "android"),
+        ("microsoft.com/", "windows"),
+        ("freebsd.org/", "freebsd"),
+        ("openbsd.org/", "openbsd"),
+        ("netbsd.org/", "netbsd"),
         ("apple.com/", "darwin"),
         ("dragonflybsd.org/", "dragonfly"),
-        ("freebsd.org/", "freebsd"),
-        ("haiku-os.org/", "haiku"),
-        ("microsoft.com/", "windows"),
-        ("netbsd.org/", "netbsd"),
         ("omnios.org/", "illumos"),
-        ("openbsd.org/", "openbsd"),
         ("openindiana.org/", "illumos"),
-        ("oracle.com/solaris/", "solaris"),
         ("smartos.org/", "illumos"),
+        ("oracle.com/solaris/", "solaris"),
         ("sun.com/", "solaris"),
+        ("haiku-os.org/", "haiku"),
     ];
     TABLE
         .iter()
@@ -132,207 +146,266 @@ pub fn go_os(osinfo_id: &str) -> &'static str {
         .map_or("linux", |(_, os)| os)
 }
 
-fn base_name(path: &str) -> String {
-    path.rsplit('/').next().unwrap_or(path).to_string()
-}
-
-/// `disk.qcow2` → `disk-1.qcow2` while taken.
-fn unique(name: String, used: &mut Vec<String>) -> String {
-    if !used.contains(&name) {
-        used.push(name.clone());
-        return name;
+/// Parses and checks that the root is `<domain>`.
+fn parse_domain(xml: &str) -> Result<Document, DomainError> {
+    let doc = Document::parse(xml)?;
+    if doc.root().local != "domain" {
+        return Err(DomainError::NotADomain(doc.root().qname.clone()));
     }
-    let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => (name[..i].to_string(), name[i..].to_string()),
-        _ => (name.clone(), String::new()),
-    };
-    let candidate = (1..)
-        .map(|n| format!("{stem}-{n}{ext}"))
-        .find(|c| !used.contains(c))
-        .expect("a free suffix exists");
-    used.push(candidate.clone());
-    candidate
+    Ok(doc)
 }
 
-/// Elements export removes, by local name and the parent they must be in (`None`:
-/// anywhere).
-fn dropped_on_export(path: &[String], name: &str) -> bool {
-    let parent = path.last().map(String::as_str);
-    match name {
-        "uuid" => parent == Some("domain"),
-        "mac" => parent == Some("interface"),
+fn name_of(root: &Element) -> Result<String, DomainError> {
+    let name = root.child("name").map(|n| n.text()).unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(DomainError::NoName);
+    }
+    Ok(name.to_string())
+}
+
+/// The domain's `<name>`.
+pub fn domain_name(xml: &str) -> Result<String, DomainError> {
+    name_of(parse_domain(xml)?.root())
+}
+
+/// The last component of a path; `None` when there is no usable one.
+fn base_name(path: &str) -> Option<&str> {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    (!name.is_empty() && name != "." && name != "..").then_some(name)
+}
+
+/// `<devices><disk>` elements, in document order.
+fn disks(root: &Element) -> impl Iterator<Item = &Element> {
+    root.elements()
+        .filter(|e| e.local == "devices")
+        .flat_map(|d| d.elements().filter(|e| e.local == "disk"))
+}
+
+fn disk_target(disk: &Element) -> String {
+    disk.child("target")
+        .and_then(|t| t.attr("dev"))
+        .unwrap_or("(no target)")
+        .to_string()
+}
+
+/// libvirt's default when `type` is missing is a file.
+fn disk_kind(disk: &Element) -> &str {
+    disk.attr("type").unwrap_or("file")
+}
+
+fn describe_disk(disk: &Element, source: &str, image_name: String) -> DiskSource {
+    DiskSource {
+        target: disk_target(disk),
+        device: disk.attr("device").unwrap_or("disk").to_string(),
+        driver_type: disk
+            .child("driver")
+            .and_then(|d| d.attr("type"))
+            .map(str::to_string),
+        source: PathBuf::from(source),
+        image_name,
+    }
+}
+
+/// The file-backed disks (with a `<source file>`) as the XML names them; each
+/// `image_name` is the base name of the source, nothing made unique. On an image's
+/// XML these are the names the image must carry.
+pub fn file_disk_sources(xml: &str) -> Result<Vec<DiskSource>, DomainError> {
+    let doc = parse_domain(xml)?;
+    Ok(disks(doc.root())
+        .filter(|d| disk_kind(d) == "file")
+        .filter_map(|d| {
+            let file = d.child("source")?.attr("file")?;
+            Some(describe_disk(
+                d,
+                file,
+                base_name(file).unwrap_or(file).to_string(),
+            ))
+        })
+        .collect())
+}
+
+/// Hands out the file names inside an image: one per host path, unique, in
+/// document order, so the same XML always gives the same names.
+#[derive(Default)]
+struct Names {
+    by_path: BTreeMap<String, String>,
+}
+
+impl Names {
+    fn name_for(&mut self, path: &str, base: &str) -> String {
+        if let Some(name) = self.by_path.get(path) {
+            return name.clone();
+        }
+        let taken = |n: &str| self.by_path.values().any(|v| v == n);
+        let name = if taken(base) {
+            let (stem, ext) = match base.rfind('.') {
+                Some(i) if i > 0 => base.split_at(i),
+                _ => (base, ""),
+            };
+            (1..)
+                .map(|n| format!("{stem}-{n}{ext}"))
+                .find(|c| !taken(c))
+                .unwrap_or_else(|| unreachable!("finitely many names are taken"))
+        } else {
+            base.to_string()
+        };
+        self.by_path.insert(path.to_string(), name.clone());
+        name
+    }
+}
+
+/// Elements that tie a VM to the host it runs on, dropped on export. `parent` is
+/// the local name of the element's parent.
+fn host_only(parent: &str, e: &Element) -> bool {
+    match e.local.as_str() {
+        "uuid" => parent == "domain",
+        "mac" => parent == "interface",
+        // Rediscovered from the files' own headers on import.
         "backingStore" => true,
+        // libvirt assigns labels; a static one names host users and contexts.
         "seclabel" => true,
+        // A block job in progress, pointing at a host file.
+        "mirror" => parent == "disk",
         _ => false,
     }
 }
 
-/// What export has read of a `<disk>` so far.
-#[derive(Default)]
-struct DiskInProgress {
-    kind: String,
-    device: String,
-    driver_type: Option<String>,
-    source: Option<String>,
-    image_name: Option<String>,
-    target: String,
-}
-
-/// Prepares a domain's XML for export.
+/// Prepares a domain's XML for export. See [`ExportedDomain`] for what it reports;
+/// disks that are not files (block devices, network or pool volumes) cannot travel
+/// in an image and are an error naming the disk.
 pub fn prepare_export(xml: &str) -> Result<ExportedDomain, DomainError> {
-    precheck(xml)?;
-    let mut rw = Rewriter::new(xml);
-    let mut out = ExportedDomain {
-        xml: String::new(),
-        name: String::new(),
-        architecture: "amd64".into(),
-        os: "linux".into(),
-        disks: Vec::new(),
-        nvram: None,
-        loader: None,
-    };
-    let mut used = Vec::new();
-    // Host path → image name, for files named already.
-    let mut named: Vec<(String, String)> = Vec::new();
-    // The disk being read.
-    let mut disk: Option<DiskInProgress> = None;
-    while let Some(event) = rw.next()? {
-        let path = rw.path().to_vec();
-        match &event {
-            Event::Start(e) | Event::Empty(e) => {
-                let name = local(e);
-                if dropped_on_export(&path, &name) {
-                    rw.skip(&event)?;
-                    continue;
-                }
-                let mut e = e.clone().into_owned();
-                match name.as_str() {
-                    "domain" if path.is_empty() => {
-                        e = events::without_attr(&e, "id");
-                    }
-                    "disk" if path.last().map(String::as_str) == Some("devices") => {
-                        disk = Some(DiskInProgress {
-                            kind: attr(&e, "type").unwrap_or_else(|| "file".into()),
-                            device: attr(&e, "device").unwrap_or_else(|| "disk".into()),
-                            ..DiskInProgress::default()
-                        });
-                    }
-                    "driver" if path.last().map(String::as_str) == Some("disk") => {
-                        if let Some(d) = disk.as_mut() {
-                            d.driver_type = attr(&e, "type");
-                        }
-                    }
-                    "target" if path.last().map(String::as_str) == Some("disk") => {
-                        if let Some(d) = disk.as_mut() {
-                            d.target = attr(&e, "dev").unwrap_or_default();
-                        }
-                    }
-                    "source" if path.last().map(String::as_str) == Some("disk") => {
-                        if let Some(d) = disk.as_mut() {
-                            if d.kind != "file" {
-                                let target = d.target.clone();
-                                return Err(DomainError::NotExportable {
-                                    target: if target.is_empty() {
-                                        "(no target yet)".into()
-                                    } else {
-                                        target
-                                    },
-                                    reason: format!(
-                                        "its source is of type {:?}; only file-backed disks can travel in an image (copy it into a qcow2 file first)",
-                                        d.kind
-                                    ),
-                                });
-                            }
-                            if let Some(file) = attr(&e, "file") {
-                                // The same file used by two disks keeps one name.
-                                let image_name = match named.iter().find(|(f, _)| *f == file) {
-                                    Some((_, n)) => n.clone(),
-                                    None => {
-                                        let n = unique(base_name(&file), &mut used);
-                                        named.push((file.clone(), n.clone()));
-                                        n
-                                    }
-                                };
-                                e = events::with_attr(&e, "file", &image_name);
-                                d.source = Some(file);
-                                d.image_name = Some(image_name);
-                            }
-                        }
-                    }
-                    "type" if path.last().map(String::as_str) == Some("os") => {
-                        if let Some(arch) = attr(&e, "arch") {
-                            out.architecture = go_architecture(&arch);
-                        }
-                    }
-                    "os" if path.iter().any(|p| p == "metadata") => {
-                        if let Some(id) = attr(&e, "id") {
-                            out.os = go_os(&id).to_string();
-                        }
-                    }
-                    _ => {}
-                }
-                if matches!(event, Event::Start(_)) {
-                    rw.write_start(e, &name)?;
-                } else {
-                    rw.write(Event::Empty(e))?;
-                }
-            }
-            Event::End(_) => {
-                let name = rw.current().unwrap_or_default();
-                if name == "disk" && path.len() >= 2 && path[path.len() - 2] == "devices" {
-                    if let Some(DiskInProgress {
-                        device,
-                        driver_type,
-                        source: Some(source),
-                        image_name: Some(image_name),
-                        target,
-                        ..
-                    }) = disk.take()
-                    {
-                        out.disks.push(DiskSource {
-                            target,
-                            device,
-                            driver_type,
-                            source: PathBuf::from(source),
-                            image_name,
-                        });
-                    }
-                }
-                rw.write_end(event.clone())?;
-            }
-            Event::Text(t) => {
-                let parent = path.last().map(String::as_str).unwrap_or_default();
-                let in_os = path.len() >= 2 && path[path.len() - 2] == "os";
-                let text = events::text(t)?;
-                match parent {
-                    "name" if path.len() == 2 => {
-                        out.name = text.trim().to_string();
-                        rw.write(event.clone())?;
-                    }
-                    "nvram" if in_os && !text.trim().is_empty() => {
-                        let source = text.trim().to_string();
-                        let image_name = unique(base_name(&source), &mut used);
-                        rw.write(Event::Text(BytesText::new(&image_name).into_owned()))?;
-                        out.nvram = Some(NvramSource {
-                            source: PathBuf::from(source),
-                            image_name,
-                        });
-                    }
-                    "loader" if in_os && !text.trim().is_empty() => {
-                        out.loader = Some(PathBuf::from(text.trim()));
-                        rw.write(event.clone())?;
-                    }
-                    _ => rw.write(event.clone())?,
-                }
-            }
-            _ => rw.write(event.clone())?,
+    let mut doc = parse_domain(xml)?;
+    let root = doc.root_mut();
+    let name = name_of(root)?;
+    root.remove_attr("id");
+    root.remove_descendants(&host_only);
+
+    let mut architecture = "amd64".to_string();
+    let mut os = "linux".to_string();
+    let mut loader = None;
+    let mut nvram = None;
+    let mut names = Names::default();
+
+    if let Some(metadata) = root.child("metadata") {
+        let id = metadata
+            .elements()
+            .filter(|e| e.local == "libosinfo")
+            .flat_map(|l| l.elements().filter(|e| e.local == "os"))
+            .find_map(|e| e.attr("id"));
+        if let Some(id) = id {
+            os = go_os(id).to_string();
         }
     }
-    if out.name.is_empty() {
-        return Err(DomainError::NoName);
+
+    if let Some(os_el) = root.child_mut("os") {
+        if let Some(arch) = os_el.child("type").and_then(|t| t.attr("arch")) {
+            architecture = go_architecture(arch);
+        }
+        if let Some(l) = os_el.child("loader") {
+            let path = l.text();
+            if !path.trim().is_empty() {
+                loader = Some(PathBuf::from(path.trim()));
+            }
+        }
+        if let Some(nv) = os_el.child_mut("nvram") {
+            nvram = export_nvram(nv, &mut names)?;
+        }
     }
-    out.xml = rw.finish();
-    Ok(out)
+
+    let mut disks_out = Vec::new();
+    for devices in root.elements_mut().filter(|e| e.local == "devices") {
+        for disk in devices.elements_mut().filter(|e| e.local == "disk") {
+            if let Some(d) = export_disk(disk, &mut names)? {
+                disks_out.push(d);
+            }
+        }
+    }
+
+    Ok(ExportedDomain {
+        xml: doc.write()?,
+        name,
+        architecture,
+        os,
+        disks: disks_out,
+        nvram,
+        loader,
+    })
+}
+
+/// Renames the disk's file to its image name; `None` for a disk without a file
+/// (an empty CD-ROM drive).
+fn export_disk(disk: &mut Element, names: &mut Names) -> Result<Option<DiskSource>, DomainError> {
+    let kind = disk_kind(disk).to_string();
+    let Some(source) = disk.child("source") else {
+        return Ok(None);
+    };
+    let error = |disk: &Element, reason: String| DomainError::NotExportable {
+        target: disk_target(disk),
+        kind: kind.clone(),
+        reason,
+    };
+    if kind != "file" {
+        return Err(error(
+            disk,
+            "only file-backed disks can travel in an image (copy it into a qcow2 file first)"
+                .into(),
+        ));
+    }
+    if source.child("dataStore").is_some() {
+        return Err(error(
+            disk,
+            "its qcow2 keeps the data in a separate file (<dataStore>), which sarde does not export"
+                .into(),
+        ));
+    }
+    let Some(file) = source.attr("file").map(str::to_string) else {
+        return Ok(None);
+    };
+    let base = base_name(&file).ok_or_else(|| error(disk, format!("{file:?} names no file")))?;
+    let image_name = names.name_for(&file, base);
+    let described = describe_disk(disk, &file, image_name.clone());
+    if let Some(source) = disk.child_mut("source") {
+        source.set_attr("file", &image_name);
+    }
+    Ok(Some(described))
+}
+
+/// Renames the NVRAM file (old `<nvram>PATH</nvram>` or newer
+/// `<nvram type='file'><source file='PATH'/></nvram>`) to its image name.
+fn export_nvram(nv: &mut Element, names: &mut Names) -> Result<Option<NvramSource>, DomainError> {
+    let kind = nv.attr("type").unwrap_or("file").to_string();
+    let not_file = |reason: String| DomainError::NotExportable {
+        target: "nvram".into(),
+        kind: kind.clone(),
+        reason,
+    };
+    if let Some(source) = nv.child_mut("source") {
+        if kind != "file" {
+            return Err(not_file("only an NVRAM file can travel in an image".into()));
+        }
+        let Some(file) = source.attr("file").map(str::to_string) else {
+            return Ok(None);
+        };
+        let base = base_name(&file).ok_or_else(|| not_file(format!("{file:?} names no file")))?;
+        let image_name = names.name_for(&file, base);
+        source.set_attr("file", &image_name);
+        return Ok(Some(NvramSource {
+            source: PathBuf::from(file),
+            image_name,
+        }));
+    }
+    let text = nv.text();
+    let path = text.trim();
+    if path.is_empty() {
+        // libvirt makes a fresh variable store from the template.
+        return Ok(None);
+    }
+    let base = base_name(path).ok_or_else(|| not_file(format!("{path:?} names no file")))?;
+    let image_name = names.name_for(path, base);
+    let source = PathBuf::from(path);
+    nv.set_text(&image_name);
+    Ok(Some(NvramSource { source, image_name }))
 }
 
 /// How to make an image's domain XML into a VM on this host.
@@ -342,102 +415,92 @@ pub struct ImportSpec {
     pub name: String,
     /// Image file name → absolute path of the imported file.
     pub files: BTreeMap<String, PathBuf>,
-    /// Where the imported NVRAM file is, when the image has one.
+    /// Where the imported NVRAM file is, when the image has one. Without one, the
+    /// domain's NVRAM path is dropped and libvirt makes a fresh store from the
+    /// firmware's template (so a VM never shares another's variables).
     pub nvram: Option<PathBuf>,
     /// Keep the image's `<uuid>` (normally libvirt assigns a new one).
     pub keep_uuid: bool,
 }
 
-/// Rewrites an image's domain XML for this host (call [`check_untrusted`] first).
+/// Rewrites an image's domain XML for this host (call [`check_untrusted`] first):
+/// sets the name, drops the uuid (unless asked), the MAC addresses (libvirt makes
+/// new ones, so copies of one image do not clash) and backing-store chains, points
+/// each disk at its imported file and the NVRAM at its imported file. A disk file
+/// that is not in `spec.files` is an error. The XML declaration is dropped.
 pub fn prepare_import(xml: &str, spec: &ImportSpec) -> Result<String, DomainError> {
-    precheck(xml)?;
-    let mut rw = Rewriter::new(xml);
-    let mut target = String::new();
-    // A disk source that names no file of the image; reported with the disk's target.
-    let mut unknown: Option<String> = None;
-    let mut seen_name = false;
-    while let Some(event) = rw.next()? {
-        let path = rw.path().to_vec();
-        match &event {
-            Event::Start(e) | Event::Empty(e) => {
-                let name = local(e);
-                let parent = path.last().map(String::as_str);
-                let drop = match name.as_str() {
-                    "uuid" => parent == Some("domain") && !spec.keep_uuid,
-                    "mac" => parent == Some("interface"),
-                    "backingStore" => true,
-                    _ => false,
-                };
-                if drop {
-                    rw.skip(&event)?;
-                    continue;
-                }
-                let mut e: BytesStart<'static> = e.clone().into_owned();
-                if name == "disk" {
-                    target.clear();
-                }
-                if name == "target" && parent == Some("disk") {
-                    target = attr(&e, "dev").unwrap_or_default();
-                }
-                if name == "source" && parent == Some("disk") {
-                    if let Some(file) = attr(&e, "file") {
-                        match spec.files.get(&file) {
-                            Some(path) => {
-                                e = events::with_attr(&e, "file", &path.to_string_lossy())
-                            }
-                            None => unknown = Some(file),
-                        }
-                    }
-                }
-                if matches!(event, Event::Start(_)) {
-                    rw.write_start(e, &name)?;
-                } else {
-                    rw.write(Event::Empty(e))?;
-                }
+    check_vm_name(&spec.name)?;
+    let mut doc = parse_domain(xml)?;
+    doc.drop_declaration();
+    let root = doc.root_mut();
+    name_of(root)?;
+    root.remove_descendants(&|parent, e| match e.local.as_str() {
+        "uuid" => parent == "domain" && !spec.keep_uuid,
+        "mac" => parent == "interface",
+        "backingStore" => true,
+        _ => false,
+    });
+    // libvirt reads the first <name>; a second one would only confuse readers.
+    let mut first = true;
+    root.remove_children(|e| e.local == "name" && !std::mem::take(&mut first));
+    if let Some(name) = root.child_mut("name") {
+        name.set_text(&spec.name);
+    }
+
+    if let Some(nv) = root.child_mut("os").and_then(|o| o.child_mut("nvram")) {
+        import_nvram(nv, spec.nvram.as_ref());
+    }
+    for devices in root.elements_mut().filter(|e| e.local == "devices") {
+        for disk in devices.elements_mut().filter(|e| e.local == "disk") {
+            let target = disk_target(disk);
+            if let Some(source) = disk.child_mut("source")
+                && let Some(file) = source.attr("file").map(str::to_string)
+            {
+                let path = spec
+                    .files
+                    .get(&file)
+                    .ok_or(DomainError::UnknownFile { target, name: file })?;
+                source.set_attr("file", &path.to_string_lossy());
             }
-            Event::End(_) => {
-                if rw.current().as_deref() == Some("disk") {
-                    if let Some(name) = unknown.take() {
-                        return Err(DomainError::UnknownFile {
-                            target: if target.is_empty() {
-                                "(no target)".into()
-                            } else {
-                                target
-                            },
-                            name,
-                        });
-                    }
-                }
-                rw.write_end(event.clone())?
-            }
-            Event::Text(t) => {
-                let parent = path.last().map(String::as_str).unwrap_or_default();
-                let in_os = path.len() >= 2 && path[path.len() - 2] == "os";
-                if parent == "name" && path.len() == 2 {
-                    seen_name = true;
-                    rw.write(Event::Text(BytesText::new(&spec.name).into_owned()))?;
-                } else if parent == "nvram" && in_os && !events::text(t)?.trim().is_empty() {
-                    let nvram = spec.nvram.as_ref().ok_or(DomainError::NoNvram)?;
-                    rw.write(Event::Text(
-                        BytesText::new(&nvram.to_string_lossy()).into_owned(),
-                    ))?;
-                } else {
-                    rw.write(event.clone())?;
-                }
-            }
-            _ => rw.write(event.clone())?,
         }
     }
-    if !seen_name {
-        return Err(DomainError::NoName);
-    }
-    Ok(rw.finish())
+    doc.write()
 }
 
-impl fmt::Display for ExportedDomain {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.xml)
+fn import_nvram(nv: &mut Element, path: Option<&PathBuf>) {
+    let has_source = nv.child("source").is_some();
+    match path {
+        Some(path) if has_source => {
+            if let Some(source) = nv.child_mut("source") {
+                source.set_attr("file", &path.to_string_lossy());
+            }
+        }
+        Some(path) => nv.set_text(&path.to_string_lossy()),
+        None => {
+            nv.remove_children(|e| e.local == "source");
+            if has_source {
+                nv.remove_attr("type");
+            }
+            nv.set_text("");
+        }
     }
+}
+
+/// What libvirt itself refuses, caught before any file is written.
+fn check_vm_name(name: &str) -> Result<(), DomainError> {
+    let reason = if name.trim().is_empty() {
+        "it is empty"
+    } else if name.contains('/') {
+        "it contains '/'"
+    } else if name.chars().any(char::is_control) {
+        "it contains control characters"
+    } else {
+        return Ok(());
+    };
+    Err(DomainError::InvalidName {
+        name: name.to_string(),
+        reason,
+    })
 }
 
 #[cfg(test)]

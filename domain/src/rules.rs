@@ -1,27 +1,71 @@
 //! What domain XML from an untrusted image may not do: reach outside the VM.
 //!
-//! Every element is checked against the rules below; all violations are collected so
-//! the user sees the whole list at once. `--allow-unsafe-xml` imports such XML anyway.
+//! Every element is checked against the rules below and all violations are
+//! collected, so the user sees the whole list at once; `--allow-unsafe-xml` imports
+//! such XML anyway. Besides the named rules, any attribute that names a file,
+//! socket or directory, and any attribute or element text that is an absolute path,
+//! is refused unless a rule says where it may point: a host path libvirt may hand
+//! to QEMU is how an image would read or write host files.
+//! `<metadata>`, `<title>` and `<description>` are free-form and not looked into.
 
 use std::fmt;
 
-use quick_xml::NsReader;
-use quick_xml::events::{BytesStart, Event};
-use quick_xml::name::{Namespace, ResolveResult};
+use crate::DomainError;
+use crate::tree::{Document, Element, Ns};
 
-use crate::events::{attr, local};
-use crate::{DomainError, MAX_XML_SIZE};
-
-/// The namespace of QEMU pass-through (`qemu:commandline`, `qemu:capabilities`…).
+/// The namespace of QEMU pass-through (`qemu:commandline`, `qemu:capabilities`…),
+/// whatever prefix the document gives it.
 const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
-/// Emulators an image may name.
-const EMULATORS: &[&str] = &["/usr/libexec/qemu-kvm", "/usr/bin/kvm"];
+/// Emulators an image may name, besides `/usr/bin/qemu-system-*`.
+const EMULATORS: &[&str] = &["/usr/libexec/qemu-kvm", "/usr/bin/kvm", "/usr/bin/qemu-kvm"];
+
+/// Character device types that stay between QEMU and libvirt or the console.
+/// `unix` is fine only without a path (libvirt then makes its own socket).
+const CHARDEV_TYPES: &[&str] = &[
+    "pty",
+    "spicevmc",
+    "spiceport",
+    "qemu-vdagent",
+    "dbus",
+    "null",
+    "vc",
+    "unix",
+];
+
+const CHARDEVS: &[&str] = &["serial", "console", "channel", "parallel"];
+
+/// Attributes that name a host file, socket or directory wherever they appear.
+const PATH_ATTRS: &[&str] = &[
+    "file",
+    "path",
+    "dir",
+    "socket",
+    "evdev",
+    "rendernode",
+    "logFile",
+    "tap",
+    "vhost",
+    "template",
+];
+
+/// Interfaces that attach to something other than a libvirt-managed network.
+const HOST_INTERFACES: &[&str] = &[
+    "direct",
+    "hostdev",
+    "vhostuser",
+    "ethernet",
+    "vdpa",
+    "server",
+    "client",
+    "mcast",
+    "udp",
+];
 
 /// One thing the XML does that an image may not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
-    /// Where, as `domain/devices/hostdev`.
+    /// The element, as a path from the root: `devices/hostdev`, `q:commandline`.
     pub element: String,
     pub reason: String,
 }
@@ -34,14 +78,14 @@ pub struct UnsafeXml {
 
 impl fmt::Display for UnsafeXml {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.violations.len();
         write!(
             f,
-            "the image's domain XML reaches outside the VM ({} problem{}):",
-            self.violations.len(),
-            if self.violations.len() == 1 { "" } else { "s" }
+            "the image's domain XML reaches outside the VM ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
         )?;
         for v in &self.violations {
-            write!(f, "\n  - <{}>: {}", v.element, v.reason)?;
+            write!(f, "\n  - {}: {}", v.element, v.reason)?;
         }
         write!(
             f,
@@ -64,102 +108,43 @@ impl From<DomainError> for UnsafeXml {
 }
 
 /// Checks domain XML from an image. `allowed_files` are the file names the image
-/// carries; disks and NVRAM may only name those.
+/// carries (plain base names; anything else never matches): disks and NVRAM may
+/// name only those. XML that cannot be parsed safely (DOCTYPE, over
+/// [`MAX_XML_SIZE`](crate::MAX_XML_SIZE), malformed) is one violation.
 pub fn check_untrusted(xml: &str, allowed_files: &[&str]) -> Result<(), UnsafeXml> {
-    if xml.len() > MAX_XML_SIZE {
-        return Err(DomainError::TooLarge(xml.len()).into());
+    let doc = Document::parse(xml)?;
+    let mut checker = Checker {
+        allowed: allowed_files
+            .iter()
+            .copied()
+            .filter(|f| is_plain_name(f))
+            .collect(),
+        violations: Vec::new(),
+    };
+    let root = doc.root();
+    if root.local != "domain" {
+        checker.flag(
+            &root.qname,
+            format!("the root element is <{}>, not <domain>", root.qname),
+        );
     }
-    let mut reader = NsReader::from_str(xml);
-    reader.config_mut().check_end_names = true;
-    let mut path: Vec<String> = Vec::new();
-    let mut text_owner: Option<String> = None;
-    let mut violations = Vec::new();
-    loop {
-        let position = reader.buffer_position();
-        let (ns, event) = match reader.read_resolved_event() {
-            Ok((ns, event)) => (
-                matches!(ns, ResolveResult::Bound(Namespace(n)) if n == QEMU_NS),
-                event,
-            ),
-            Err(e) => return Err(DomainError::Parse(format!("{e} (at byte {position})")).into()),
-        };
-        match event {
-            Event::Eof => break,
-            Event::DocType(_) => return Err(DomainError::Doctype.into()),
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let name = local(e);
-                let here = if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{}/{name}", path.join("/"))
-                };
-                let mut flag = |reason: String| {
-                    violations.push(Violation {
-                        element: here.clone(),
-                        reason,
-                    })
-                };
-                if ns {
-                    flag("QEMU pass-through runs arbitrary QEMU options on the host".into());
-                }
-                check_element(&path, &name, e, allowed_files, &mut flag);
-                if matches!(event, Event::Start(_)) {
-                    path.push(name.clone());
-                    text_owner = Some(name);
-                }
-            }
-            Event::End(_) => {
-                path.pop();
-                text_owner = None;
-            }
-            Event::Text(ref t) => {
-                let text = t.xml10_content();
-                let text = text.trim();
-                if text.is_empty() {
-                    continue;
-                }
-                let in_os = path.len() >= 2 && path[path.len() - 2] == "os";
-                let here = path.join("/");
-                let mut flag = |reason: String| {
-                    violations.push(Violation {
-                        element: here.clone(),
-                        reason,
-                    })
-                };
-                match text_owner.as_deref() {
-                    Some("loader") if in_os && !text.starts_with("/usr/share/") => {
-                        flag(format!("firmware {text:?} is not under /usr/share/"))
-                    }
-                    Some("nvram") if in_os && !allowed_files.contains(&text) => {
-                        flag(format!("NVRAM {text:?} is not a file of the image"))
-                    }
-                    Some("kernel" | "initrd" | "dtb") if in_os => {
-                        flag(format!("boots the host file {text:?}"))
-                    }
-                    Some("emulator") if !allowed_emulator(text) => {
-                        flag(format!("emulator {text:?} is not a QEMU system emulator"))
-                    }
-                    // A random-number device may read the host's random sources only.
-                    Some("backend")
-                        if path.len() >= 2
-                            && path[path.len() - 2] == "rng"
-                            && !matches!(text, "/dev/random" | "/dev/urandom" | "/dev/hwrng") =>
-                    {
-                        flag(format!(
-                            "random source {text:?} is not a host random device"
-                        ))
-                    }
-                    _ => {}
-                }
-            }
-            _ => {}
-        }
-    }
-    if violations.is_empty() {
+    checker.element(root, &mut Vec::new(), &mut Vec::new());
+    if checker.violations.is_empty() {
         Ok(())
     } else {
-        Err(UnsafeXml { violations })
+        Err(UnsafeXml {
+            violations: checker.violations,
+        })
     }
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// Firmware and templates shipped by distribution packages (OVMF, SeaBIOS…).
+fn under_usr_share(path: &str) -> bool {
+    path.starts_with("/usr/share/") && !path.split('/').any(|c| c == "..")
 }
 
 fn allowed_emulator(path: &str) -> bool {
@@ -167,191 +152,414 @@ fn allowed_emulator(path: &str) -> bool {
         || path
             .strip_prefix("/usr/bin/qemu-system-")
             .is_some_and(|arch| {
-                !arch.is_empty() && arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                !arch.is_empty()
+                    && arch
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
             })
 }
 
-fn check_element(
-    path: &[String],
-    name: &str,
-    e: &BytesStart<'_>,
-    allowed_files: &[&str],
-    flag: &mut dyn FnMut(String),
-) {
-    let parent = path.last().map(String::as_str);
-    let kind = attr(e, "type").unwrap_or_default();
-    match (parent, name) {
-        (Some("devices"), "hostdev") => flag("passes a host device through".into()),
-        (Some("devices"), "filesystem") => flag("shares a host directory with the guest".into()),
-        (Some("devices"), "redirdev") => flag("redirects a host USB device".into()),
-        (Some("devices"), "shmem") => flag("maps host shared memory".into()),
-        (Some("devices"), "smartcard")
-            if attr(e, "mode").as_deref() != Some("passthrough") || kind != "spicevmc" =>
-        {
-            flag("uses the host's smartcard reader or certificates".into())
-        }
-        (Some("devices"), "input") if kind == "passthrough" || kind == "evdev" => {
-            flag("passes a host input device through".into())
-        }
-        (Some("tpm"), "backend") if kind == "passthrough" => {
-            flag("passes the host TPM through".into())
-        }
-        (_, "seclabel") => {
-            flag("sets its own security label (sarde strips these on export)".into())
-        }
-        (Some("devices"), "interface")
-            if matches!(
-                kind.as_str(),
-                "direct" | "hostdev" | "vhostuser" | "ethernet" | "vdpa"
-            ) =>
-        {
-            flag(format!("a {kind:?} interface reaches host network devices"))
-        }
-        (Some("devices"), "disk") if !matches!(kind.as_str(), "file" | "") => {
-            flag(format!("a {kind:?} disk reaches host storage"))
-        }
-        (Some("disk"), "source") => {
-            for key in ["dev", "dir", "pool", "volume", "protocol", "name"] {
-                if attr(e, key).is_some() {
-                    flag(format!("disk source {key}= reaches host storage"));
-                }
-            }
-            if let Some(file) = attr(e, "file") {
-                if !allowed_files.contains(&file.as_str()) {
-                    flag(format!("disk file {file:?} is not a file of the image"));
-                }
-            }
-        }
-        (Some("devices"), "serial" | "console" | "channel" | "parallel")
-            if !matches!(
-                kind.as_str(),
-                "pty" | "spicevmc" | "spiceport" | "qemu-vdagent" | "null" | "vc" | "unix" | ""
-            ) =>
-        {
-            flag(format!("a {kind:?} character device reaches the host"))
-        }
-        (Some("serial" | "console" | "channel" | "parallel"), "source") => {
-            if let Some(p) = attr(e, "path") {
-                flag(format!("character device path {p:?} is on the host"));
-            }
-        }
-        (Some("memoryBacking"), "source") if kind == "file" => {
-            flag("backs guest memory with a host file".into())
-        }
-        (Some("os"), "nvram") => {
-            if let Some(template) = attr(e, "template") {
-                if !template.starts_with("/usr/share/") {
-                    flag(format!(
-                        "NVRAM template {template:?} is not under /usr/share/"
-                    ));
-                }
-            }
-        }
-        _ => {}
-    }
+fn loopback(address: &str) -> bool {
+    address.starts_with("127.") || address == "::1" || address == "localhost"
 }
 
-/// Host paths an imported domain may name besides its own files.
-fn allowed_host_path(path: &str) -> bool {
-    // `..` or `.` components would escape any prefix rule.
-    if path.split('/').any(|c| c == ".." || c == ".") {
-        return false;
-    }
-    path.starts_with("/usr/share/")
-        || allowed_emulator(path)
-        || matches!(path, "/dev/random" | "/dev/urandom" | "/dev/hwrng")
+/// What a rule decided about an element.
+#[derive(Default)]
+struct Verdict {
+    /// Do not look inside (the element as a whole is refused or free-form).
+    skip_children: bool,
+    /// Attributes a rule has judged; the generic path rule leaves them alone.
+    attrs_judged: Vec<&'static str>,
+    /// The text was judged (or may be a path by design).
+    text_judged: bool,
 }
 
-/// The last line of defence, run on the XML as it will be defined: every attribute
-/// value and every piece of text (CDATA and character references included, each
-/// element's text taken whole) that is an absolute path must be one of `own_files`
-/// or an allowed host path (firmware and templates under /usr/share, the QEMU
-/// emulator, random devices). Whatever element or attribute carries it — a log
-/// file, an ACPI table, an nvdimm, a socket — a host path is refused.
-pub fn check_host_paths(xml: &str, own_files: &[&str]) -> Result<(), UnsafeXml> {
-    if xml.len() > MAX_XML_SIZE {
-        return Err(DomainError::TooLarge(xml.len()).into());
+struct Checker<'a> {
+    allowed: Vec<&'a str>,
+    violations: Vec<Violation>,
+}
+
+impl Checker<'_> {
+    fn flag(&mut self, element: &str, reason: String) {
+        self.violations.push(Violation {
+            element: element.to_string(),
+            reason,
+        });
     }
-    let mut reader = quick_xml::Reader::from_str(xml);
-    reader.config_mut().check_end_names = true;
-    let mut path: Vec<String> = Vec::new();
-    // Text of each open element, gathered across children, CDATA and references.
-    let mut texts: Vec<String> = Vec::new();
-    let mut violations = Vec::new();
-    let check = |element: String, value: &str, violations: &mut Vec<Violation>| {
-        let value = value.trim();
-        if value.starts_with('/') && !own_files.contains(&value) && !allowed_host_path(value) {
-            violations.push(Violation {
-                element,
-                reason: format!("names the host path {value:?}"),
-            });
-        }
-    };
-    loop {
-        let position = reader.buffer_position();
-        let event = reader
-            .read_event()
-            .map_err(|e| DomainError::Parse(format!("{e} (at byte {position})")))?;
-        match event {
-            Event::Eof => break,
-            Event::DocType(_) => return Err(DomainError::Doctype.into()),
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let name = local(e);
-                let here = if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{}/{name}", path.join("/"))
-                };
-                for a in e.attributes() {
-                    let a = a.map_err(|e| DomainError::Parse(e.to_string()))?;
-                    let value = a
-                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                        .map_err(|e| DomainError::Parse(e.to_string()))?;
-                    check(
-                        format!("{here} {}=", a.key.as_ref()),
-                        &value,
-                        &mut violations,
-                    );
-                }
-                if matches!(event, Event::Start(_)) {
-                    path.push(name);
-                    texts.push(String::new());
-                }
-            }
-            Event::End(_) => {
-                let here = path.join("/");
+
+    fn allowed_file(&self, name: &str) -> bool {
+        is_plain_name(name) && self.allowed.contains(&name)
+    }
+
+    /// `parents` are the local names above `e`, `path` the qualified names below
+    /// the root (for messages).
+    fn element<'e>(&mut self, e: &'e Element, parents: &mut Vec<&'e str>, path: &mut Vec<&'e str>) {
+        let here = if path.is_empty() {
+            e.qname.clone()
+        } else {
+            path.join("/")
+        };
+        let verdict = self.rules(e, parents, &here);
+        if !verdict.skip_children {
+            self.generic(e, &here, &verdict);
+            parents.push(&e.local);
+            for child in e.elements() {
+                path.push(&child.qname);
+                self.element(child, parents, path);
                 path.pop();
-                if let Some(text) = texts.pop() {
-                    check(here, &text, &mut violations);
-                }
             }
-            Event::Text(ref t) => {
-                if let Some(text) = texts.last_mut() {
-                    text.push_str(&t.xml10_content());
-                }
+            parents.pop();
+        }
+    }
+
+    /// Any path-like attribute, or an absolute path as attribute value or text,
+    /// that no rule has judged.
+    fn generic(&mut self, e: &Element, here: &str, verdict: &Verdict) {
+        for a in e.attrs() {
+            if verdict.attrs_judged.contains(&a.local.as_str()) || a.value.is_empty() {
+                continue;
             }
-            Event::CData(ref t) => {
-                if let Some(text) = texts.last_mut() {
-                    text.push_str(&t.clone().into_inner());
-                }
+            if PATH_ATTRS.contains(&a.local.as_str()) || a.value.starts_with('/') {
+                self.flag(here, format!("{}={:?} names a host path", a.key, a.value));
             }
-            Event::GeneralRef(ref r) => {
-                let resolved = match r.resolve_char_ref() {
-                    Ok(Some(c)) => c.to_string(),
-                    _ => quick_xml::escape::resolve_predefined_entity(r.as_ref())
-                        .unwrap_or("?")
-                        .to_string(),
-                };
-                if let Some(text) = texts.last_mut() {
-                    text.push_str(&resolved);
-                }
+        }
+        if !verdict.text_judged {
+            let text = e.text();
+            let text = text.trim();
+            if text.starts_with('/') {
+                self.flag(here, format!("{text:?} names a host path"));
+            }
+        }
+    }
+
+    fn rules(&mut self, e: &Element, parents: &[&str], here: &str) -> Verdict {
+        let mut v = Verdict::default();
+        let parent = parents.last().copied().unwrap_or("");
+        let grandparent = parents.len().checked_sub(2).map_or("", |i| parents[i]);
+        let kind = e.attr("type").unwrap_or("");
+        let refuse = |checker: &mut Self, reason: String| {
+            checker.flag(here, reason);
+            Verdict {
+                skip_children: true,
+                ..Verdict::default()
+            }
+        };
+        match &e.ns {
+            Ns::Bound(ns) if ns == QEMU_NS => {
+                return refuse(
+                    self,
+                    "QEMU pass-through (qemu namespace) hands arbitrary options to QEMU on the host"
+                        .into(),
+                );
+            }
+            Ns::Undeclared(prefix) => {
+                return refuse(self, format!("the prefix {prefix:?} is not declared"));
             }
             _ => {}
         }
+        match (parent, e.local.as_str()) {
+            // Free-form; libvirt reads nothing in there.
+            ("domain", "metadata" | "title" | "description") => {
+                return Verdict {
+                    skip_children: true,
+                    ..Verdict::default()
+                };
+            }
+            (_, "seclabel") => {
+                return refuse(
+                    self,
+                    "a security label sets how the host confines QEMU (libvirt assigns one)".into(),
+                );
+            }
+            ("devices", "hostdev") => return refuse(self, "passes a host device through".into()),
+            ("devices", "filesystem") => {
+                return refuse(self, "shares a host directory with the guest".into());
+            }
+            ("devices", "redirdev") => return refuse(self, "redirects a host USB device".into()),
+            ("devices", "shmem") => return refuse(self, "maps host shared memory".into()),
+            ("devices", "smartcard")
+                if !(e.attr("mode") == Some("passthrough") && kind == "spicevmc") =>
+            {
+                return refuse(
+                    self,
+                    "uses the host's smartcard reader or certificates".into(),
+                );
+            }
+            ("devices", "input") if matches!(kind, "passthrough" | "evdev") => {
+                return refuse(self, "passes a host input device through".into());
+            }
+            ("tpm", "backend") if matches!(kind, "passthrough" | "external") => {
+                return refuse(
+                    self,
+                    format!("a {kind:?} TPM uses the host's TPM or a host socket"),
+                );
+            }
+            ("devices", "interface") if HOST_INTERFACES.contains(&kind) => {
+                return refuse(
+                    self,
+                    format!("a {kind:?} interface reaches host network devices or sockets"),
+                );
+            }
+            ("interface", "script" | "downscript") => {
+                return refuse(self, "runs a host script".into());
+            }
+            ("interface", "portForward") => {
+                return refuse(self, "opens host ports into the guest".into());
+            }
+            ("devices", "disk") if !matches!(kind, "file" | "") => {
+                return refuse(
+                    self,
+                    format!("a {kind:?} disk reaches host storage; images carry only disk files"),
+                );
+            }
+            (_, "backingStore") if parents.contains(&"disk") && e.elements().next().is_some() => {
+                return refuse(
+                    self,
+                    "a backing chain in the XML names host storage (the chain is read from the image's files)"
+                        .into(),
+                );
+            }
+            ("disk", "mirror") => {
+                return refuse(self, "a block-job mirror names host storage".into());
+            }
+            (_, "source") if parents.contains(&"disk") => {
+                if let Some(file) = e.attr("file") {
+                    v.attrs_judged.push("file");
+                    if !self.allowed_file(file) {
+                        self.flag(
+                            here,
+                            format!("disk file {file:?} is not a file of the image"),
+                        );
+                    }
+                }
+            }
+            ("devices", chardev)
+                if CHARDEVS.contains(&chardev) && !CHARDEV_TYPES.contains(&kind) =>
+            {
+                return refuse(
+                    self,
+                    format!("a {kind:?} character device reaches the host"),
+                );
+            }
+            (chardev, "source") if CHARDEVS.contains(&chardev) => {
+                if let Some(path) = e.attr("path") {
+                    v.attrs_judged.push("path");
+                    self.flag(
+                        here,
+                        format!("character device path {path:?} is on the host"),
+                    );
+                }
+            }
+            (chardev, "log") if CHARDEVS.contains(&chardev) => {
+                return refuse(self, "writes a log file on the host".into());
+            }
+            ("rng", "backend") => {
+                let model = e.attr("model").unwrap_or("random");
+                if model == "egd" && !CHARDEV_TYPES.contains(&kind) {
+                    return refuse(self, format!("a {kind:?} entropy source reaches the host"));
+                }
+                if model == "random" {
+                    v.text_judged = true;
+                    let text = e.text();
+                    let source = text.trim();
+                    if !matches!(source, "" | "/dev/random" | "/dev/urandom" | "/dev/hwrng") {
+                        self.flag(
+                            here,
+                            format!("random source {source:?} is not a host random device"),
+                        );
+                    }
+                }
+            }
+            ("devices", "audio") if !matches!(kind, "none" | "spice" | "") => {
+                return refuse(
+                    self,
+                    format!("a {kind:?} audio backend reaches the host's sound devices or files"),
+                );
+            }
+            ("memoryBacking", "source") if kind == "file" => {
+                return refuse(self, "backs guest memory with a host file".into());
+            }
+            ("os", "kernel" | "initrd" | "dtb") => {
+                v.text_judged = true;
+                let text = e.text();
+                if !text.trim().is_empty() {
+                    self.flag(here, format!("boots the host file {:?}", text.trim()));
+                }
+            }
+            ("domain", "bootloader" | "bootloader_args") => {
+                return refuse(self, "runs a host program to boot the guest".into());
+            }
+            ("acpi", "table") if grandparent == "os" => {
+                return refuse(self, "loads a host file as an ACPI table".into());
+            }
+            ("os", "loader") => {
+                v.text_judged = true;
+                let text = e.text();
+                let path = text.trim();
+                if !path.is_empty() && !under_usr_share(path) {
+                    self.flag(
+                        here,
+                        format!("firmware {path:?} is not a packaged firmware under /usr/share/"),
+                    );
+                }
+            }
+            ("os", "nvram") => {
+                v.text_judged = true;
+                if !matches!(kind, "file" | "") {
+                    return refuse(self, format!("a {kind:?} NVRAM reaches host storage"));
+                }
+                if let Some(template) = e.attr("template") {
+                    v.attrs_judged.push("template");
+                    if !under_usr_share(template) {
+                        self.flag(
+                            here,
+                            format!("NVRAM template {template:?} is not under /usr/share/"),
+                        );
+                    }
+                }
+                let text = e.text();
+                let path = text.trim();
+                if !path.is_empty() && !self.allowed_file(path) {
+                    self.flag(here, format!("NVRAM {path:?} is not a file of the image"));
+                }
+            }
+            ("nvram", "source") if grandparent == "os" => {
+                if let Some(file) = e.attr("file") {
+                    v.attrs_judged.push("file");
+                    if !self.allowed_file(file) {
+                        self.flag(here, format!("NVRAM {file:?} is not a file of the image"));
+                    }
+                }
+            }
+            ("devices", "emulator") => {
+                v.text_judged = true;
+                let text = e.text();
+                let path = text.trim();
+                if !allowed_emulator(path) {
+                    self.flag(
+                        here,
+                        format!("emulator {path:?} is not a QEMU system emulator"),
+                    );
+                }
+            }
+            ("devices", "graphics") => {
+                if let Some(address) = e.attr("listen") {
+                    v.attrs_judged.push("listen");
+                    if !loopback(address) {
+                        self.flag(
+                            here,
+                            format!("opens the console on {address:?}, beyond this host"),
+                        );
+                    }
+                }
+            }
+            ("graphics", "listen") => {
+                if kind == "network" {
+                    self.flag(here, "opens the console on a network's address".into());
+                }
+                if let Some(address) = e.attr("address")
+                    && !loopback(address)
+                {
+                    self.flag(
+                        here,
+                        format!("opens the console on {address:?}, beyond this host"),
+                    );
+                }
+            }
+            // A cgroup partition, and SMBIOS strings: not files.
+            ("resource", "partition") => v.text_judged = true,
+            _ if parents.contains(&"sysinfo") && e.attr("file").is_none() => v.text_judged = true,
+            _ => {}
+        }
+        v
     }
+}
+
+/// The last line of defence, run on the XML as it will be defined (after
+/// [`prepare_import`](crate::prepare_import)): every attribute that names a file,
+/// socket or directory and every absolute path (attribute value or element text,
+/// CDATA and references included, each element's text taken whole) must be one of
+/// `own_files` (the imported files' absolute paths) or sit where a host path is
+/// expected: packaged firmware under `/usr/share/` in `<loader>` and the NVRAM
+/// `template`, a QEMU binary in `<emulator>`, a random device in the rng backend.
+/// Whatever element carries it (a log file, an ACPI table, an nvdimm, a socket), any
+/// other host path is refused. `<metadata>`, `<title>` and `<description>` are
+/// not read by libvirt and not looked into.
+pub fn check_host_paths(xml: &str, own_files: &[&str]) -> Result<(), UnsafeXml> {
+    let doc = Document::parse(xml)?;
+    let mut violations = Vec::new();
+    let root = doc.root();
+    host_paths(
+        root,
+        &mut Vec::new(),
+        &mut Vec::new(),
+        own_files,
+        &mut violations,
+    );
     if violations.is_empty() {
         Ok(())
     } else {
         Err(UnsafeXml { violations })
     }
+}
+
+fn host_paths<'e>(
+    e: &'e Element,
+    parents: &mut Vec<&'e str>,
+    path: &mut Vec<&'e str>,
+    own: &[&str],
+    violations: &mut Vec<Violation>,
+) {
+    let parent = parents.last().copied().unwrap_or("");
+    let here = || {
+        if path.is_empty() {
+            e.qname.clone()
+        } else {
+            path.join("/")
+        }
+    };
+    if parent == "domain" && matches!(e.local.as_str(), "metadata" | "title" | "description") {
+        return;
+    }
+    let own_file = |value: &str| !value.is_empty() && own.contains(&value);
+    for a in e.attrs() {
+        let value = a.value.trim();
+        let path_like = PATH_ATTRS.contains(&a.local.as_str()) || value.starts_with('/');
+        if value.is_empty() || !path_like || own_file(value) {
+            continue;
+        }
+        let expected =
+            parent == "os" && e.local == "nvram" && a.local == "template" && under_usr_share(value);
+        if !expected {
+            violations.push(Violation {
+                element: here(),
+                reason: format!("{}={value:?} names a host path", a.key),
+            });
+        }
+    }
+    let text = e.text();
+    let text = text.trim();
+    if text.starts_with('/') && !own_file(text) {
+        let expected = match (parent, e.local.as_str()) {
+            ("os", "loader") => under_usr_share(text),
+            ("devices", "emulator") => allowed_emulator(text),
+            ("rng", "backend") => matches!(text, "/dev/random" | "/dev/urandom" | "/dev/hwrng"),
+            // A cgroup partition and SMBIOS strings: not files.
+            ("resource", "partition") => true,
+            _ => parents.contains(&"sysinfo"),
+        };
+        if !expected {
+            violations.push(Violation {
+                element: here(),
+                reason: format!("names the host path {text:?}"),
+            });
+        }
+    }
+    parents.push(&e.local);
+    for child in e.elements() {
+        path.push(&child.qname);
+        host_paths(child, parents, path, own, violations);
+        path.pop();
+    }
+    parents.pop();
 }

@@ -83,10 +83,14 @@ fn resolve_ref(r: &BytesRef<'_>, position: u64) -> Result<String, DomainError> {
             .map_err(|e| parse_error(e, position))?
             .ok_or_else(|| parse_error("bad character reference", position))?;
         // XML 1.0 `Char`: libxml2 refuses the others, so must we.
-        let legal = matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && !matches!(c, '\u{FFFE}' | '\u{FFFF}'));
+        let legal =
+            matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && !matches!(c, '\u{FFFE}' | '\u{FFFF}'));
         if !legal {
             return Err(parse_error(
-                format!("character reference to U+{:04X}, which XML does not allow", c as u32),
+                format!(
+                    "character reference to U+{:04X}, which XML does not allow",
+                    c as u32
+                ),
                 position,
             ));
         }
@@ -99,7 +103,7 @@ fn resolve_ref(r: &BytesRef<'_>, position: u64) -> Result<String, DomainError> {
 }
 
 /// The text a text-like event contributes, `None` for other events.
-fn text_of(event: &Event<'_>) -> Option<Cow<'_, str>> {
+fn text_of<'a>(event: &'a Event<'_>) -> Option<Cow<'a, str>> {
     match event {
         Event::Text(t) => Some(t.xml10_content()),
         Event::CData(t) => Some(t.xml10_content()),
@@ -136,6 +140,59 @@ fn read_attrs(start: &BytesStart<'_>, position: u64) -> Result<Vec<Attr>, Domain
         attrs.push(Attr { key, local, value });
     }
     Ok(attrs)
+}
+
+/// Where one attribute sits in a start tag's text.
+struct RawAttr<'a> {
+    key: &'a str,
+    /// From the name to the closing quote.
+    span: std::ops::Range<usize>,
+    /// Between the quotes.
+    value: std::ops::Range<usize>,
+}
+
+/// The attributes of a start tag's text (`name a='1' b="2"`), which quick-xml has
+/// already found well-formed; scanning stops at anything unexpected.
+fn raw_attrs(content: &str, name_len: usize) -> Vec<RawAttr<'_>> {
+    let b = content.as_bytes();
+    let skip_space = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut out = Vec::new();
+    let mut i = name_len;
+    loop {
+        i = skip_space(i);
+        if i >= b.len() || b[i] == b'/' {
+            break;
+        }
+        let key_start = i;
+        while i < b.len() && !b[i].is_ascii_whitespace() && b[i] != b'=' {
+            i += 1;
+        }
+        let key = &content[key_start..i];
+        i = skip_space(i);
+        if i >= b.len() || b[i] != b'=' {
+            break;
+        }
+        i = skip_space(i + 1);
+        let Some(&quote) = b.get(i).filter(|q| matches!(q, b'"' | b'\'')) else {
+            break;
+        };
+        let value_start = i + 1;
+        let Some(len) = b[value_start..].iter().position(|&c| c == quote) else {
+            break;
+        };
+        i = value_start + len + 1;
+        out.push(RawAttr {
+            key,
+            span: key_start..i,
+            value: value_start..value_start + len,
+        });
+    }
+    out
 }
 
 fn is_namespace_declaration(key: &str) -> bool {
@@ -182,7 +239,9 @@ impl Document {
                     open.push(Element::from_start(start, ns, false, position)?);
                     continue;
                 }
-                Event::Empty(start) => Node::Element(Element::from_start(start, ns, true, position)?),
+                Event::Empty(start) => {
+                    Node::Element(Element::from_start(start, ns, true, position)?)
+                }
                 Event::End(_) => match open.pop() {
                     Some(element) => Node::Element(element),
                     None => return Err(parse_error("end tag without start tag", position)),
@@ -190,10 +249,11 @@ impl Document {
                 Event::Decl(ref decl) => {
                     if let Some(encoding) = decl.encoding() {
                         let encoding = encoding.map_err(|e| parse_error(e, position))?;
-                        let encoding = encoding.to_ascii_lowercase();
-                        if encoding != "utf-8" && encoding != "utf8" {
+                        if !encoding.eq_ignore_ascii_case("utf-8") {
                             return Err(parse_error(
-                                format!("the XML declares encoding {encoding:?}; domain XML is UTF-8"),
+                                format!(
+                                    "the XML declares encoding {encoding:?}; domain XML is UTF-8"
+                                ),
                                 position,
                             ));
                         }
@@ -261,7 +321,8 @@ impl Document {
 
     /// Drops the `<?xml …?>` declaration: what libvirt reads then is plain UTF-8.
     pub fn drop_declaration(&mut self) {
-        self.nodes.retain(|n| !matches!(n, Node::Event(Event::Decl(_))));
+        self.nodes
+            .retain(|n| !matches!(n, Node::Event(Event::Decl(_))));
     }
 
     /// The document as XML text.
@@ -279,11 +340,13 @@ fn write_node(writer: &mut Writer<Vec<u8>>, node: &Node) -> Result<(), DomainErr
     let io = |e: std::io::Error| DomainError::Parse(format!("writing XML: {e}"));
     match node {
         Node::Event(e) => writer.write_event(e.borrow()).map_err(io),
-        Node::Element(e) if e.empty && e.children.is_empty() => {
-            writer.write_event(Event::Empty(e.start.borrow())).map_err(io)
-        }
+        Node::Element(e) if e.empty && e.children.is_empty() => writer
+            .write_event(Event::Empty(e.start.borrow()))
+            .map_err(io),
         Node::Element(e) => {
-            writer.write_event(Event::Start(e.start.borrow())).map_err(io)?;
+            writer
+                .write_event(Event::Start(e.start.borrow()))
+                .map_err(io)?;
             for child in &e.children {
                 write_node(writer, child)?;
             }
@@ -303,7 +366,7 @@ impl Element {
     ) -> Result<Element, DomainError> {
         let attrs = read_attrs(&start, position)?;
         Ok(Element {
-            qname: start.name().as_ref().into_owned(),
+            qname: start.name().as_ref().to_string(),
             local: start.local_name().as_ref().to_string(),
             ns,
             attrs,
@@ -323,44 +386,66 @@ impl Element {
 
     /// The attributes, without namespace declarations.
     pub fn attrs(&self) -> impl Iterator<Item = &Attr> {
-        self.attrs.iter().filter(|a| !is_namespace_declaration(&a.key))
+        self.attrs
+            .iter()
+            .filter(|a| !is_namespace_declaration(&a.key))
     }
 
-    /// Sets an attribute (by local name; kept in place when present, added last
-    /// otherwise).
+    /// Sets an attribute (by local name; changed in place when present, added last
+    /// otherwise). The other attributes keep their exact bytes.
     pub fn set_attr(&mut self, local: &str, value: &str) {
+        let escaped = quick_xml::escape::escape(value);
+        let mut content = self.raw_content();
         match self
             .attrs
             .iter_mut()
             .find(|a| !is_namespace_declaration(&a.key) && a.local == local)
         {
-            Some(a) => a.value = value.to_string(),
-            None => self.attrs.push(Attr {
-                key: local.to_string(),
-                local: local.to_string(),
-                value: value.to_string(),
-            }),
+            Some(a) => {
+                a.value = value.to_string();
+                if let Some(raw) = raw_attrs(&content, self.qname.len())
+                    .into_iter()
+                    .find(|r| r.key == a.key)
+                {
+                    content.replace_range(raw.value, &escaped);
+                }
+            }
+            None => {
+                self.attrs.push(Attr {
+                    key: local.to_string(),
+                    local: local.to_string(),
+                    value: value.to_string(),
+                });
+                content.push_str(&format!(" {local}=\"{escaped}\""));
+            }
         }
-        self.rebuild_start();
+        self.start = BytesStart::from_content(content, self.qname.len());
     }
 
+    /// Removes an attribute (by local name) with the space before it.
     pub fn remove_attr(&mut self, local: &str) {
-        let before = self.attrs.len();
-        self.attrs
-            .retain(|a| is_namespace_declaration(&a.key) || a.local != local);
-        if self.attrs.len() != before {
-            self.rebuild_start();
+        let Some(index) = self
+            .attrs
+            .iter()
+            .position(|a| !is_namespace_declaration(&a.key) && a.local == local)
+        else {
+            return;
+        };
+        let attr = self.attrs.remove(index);
+        let mut content = self.raw_content();
+        if let Some(raw) = raw_attrs(&content, self.qname.len())
+            .into_iter()
+            .find(|r| r.key == attr.key)
+        {
+            let start = content[..raw.span.start].trim_end().len();
+            content.replace_range(start..raw.span.end, "");
         }
+        self.start = BytesStart::from_content(content, self.qname.len());
     }
 
-    /// Only called when an attribute changed: the others are re-escaped by the
-    /// writer, which may change their quoting but not their value.
-    fn rebuild_start(&mut self) {
-        let mut start = BytesStart::new(self.qname.clone());
-        for a in &self.attrs {
-            start.push_attribute((a.key.as_str(), a.value.as_str()));
-        }
-        self.start = start;
+    /// The start tag's text between `<` and `>` (or `/>`).
+    fn raw_content(&self) -> String {
+        format!("{}{}", self.qname, self.start.attributes_raw())
     }
 
     pub fn elements(&self) -> impl Iterator<Item = &Element> {
@@ -386,22 +471,30 @@ impl Element {
         self.elements_mut().find(|e| e.local == local)
     }
 
-    /// Removes the child elements for which `drop` says so, at this level only.
-    pub fn remove_children(&mut self, drop: impl Fn(&Element) -> bool) {
-        self.children.retain(|n| match n {
-            Node::Element(e) => !drop(e),
-            Node::Event(_) => true,
-        });
+    /// Removes the child elements for which `drop` says so, at this level only,
+    /// with the indentation before each (so no blank line is left).
+    pub fn remove_children(&mut self, mut drop: impl FnMut(&Element) -> bool) {
+        let mut kept: Vec<Node> = Vec::with_capacity(self.children.len());
+        for node in std::mem::take(&mut self.children) {
+            if let Node::Element(e) = &node
+                && drop(e)
+            {
+                if matches!(kept.last(), Some(Node::Event(Event::Text(t))) if t.xml10_content().trim().is_empty())
+                {
+                    kept.pop();
+                }
+                continue;
+            }
+            kept.push(node);
+        }
+        self.children = kept;
     }
 
-    /// Removes, at any depth below this element, the elements `drop` names.
+    /// Removes, at any depth below this element, the elements `drop` names;
     /// `drop` gets the parent's local name and the element.
     pub fn remove_descendants(&mut self, drop: &dyn Fn(&str, &Element) -> bool) {
-        let parent = self.local.as_str();
-        self.children.retain(|n| match n {
-            Node::Element(e) => !drop(parent, e),
-            Node::Event(_) => true,
-        });
+        let parent = self.local.clone();
+        self.remove_children(|e| drop(&parent, e));
         for child in self.elements_mut() {
             child.remove_descendants(drop);
         }
@@ -431,7 +524,9 @@ impl Element {
             .retain(|n| !matches!(n, Node::Event(e) if text_of(e).is_some()));
         if !text.is_empty() {
             let node = Node::Event(Event::Text(BytesText::new(text).into_owned()));
-            let at = first.unwrap_or(self.children.len()).min(self.children.len());
+            let at = first
+                .unwrap_or(self.children.len())
+                .min(self.children.len());
             self.children.insert(at, node);
             self.empty = false;
         }

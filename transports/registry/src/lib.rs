@@ -5,6 +5,7 @@
 //! blob downloads (with `Range` resume), mounts and tags, plus two requests of its
 //! own where oci-client cannot stream an upload or report a blob's size.
 
+pub mod credentials;
 mod error;
 mod transport;
 

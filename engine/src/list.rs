@@ -4,13 +4,27 @@
 use std::collections::BTreeMap;
 
 use sarde_api::digest::Digest;
-use sarde_api::hypervisor::DomainState;
+use sarde_api::hypervisor::{DomainState, DomainSummary};
 use sarde_transport_oci_dir::Layout;
 use serde::Serialize;
 
 use crate::import::load_image;
 use crate::marker::Marker;
 use crate::{Engine, ImageLocation, Result};
+
+/// The state `list` shows for the domain `name`.
+fn state_of(domains: &[DomainSummary], name: &str) -> &'static str {
+    match domains.iter().find(|d| d.name == name) {
+        None => "missing",
+        Some(d) => match d.state {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::Stopped => "stopped",
+            DomainState::Crashed => "crashed",
+            DomainState::Other => "other",
+        },
+    }
+}
 
 /// A VM made from an image, and its state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -37,7 +51,7 @@ pub struct ImageEntry {
 impl Engine {
     /// Every tagged image in the cache with the VMs imported from it.
     pub fn list(&self) -> Result<Vec<ImageEntry>> {
-        let vms_by_image = self.imported_vms()?;
+        let (vms_by_image, domains) = self.imported_vms()?;
         let mut entries = Vec::new();
         for repo in self.ocidir.repositories()? {
             let layout = match Layout::open(&repo.path) {
@@ -66,9 +80,13 @@ impl Engine {
                 if vms.is_empty() {
                     if let Some(id) = &image_id {
                         // The default name of an import is the image id.
+                        // The default name of an import is the image id; a VM of that
+                        // name may exist without a record (the Python tool made it).
+                        let name = id.to_string();
+                        let state = domains.as_ref().map_or("unknown", |d| state_of(d, &name));
                         vms.push(VmState {
-                            name: id.to_string(),
-                            state: "missing".into(),
+                            name,
+                            state: state.into(),
                         });
                     }
                 }
@@ -87,31 +105,25 @@ impl Engine {
     }
 
     /// VMs with an import record in `vmdir`, by image id, with their libvirt state.
-    fn imported_vms(&self) -> Result<BTreeMap<Digest, Vec<VmState>>> {
+    /// Also returns the hypervisor's domains (`None` when it cannot be reached).
+    #[allow(clippy::type_complexity)]
+    fn imported_vms(&self) -> Result<(BTreeMap<Digest, Vec<VmState>>, Option<Vec<DomainSummary>>)> {
         let mut map: BTreeMap<Digest, Vec<VmState>> = BTreeMap::new();
+        let domains = self
+            .registry
+            .connect(&self.connect)
+            .ok()
+            .and_then(|h| h.list_domains().ok());
         let Ok(entries) = std::fs::read_dir(&self.vmdir) else {
-            return Ok(map);
+            return Ok((map, domains));
         };
-        let hypervisor = self.registry.connect(&self.connect).ok();
-        let domains = hypervisor
-            .as_ref()
-            .and_then(|h| h.list_domains().ok())
-            .unwrap_or_default();
         for entry in entries.flatten() {
             let Some(marker) = Marker::read(&entry.path()) else {
                 continue;
             };
-            let state = match domains.iter().find(|d| d.name == marker.vm_name) {
-                None if hypervisor.is_none() => "unknown",
-                None => "missing",
-                Some(d) => match d.state {
-                    DomainState::Running => "running",
-                    DomainState::Paused => "paused",
-                    DomainState::Stopped => "stopped",
-                    DomainState::Crashed => "crashed",
-                    DomainState::Other => "other",
-                },
-            };
+            let state = domains
+                .as_ref()
+                .map_or("unknown", |d| state_of(d, &marker.vm_name));
             map.entry(marker.config.clone()).or_default().push(VmState {
                 name: marker.vm_name.clone(),
                 state: state.into(),
@@ -120,7 +132,7 @@ impl Engine {
         for vms in map.values_mut() {
             vms.sort_by(|a, b| a.name.cmp(&b.name));
         }
-        Ok(map)
+        Ok((map, domains))
     }
 
     /// The access JSON of an image, or `None` when it has none. A missing image or

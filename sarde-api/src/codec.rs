@@ -161,3 +161,94 @@ pub fn decode_exact(
     }
     Ok(())
 }
+
+/// The output of a [`GuardedEncoder`]: refuses writes once its encoder was dropped
+/// unfinished.
+pub struct GuardedOutput<'w> {
+    inner: Output<'w>,
+    abandoned: bool,
+}
+
+impl<'w> GuardedOutput<'w> {
+    pub fn new(inner: Output<'w>) -> Self {
+        GuardedOutput {
+            inner,
+            abandoned: false,
+        }
+    }
+}
+
+impl Write for GuardedOutput<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.abandoned {
+            return Err(io::Error::other("encoder dropped without finish"));
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.abandoned {
+            return Err(io::Error::other("encoder dropped without finish"));
+        }
+        self.inner.flush()
+    }
+}
+
+/// Wraps a library encoder that finishes its stream when dropped (flate2's gzip and
+/// liblzma's xz writers do), which would turn an abandoned layer — one whose export
+/// failed half-way — into a valid but shorter stream. Dropped without
+/// [`Encoder::finish`], it cuts the output off first, so decoders see a broken stream.
+pub struct GuardedEncoder<'w, E> {
+    inner: Option<E>,
+    finish: fn(E) -> io::Result<GuardedOutput<'w>>,
+    output: fn(&mut E) -> &mut GuardedOutput<'w>,
+}
+
+impl<'w, E> GuardedEncoder<'w, E> {
+    /// `finish` ends the library's stream and returns its output; `output` reaches the
+    /// output inside it (e.g. `get_mut`).
+    pub fn new(
+        inner: E,
+        finish: fn(E) -> io::Result<GuardedOutput<'w>>,
+        output: fn(&mut E) -> &mut GuardedOutput<'w>,
+    ) -> Self {
+        GuardedEncoder {
+            inner: Some(inner),
+            finish,
+            output,
+        }
+    }
+}
+
+impl<E: Write> Write for GuardedEncoder<'_, E> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.inner {
+            Some(encoder) => encoder.write(buf),
+            None => Err(io::Error::other("encoder already finished")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.inner {
+            Some(encoder) => encoder.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<E: Write + Send> Encoder for GuardedEncoder<'_, E> {
+    fn finish(mut self: Box<Self>) -> io::Result<()> {
+        match self.inner.take() {
+            Some(encoder) => (self.finish)(encoder)?.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<E> Drop for GuardedEncoder<'_, E> {
+    fn drop(&mut self) {
+        if let Some(encoder) = &mut self.inner {
+            (self.output)(encoder).abandoned = true;
+        }
+    }
+}

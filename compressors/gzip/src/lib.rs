@@ -8,12 +8,12 @@
 //! still one standard member, with the same header, that `gzip -d` and Python
 //! read.
 
-use std::io::{self, BufReader, Write};
+use std::io::BufReader;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use flate2::{Compression, GzBuilder};
-use sarde_api::codec::{Input, Output};
+use sarde_api::codec::{GuardedEncoder, GuardedOutput, Input, Output};
 use sarde_api::{Codec, CodecError, EncodeOptions, Encoder, Registrar, RegistryError};
 
 pub mod parallel;
@@ -77,71 +77,6 @@ pub fn header(file_name: Option<&[u8]>, mtime: u32, level: u32) -> Vec<u8> {
     out
 }
 
-/// Refuses writes once the encoder is dropped unfinished: flate2 finishes a gzip
-/// member when dropped, which would turn an abandoned (say, failed half-way)
-/// layer into a valid but shorter one.
-struct Abandonable<'w> {
-    inner: Output<'w>,
-    abandoned: bool,
-}
-
-impl Write for Abandonable<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.abandoned {
-            return Err(io::Error::other("gzip encoder dropped without finish"));
-        }
-        self.inner.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.abandoned {
-            return Err(io::Error::other("gzip encoder dropped without finish"));
-        }
-        self.inner.flush()
-    }
-}
-
-/// Single-threaded: flate2's gzip writer.
-struct GzEncoder<'w> {
-    inner: Option<flate2::write::GzEncoder<Abandonable<'w>>>,
-}
-
-impl Write for GzEncoder<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.inner {
-            Some(encoder) => encoder.write(buf),
-            None => Err(io::Error::other("gzip encoder already finished")),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match &mut self.inner {
-            Some(encoder) => encoder.flush(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Encoder for GzEncoder<'_> {
-    fn finish(mut self: Box<Self>) -> io::Result<()> {
-        match self.inner.take() {
-            Some(encoder) => {
-                let mut output = encoder.finish()?;
-                output.flush()
-            }
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for GzEncoder<'_> {
-    fn drop(&mut self) {
-        if let Some(encoder) = &mut self.inner {
-            encoder.get_mut().abandoned = true;
-        }
-    }
-}
-
 impl Gzip {
     fn setup_error(&self, message: String) -> CodecError {
         CodecError::Setup {
@@ -197,13 +132,12 @@ impl Codec for Gzip {
             // `header_file_name` refused NUL, so this cannot panic.
             builder = builder.filename(name);
         }
-        let output = Abandonable {
-            inner: output,
-            abandoned: false,
-        };
-        Ok(Box::new(GzEncoder {
-            inner: Some(builder.write(output, compression)),
-        }))
+        let output = GuardedOutput::new(output);
+        Ok(Box::new(GuardedEncoder::new(
+            builder.write(output, compression),
+            flate2::write::GzEncoder::finish,
+            flate2::write::GzEncoder::get_mut,
+        )))
     }
 
     fn decoder<'r>(&self, input: Input<'r>) -> Result<Input<'r>, CodecError> {

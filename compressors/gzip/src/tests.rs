@@ -1,6 +1,7 @@
 use super::*;
 use sarde_api::codec::{decode_exact, encode_to_vec};
 use sarde_api::{Origin, Registry};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

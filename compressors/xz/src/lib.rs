@@ -6,12 +6,12 @@
 //! multi-threaded decoder can decompress in parallel. Concatenated streams (what
 //! `cat a.xz b.xz` gives, with optional stream padding) decode as one.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use liblzma::stream::{Action, Check, MtStreamBuilder, Status, Stream};
-use sarde_api::codec::{Input, Output};
+use sarde_api::codec::{GuardedEncoder, GuardedOutput, Input, Output};
 use sarde_api::{Codec, CodecError, EncodeOptions, Encoder, Registrar, RegistryError};
 
 /// Lowest preset.
@@ -31,70 +31,6 @@ const DECODER_THREADING_MEMLIMIT: u64 = 1 << 30;
 /// xz streams, suffix `+xz`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Xz;
-
-/// Refuses writes once the encoder is dropped unfinished: liblzma's writer
-/// finishes the stream when dropped, which would turn an abandoned (say, failed
-/// half-way) layer into a valid but shorter one.
-struct Abandonable<'w> {
-    inner: Output<'w>,
-    abandoned: bool,
-}
-
-impl Write for Abandonable<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.abandoned {
-            return Err(io::Error::other("xz encoder dropped without finish"));
-        }
-        self.inner.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.abandoned {
-            return Err(io::Error::other("xz encoder dropped without finish"));
-        }
-        self.inner.flush()
-    }
-}
-
-struct XzEncoder<'w> {
-    inner: Option<liblzma::write::XzEncoder<Abandonable<'w>>>,
-}
-
-impl Write for XzEncoder<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.inner {
-            Some(encoder) => encoder.write(buf),
-            None => Err(io::Error::other("xz encoder already finished")),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match &mut self.inner {
-            Some(encoder) => encoder.flush(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Encoder for XzEncoder<'_> {
-    fn finish(mut self: Box<Self>) -> io::Result<()> {
-        match self.inner.take() {
-            Some(encoder) => {
-                let mut output = encoder.finish()?;
-                output.flush()
-            }
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for XzEncoder<'_> {
-    fn drop(&mut self) {
-        if let Some(encoder) = &mut self.inner {
-            encoder.get_mut().abandoned = true;
-        }
-    }
-}
 
 /// Where [`XzDecoder`] is between streams.
 enum State {
@@ -241,13 +177,12 @@ impl Codec for Xz {
             Stream::new_easy_encoder(preset, Check::Crc64)
         }
         .map_err(|e| self.setup_error(e))?;
-        let output = Abandonable {
-            inner: output,
-            abandoned: false,
-        };
-        Ok(Box::new(XzEncoder {
-            inner: Some(liblzma::write::XzEncoder::new_stream(output, stream)),
-        }))
+        let output = GuardedOutput::new(output);
+        Ok(Box::new(GuardedEncoder::new(
+            liblzma::write::XzEncoder::new_stream(output, stream),
+            liblzma::write::XzEncoder::finish,
+            liblzma::write::XzEncoder::get_mut,
+        )))
     }
 
     fn decoder<'r>(&self, input: Input<'r>) -> Result<Input<'r>, CodecError> {

@@ -12,8 +12,8 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sarde_api::Hypervisor;
 use sarde_api::digest::Digest;
@@ -21,10 +21,12 @@ use sarde_api::oci::{Descriptor, ImageManifest};
 use sarde_format::native::{self, NativeImage};
 use sarde_format::v1::{self, V1Image};
 use sarde_format::{FileRole, Format};
+use sarde_transfer::BlobGate;
 use sarde_transport_oci_dir::Layout;
 use sha2::{Digest as _, Sha256};
 
-use crate::marker::{FileRecord, Marker, Region};
+use crate::blobs::Blobs;
+use crate::marker::{FileRecord, FileStamp, Marker, Region};
 use crate::verify::VerifyingReader;
 use crate::{Engine, EngineError, ImageLocation, Result, gzip_header, read_full};
 
@@ -38,6 +40,17 @@ pub struct ImportRequest {
     pub replace: bool,
     /// Keep domain XML that reaches outside the VM (host devices, host paths…).
     pub allow_unsafe_xml: bool,
+    /// The image is still arriving (pull): read its manifest from here and wait
+    /// for each blob; `None` reads a complete image from the layout.
+    pub incoming: Option<Incoming>,
+}
+
+/// An image whose blobs a fetch is still writing into the layout.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub manifest: Descriptor,
+    pub manifest_bytes: Vec<u8>,
+    pub gate: Arc<BlobGate>,
 }
 
 /// What an import did.
@@ -84,7 +97,22 @@ impl Content {
 pub(crate) fn load_image(layout: &Layout, image: &ImageLocation) -> Result<LoadedImage> {
     let manifest_descriptor = layout.resolve(&image.reference)?;
     let bytes = layout.read_blob(&manifest_descriptor)?;
-    let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| {
+    parse_image(
+        &Blobs { layout, gate: None },
+        image,
+        manifest_descriptor,
+        &bytes,
+    )
+}
+
+/// Reads an image from its manifest bytes; the config blob may still be arriving.
+fn parse_image(
+    layout: &Blobs<'_>,
+    image: &ImageLocation,
+    manifest_descriptor: Descriptor,
+    bytes: &[u8],
+) -> Result<LoadedImage> {
+    let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| {
         EngineError::Refused(format!(
             "{}: manifest {} is not an OCI image manifest: {e}",
             image.name, manifest_descriptor.digest
@@ -130,7 +158,32 @@ impl Engine {
     /// Imports an image from the local cache as a VM.
     pub fn import(&self, request: &ImportRequest) -> Result<ImportOutcome> {
         let layout = self.layout(&request.image)?;
-        let image = load_image(&layout, &request.image)?;
+        let image = match &request.incoming {
+            None => load_image(&layout, &request.image)?,
+            Some(incoming) => {
+                let actual = Digest::sha256_of(&incoming.manifest_bytes);
+                if actual != incoming.manifest.digest {
+                    return Err(EngineError::Refused(format!(
+                        "{}: manifest bytes have digest {actual}, expected {}",
+                        request.image.name, incoming.manifest.digest
+                    )));
+                }
+                let blobs = Blobs {
+                    layout: &layout,
+                    gate: Some(&incoming.gate),
+                };
+                parse_image(
+                    &blobs,
+                    &request.image,
+                    incoming.manifest.clone(),
+                    &incoming.manifest_bytes,
+                )?
+            }
+        };
+        let layout = Blobs {
+            layout: &layout,
+            gate: request.incoming.as_ref().map(|i| &*i.gate),
+        };
         let name = request
             .name
             .clone()
@@ -236,7 +289,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn import_into(
         &self,
-        layout: &Layout,
+        layout: &Blobs<'_>,
         image: &LoadedImage,
         request: &ImportRequest,
         replace_existing: bool,
@@ -315,10 +368,13 @@ impl Engine {
             return Err(e.into());
         }
         // From now on the directory belongs to a defined VM: never removed silently.
-        let marker = Marker {
+        let mut marker = Marker {
             defined: true,
             ..marker
         };
+        for file in &mut marker.files {
+            file.stamp = FileStamp::of(&final_dir.join(&file.name)).ok();
+        }
         marker
             .write(final_dir)
             .map_err(EngineError::io(final_dir, "updating the import record"))?;
@@ -354,7 +410,7 @@ impl Engine {
     /// Decompresses all pieces of all files in parallel, each straight to its offset.
     fn write_native(
         &self,
-        layout: &Layout,
+        layout: &Blobs<'_>,
         image: &NativeImage,
         staging: &Path,
     ) -> Result<(Vec<FileRecord>, u64)> {
@@ -485,6 +541,7 @@ impl Engine {
                 name: f.spec.name.clone(),
                 size: f.spec.size,
                 regions,
+                stamp: None,
             });
         }
         Ok((records, written.into_inner() as u64))
@@ -492,7 +549,7 @@ impl Engine {
 
     fn write_native_piece(
         &self,
-        layout: &Layout,
+        layout: &Blobs<'_>,
         file: &File,
         spec: &native::FileSpec,
         piece: &native::Piece,
@@ -531,7 +588,7 @@ impl Engine {
     /// v1: each file is one gzip stream across its pieces; files decompress in parallel.
     fn write_v1(
         &self,
-        layout: &Layout,
+        layout: &Blobs<'_>,
         image: &V1Image,
         staging: &Path,
     ) -> Result<(Vec<FileRecord>, u64)> {
@@ -597,6 +654,9 @@ impl Engine {
             match fs::metadata(&path) {
                 Ok(meta) if meta.len() == file.size => {}
                 _ => return Ok(false),
+            }
+            if file.stamp.is_some() && FileStamp::of(&path).ok() == file.stamp {
+                continue;
             }
             let spans: Vec<sarde_disk::PieceSpan> = file
                 .regions
@@ -767,7 +827,7 @@ const STAGING_STAMP: &str = ".sarde-staging";
 const V1_MAX_FILE: u64 = 16 << 40;
 
 fn write_v1_file(
-    layout: &Layout,
+    layout: &Blobs<'_>,
     gzip: &dyn sarde_api::Codec,
     file: &v1::V1File,
     staging: &Path,
@@ -851,6 +911,7 @@ fn write_v1_file(
                 size: pos,
                 digest,
             }],
+            stamp: None,
         },
         pos,
     ))

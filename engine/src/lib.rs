@@ -6,11 +6,13 @@
 //! `sarde-disk`, the local cache from the `oci-dir` transport, codecs and the
 //! hypervisor from the registry. The binaries only parse flags and print results.
 
+mod blobs;
 pub mod export;
 mod gzip_header;
 pub mod import;
 pub mod list;
 mod marker;
+pub mod remote;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +36,8 @@ pub struct Engine {
     pub vmdir: PathBuf,
     /// Worker threads for compression, hashing and decompression.
     pub threads: usize,
+    /// Registries: TLS settings and transfer behaviour.
+    pub remote: remote::Remote,
 }
 
 /// What can go wrong, by the part that failed; every message names the object.

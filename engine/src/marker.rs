@@ -29,6 +29,36 @@ pub struct FileRecord {
     /// Regions covering the whole file (for native images: every piece, zero
     /// pieces included; for v1: one region, the whole file).
     pub regions: Vec<Region>,
+    /// The file's identity and times right after the import: while they are
+    /// unchanged, the content is too, and a re-import need not hash the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
+}
+
+/// Device, inode, size, mtime and ctime of a file. ctime moves on every change,
+/// including one that sets mtime back, so equal stamps mean an untouched file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path)?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 /// The import record.

@@ -170,6 +170,12 @@ pub trait Transport: Send + Sync {
         data: BlobReader,
     ) -> Result<(), TransportError>;
 
+    /// Asks the location whether its credentials are accepted (for `sarde login`).
+    /// `Ok(())` also when the location needs none.
+    async fn check_credentials(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// Makes a blob of another repository at the same location available in
     /// `repository` without copying bytes. `Ok(false)` when the transport can't,
     /// and the caller uploads instead.

@@ -41,6 +41,16 @@ pub enum Command {
     Export(Box<ExportArgs>),
     /// Create a libvirt VM from an image in the local cache
     Import(Box<ImportArgs>),
+    /// Push an image of the local cache to a registry (several tags with several --target)
+    Push(Box<PushArgs>),
+    /// Fetch an image from a registry into the local cache
+    Fetch(Box<FetchArgs>),
+    /// Fetch an image and import it as a VM (pieces go to disk as they arrive)
+    Pull(Box<PullArgs>),
+    /// Store credentials for a registry, after checking them with it
+    Login(Box<LoginArgs>),
+    /// Remove stored credentials for a registry ('*': for all)
+    Logout(Box<LogoutArgs>),
     /// List the images in the local cache and the VMs imported from them
     List(Box<ListArgs>),
     /// Print the access JSON (users, services) stored with an image
@@ -59,6 +69,11 @@ impl Command {
         match self {
             Command::Export(_) => Some("export"),
             Command::Import(_) => Some("import"),
+            Command::Push(_) => Some("push"),
+            Command::Fetch(_) => Some("fetch"),
+            Command::Pull(_) => Some("pull"),
+            Command::Login(_) => Some("login"),
+            Command::Logout(_) => Some("logout"),
             Command::List(_) => Some("list"),
             Command::Getconfig(_) => Some("getconfig"),
             Command::Plugins(_) => Some("plugins"),
@@ -111,8 +126,9 @@ pub struct ExportArgs {
     pub image: Option<String>,
 }
 
+/// How import (and pull) create the VM.
 #[derive(Debug, Args)]
-pub struct ImportArgs {
+pub struct ImportFlags {
     /// Name of the new VM (default: the image id, so one image maps to one VM)
     #[arg(short, long)]
     pub name: Option<String>,
@@ -125,6 +141,28 @@ pub struct ImportArgs {
     /// Accept domain XML that reaches outside the VM (host devices, host paths, qemu:commandline)
     #[arg(long)]
     pub allow_unsafe_xml: bool,
+}
+
+impl ImportFlags {
+    /// The import request for `image` with these flags.
+    pub fn request(
+        &self,
+        image: sarde_engine::ImageLocation,
+    ) -> sarde_engine::import::ImportRequest {
+        sarde_engine::import::ImportRequest {
+            image,
+            name: self.name.clone(),
+            replace: self.replace,
+            allow_unsafe_xml: self.allow_unsafe_xml,
+            incoming: None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub vm: ImportFlags,
     /// IMAGE is a directory (an OCI layout) with an optional :TAG, not a name in the cache
     #[arg(long)]
     pub raw: bool,
@@ -135,6 +173,87 @@ pub struct ImportArgs {
     pub settings: SettingsFlags,
     /// Image name[:tag|@digest]
     pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Push to REF rather than to IMAGE's own name (repeat for several tags)
+    #[arg(short = 't', long = "target", value_name = "REF")]
+    pub targets: Vec<String>,
+    /// Allow plain HTTP and unverified TLS for the registries of this command
+    #[arg(long)]
+    pub insecure: bool,
+    /// Output format (json: one summary line)
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Image of the local cache, name[:tag|@digest]
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Fetch REF rather than IMAGE, and store it as IMAGE
+    #[arg(short = 's', long, value_name = "REF")]
+    pub source: Option<String>,
+    /// Allow plain HTTP and unverified TLS for the registries of this command
+    #[arg(long)]
+    pub insecure: bool,
+    /// Output format (json: one summary line)
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Image name[:tag|@digest] (e.g. registry.example.org/sardines/debian:12)
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Fetch REF rather than IMAGE, and store it as IMAGE
+    #[arg(short = 's', long, value_name = "REF")]
+    pub source: Option<String>,
+    #[command(flatten)]
+    pub vm: ImportFlags,
+    /// Allow plain HTTP and unverified TLS for the registries of this command
+    #[arg(long)]
+    pub insecure: bool,
+    /// Output format (json: the import result and the transfer summary)
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Image name[:tag|@digest]
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// User name (asked for on a terminal when missing)
+    #[arg(short, long)]
+    pub username: Option<String>,
+    /// Password (visible to other users in the process list: prefer --password-stdin)
+    #[arg(short, long, conflicts_with = "password_stdin")]
+    pub password: Option<String>,
+    /// Read the password from standard input
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Allow plain HTTP and unverified TLS for this registry
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Registry host[:port]
+    pub registry: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LogoutArgs {
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Registry host[:port], or '*' for every registry in the auth file
+    pub registry: String,
 }
 
 #[derive(Debug, Args)]
@@ -192,10 +311,10 @@ pub struct SettingsFlags {
     #[arg(long, value_name = "URI")]
     pub connect: Option<String>,
     /// Local cache of OCI images
-    #[arg(long, value_name = "DIR")]
+    #[arg(short = 'd', long, value_name = "DIR")]
     pub ocidir: Option<PathBuf>,
     /// Directory for the disks of imported VMs
-    #[arg(long, value_name = "DIR")]
+    #[arg(short = 'o', long, visible_alias = "outdir", value_name = "DIR")]
     pub vmdir: Option<PathBuf>,
     /// Directory for the overlays of clones
     #[arg(long, value_name = "DIR")]
@@ -215,6 +334,9 @@ pub struct SettingsFlags {
     /// Blob transfers at a time
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+    /// Retries of a request after a network error or a 5xx/429 answer
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
     /// Plugin directories, colon-separated
     #[arg(long, value_name = "DIRS")]
     pub plugin_dir: Option<String>,
@@ -250,6 +372,9 @@ impl SettingsFlags {
         }
         if let Some(v) = self.concurrency {
             flags.set("concurrency", v.to_string());
+        }
+        if let Some(v) = self.retries {
+            flags.set("retries", v.to_string());
         }
         if let Some(v) = &self.plugin_dir {
             flags.set("plugin-dir", v.as_str());

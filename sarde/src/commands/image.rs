@@ -9,15 +9,16 @@ use anyhow::{Context, Result};
 use sarde_api::ImageReference;
 use sarde_cli::config::Config;
 use sarde_engine::export::ExportRequest;
-use sarde_engine::import::ImportRequest;
+use sarde_engine::remote::Remote;
 use sarde_engine::{Engine, ImageLocation};
 use sarde_format::Format;
+use sarde_transfer::TransferOptions;
 use sarde_transport_oci_dir::OciDir;
 
 use super::{load_registry, print_table};
 use crate::cli::{Cli, ExportArgs, GetconfigArgs, ImageFormat, ImportArgs, ListArgs, OutputFormat};
 
-fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
+pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
     let loaded = load_registry(cli, config)?;
     let s = &config.settings;
     Ok(Engine {
@@ -26,6 +27,15 @@ fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
         ocidir: OciDir::new(s.ocidir.clone()),
         vmdir: s.vmdir.clone(),
         threads: s.effective_threads(),
+        remote: Remote {
+            insecure: s.insecure.clone(),
+            certs_dirs: s.certs_dir.clone(),
+            transfer: TransferOptions {
+                concurrency: s.concurrency,
+                retries: s.retries,
+                ..TransferOptions::default()
+            },
+        },
     })
 }
 
@@ -101,18 +111,13 @@ pub fn export(cli: &Cli, config: &Config, args: &ExportArgs) -> Result<ExitCode>
 pub fn import(cli: &Cli, config: &Config, args: &ImportArgs) -> Result<ExitCode> {
     let location = location(config, args.raw, &args.image)?;
     let engine = engine(cli, config)?;
-    let request = ImportRequest {
-        image: location,
-        name: args.name.clone(),
-        replace: args.replace,
-        allow_unsafe_xml: args.allow_unsafe_xml,
-    };
+    let request = args.vm.request(location);
     let outcome = engine
         .import(&request)
         .with_context(|| format!("importing {}", args.image))?;
     match args.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&outcome)?),
-        OutputFormat::Text if args.print_uuid => println!("{}", outcome.uuid),
+        OutputFormat::Text if args.vm.print_uuid => println!("{}", outcome.uuid),
         OutputFormat::Text => println!("{}", outcome.name),
     }
     Ok(ExitCode::SUCCESS)

@@ -2,6 +2,9 @@
 //! libraries, print the result.
 
 mod image;
+mod login;
+mod progress;
+mod remote;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -25,6 +28,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => args.settings.to_flag_values(),
         Command::Import(args) => args.settings.to_flag_values(),
         Command::List(args) => args.settings.to_flag_values(),
+        Command::Push(args) => args.settings.to_flag_values(),
+        Command::Fetch(args) => args.settings.to_flag_values(),
+        Command::Pull(args) => args.settings.to_flag_values(),
+        Command::Login(args) => args.settings.to_flag_values(),
+        Command::Logout(args) => args.settings.to_flag_values(),
         Command::Getconfig(args) => args.settings.to_flag_values(),
         _ => FlagValues::default(),
     };
@@ -42,6 +50,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => image::export(&cli, &config, args),
         Command::Import(args) => image::import(&cli, &config, args),
         Command::List(args) => image::list(&cli, &config, args),
+        Command::Push(args) => remote::push(&cli, &config, args),
+        Command::Fetch(args) => remote::fetch(&cli, &config, args),
+        Command::Pull(args) => remote::pull(&cli, &config, args),
+        Command::Login(args) => login::login(&cli, &config, args),
+        Command::Logout(args) => login::logout(args),
         Command::Getconfig(args) => image::getconfig(&cli, &config, args),
         Command::Plugins(args) => plugins(&cli, &config, args),
         Command::Config(args) => show_config(&config, &env, args),

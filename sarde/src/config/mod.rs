@@ -58,6 +58,15 @@ pub struct Settings {
     /// Blob transfers at a time.
     #[serde(deserialize_with = "lenient::from_str")]
     pub concurrency: usize,
+    /// Retries of a request after a network error or a 5xx/429 answer.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub retries: u32,
+    /// Registries (`host[:port]`) reached over plain HTTP or without verifying TLS.
+    #[serde(default, deserialize_with = "lenient::word_list")]
+    pub insecure: Vec<String>,
+    /// Directories of per-registry CA certificates: `<dir>/<host[:port]>/*.crt`.
+    #[serde(deserialize_with = "lenient::path_list")]
+    pub certs_dir: Vec<PathBuf>,
     /// Directories whose shared libraries are loaded as plugins.
     #[serde(deserialize_with = "lenient::path_list")]
     pub plugin_dir: Vec<PathBuf>,
@@ -83,6 +92,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "level",
     "threads",
     "concurrency",
+    "retries",
+    "insecure",
+    "certs-dir",
     "plugin-dir",
     "plugin",
     "verbose",
@@ -130,6 +142,19 @@ impl Settings {
         if !root {
             plugin_dir.push(data_dir.join("plugins"));
         }
+        let mut certs_dir = Vec::new();
+        if let (false, Some(home)) = (root, home) {
+            certs_dir.push(home.join(".config/sardinecake/certs.d"));
+            certs_dir.push(home.join(".config/containers/certs.d"));
+        }
+        certs_dir.extend(
+            [
+                "/etc/sardinecake/certs.d",
+                "/etc/containers/certs.d",
+                "/etc/docker/certs.d",
+            ]
+            .map(PathBuf::from),
+        );
         Settings {
             connect: if root {
                 "qemu:///system".into()
@@ -144,6 +169,9 @@ impl Settings {
             level: None,
             threads: 0,
             concurrency: 4,
+            retries: 5,
+            insecure: Vec::new(),
+            certs_dir,
             plugin_dir,
             plugin: Vec::new(),
             verbose: 0,
@@ -159,7 +187,12 @@ impl Settings {
         if let Some(dir) = &self.clonedir {
             self.clonedir = Some(absolute(expand_tilde(dir, home)));
         }
-        for p in self.plugin_dir.iter_mut().chain(self.plugin.iter_mut()) {
+        for p in self
+            .plugin_dir
+            .iter_mut()
+            .chain(self.plugin.iter_mut())
+            .chain(self.certs_dir.iter_mut())
+        {
             *p = expand_tilde(p, home);
         }
     }
@@ -523,6 +556,26 @@ mod lenient {
         T::from_str(text.trim())
             .map(Some)
             .map_err(|e| serde::de::Error::custom(format!("{text:?} is not valid: {e}")))
+    }
+
+    /// Words separated by commas or white space, or a list.
+    pub fn word_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Text(String),
+            List(Vec<String>),
+        }
+        let items = match Either::deserialize(d)? {
+            Either::Text(s) => vec![s],
+            Either::List(items) => items,
+        };
+        Ok(items
+            .iter()
+            .flat_map(|s| s.split(|c: char| c == ',' || c.is_whitespace()))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect())
     }
 
     /// A colon-separated string (like `PATH`) or a list.

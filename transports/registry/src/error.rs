@@ -26,6 +26,8 @@ pub enum Object {
     Tags {
         repository: String,
     },
+    /// The login check (`GET /v2/`, token endpoint).
+    Login,
 }
 
 impl std::fmt::Display for Object {
@@ -38,6 +40,7 @@ impl std::fmt::Display for Object {
             } => write!(f, "manifest {repository}:{reference}"),
             Object::Blob { repository, digest } => write!(f, "blob {digest} in {repository}"),
             Object::Tags { repository } => write!(f, "the tags of {repository}"),
+            Object::Login => f.write_str("the login"),
         }
     }
 }
@@ -112,6 +115,10 @@ pub fn map_status(
                 location,
                 repository: repository.clone(),
                 reference: "(any tag: the repository is unknown)".to_string(),
+            },
+            Object::Login => TransportError::Protocol {
+                location,
+                message: "the registry has no /v2/ API: is this an OCI registry?".to_string(),
             },
         };
     }

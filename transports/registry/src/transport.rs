@@ -79,7 +79,26 @@ impl TransportFactory for RegistryFactory {
         location: &str,
         options: &TransportOptions,
     ) -> Result<Box<dyn Transport>, TransportError> {
-        Ok(Box::new(RegistryTransport::new(location, options)?))
+        if options.credentials.is_some() {
+            return Ok(Box::new(RegistryTransport::new(location, options)?));
+        }
+        // Credentials from the environment, the containers auth file or docker's
+        // config, in that order; anonymous when none names this registry.
+        let found = crate::credentials::CredentialSources::from_process()
+            .lookup(location)
+            .map_err(|e| TransportError::Protocol {
+                location: location.to_string(),
+                message: format!("reading credentials: {e}"),
+            })?;
+        let mut options = options.clone();
+        if let Some((credentials, source)) = found {
+            tracing::debug!(
+                "{location}: credentials of {} from {source}",
+                credentials.username
+            );
+            options.credentials = Some(credentials);
+        }
+        Ok(Box::new(RegistryTransport::new(location, &options)?))
     }
 }
 
@@ -560,10 +579,7 @@ impl Transport for RegistryTransport {
         blob: &Descriptor,
         data: BlobReader,
     ) -> Result<(), TransportError> {
-        // HEAD before upload: hundreds of 64 MiB pieces, most often already there.
-        if self.blob_exists(repository, blob).await? {
-            return Ok(());
-        }
+        // No HEAD here: the copy engine asks `blob_exists` first and decides.
         let object = Object::Blob {
             repository: repository.to_string(),
             digest: blob.digest.clone(),
@@ -612,6 +628,69 @@ impl Transport for RegistryTransport {
         let e = self.response_error(&object, res).await;
         self.cancel_upload(&r, url, &object).await;
         Err(e)
+    }
+
+    /// The login handshake as docker does it: `GET /v2/`; on a Basic challenge the
+    /// same with the credentials, on a Bearer challenge a token request for no
+    /// scope with them. Only a refusal of the credentials is `Unauthorized`.
+    async fn check_credentials(&self) -> Result<(), TransportError> {
+        let object = Object::Login;
+        let r = self.reference("library/check", "latest");
+        let url = format!("{}://{}/v2/", self.scheme, r.resolve_registry());
+        let res = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| self.reqwest_error(&object, &e))?;
+        if res.status().is_success() {
+            return Ok(());
+        }
+        if res.status() != StatusCode::UNAUTHORIZED {
+            return Err(self.response_error(&object, res).await);
+        }
+        let challenge = res
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let RegistryAuth::Basic(user, password) = &self.auth else {
+            return Err(TransportError::Unauthorized {
+                location: self.location.clone(),
+                object: object.to_string(),
+            });
+        };
+        let (scheme, params) = parse_challenge(&challenge);
+        let request = if scheme.eq_ignore_ascii_case("bearer") {
+            let realm = params
+                .get("realm")
+                .cloned()
+                .ok_or_else(|| TransportError::Protocol {
+                    location: self.location.clone(),
+                    message: format!("a Bearer challenge without realm: {challenge:?}"),
+                })?;
+            let mut query = vec![("account", user.clone())];
+            if let Some(service) = params.get("service") {
+                query.push(("service", service.clone()));
+            }
+            self.http.get(realm).query(&query)
+        } else {
+            self.http.get(&url)
+        };
+        let res = request
+            .basic_auth(user, Some(password))
+            .send()
+            .await
+            .map_err(|e| self.reqwest_error(&object, &e))?;
+        match res.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(TransportError::Unauthorized {
+                location: self.location.clone(),
+                object: object.to_string(),
+            }),
+            _ => Err(self.response_error(&object, res).await),
+        }
     }
 
     /// oci-client's mount: `201` is a mount; the `202` upload session a registry
@@ -851,5 +930,57 @@ impl AsyncRead for Exact {
             }
             other => other,
         }
+    }
+}
+
+/// `Bearer realm="…",service="…"` → (`Bearer`, {realm, service}).
+fn parse_challenge(header: &str) -> (String, HashMap<String, String>) {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    let mut params = HashMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            match quoted.find('"') {
+                Some(end) => (&quoted[..end], &quoted[end + 1..]),
+                None => (quoted, ""),
+            }
+        } else {
+            match after.find(',') {
+                Some(end) => (&after[..end], &after[end..]),
+                None => (after, ""),
+            }
+        };
+        params.insert(key, value.to_string());
+        rest = next.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+    }
+    (scheme.to_string(), params)
+}
+
+#[cfg(test)]
+mod challenge_tests {
+    use super::parse_challenge;
+
+    #[test]
+    fn bearer_and_basic_challenges_parse() {
+        let (scheme, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(scheme, "Bearer");
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull");
+        let (scheme, p) = parse_challenge(r#"Basic realm="sarde-test""#);
+        assert_eq!(scheme, "Basic");
+        assert_eq!(p["realm"], "sarde-test");
     }
 }

@@ -124,7 +124,7 @@ async fn blob_and_manifest_round_trip() {
         .await
         .expect("put the layer");
     assert!(t.blob_exists(&repo, &layer).await.unwrap());
-    // A second put of a blob already there is a no-op.
+    // Uploading a blob the registry already has succeeds.
     t.put_blob(&repo, &layer, Box::pin(Generated::new(7, len)))
         .await
         .expect("put the layer again");

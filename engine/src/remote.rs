@@ -1,0 +1,298 @@
+//! `push`, `fetch` and `pull`: the cache and registries, through the transports
+//! the registry of factories offers and the copy engine of `sarde-transfer`.
+//!
+//! An image reference names its transport by an optional `scheme://` prefix
+//! (`docker://` when absent), as containers/image does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sarde_api::transport::TransportOptions;
+use sarde_api::{ImageReference, Transport};
+use sarde_transfer::{
+    BlobGate, FetchRequest, Fetched, Progress, PushRequest, PushTarget, Pushed, TransferError,
+    TransferOptions,
+};
+use sarde_transport_oci_dir::Layout;
+use thiserror::Error;
+
+use crate::import::{ImportOutcome, ImportRequest, Incoming};
+use crate::{Engine, EngineError, ImageLocation};
+
+/// The default transport scheme.
+pub const DEFAULT_SCHEME: &str = "docker";
+
+/// How sarde reaches registries.
+#[derive(Debug, Clone, Default)]
+pub struct Remote {
+    /// Registries (`host[:port]`) reached over plain HTTP or unverified TLS.
+    pub insecure: Vec<String>,
+    /// Directories with `<host[:port]>/*.crt` CA certificates, first match wins
+    /// (the layout of `/etc/containers/certs.d` and `/etc/docker/certs.d`).
+    pub certs_dirs: Vec<PathBuf>,
+    pub transfer: TransferOptions,
+}
+
+/// A push, fetch or pull that failed.
+#[derive(Debug, Error)]
+pub enum RemoteError {
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<sarde_api::TransportError> for RemoteError {
+    fn from(e: sarde_api::TransportError) -> Self {
+        RemoteError::Transfer(e.into())
+    }
+}
+
+impl From<sarde_transport_oci_dir::LayoutError> for RemoteError {
+    fn from(e: sarde_transport_oci_dir::LayoutError) -> Self {
+        RemoteError::Engine(e.into())
+    }
+}
+
+/// A reference with the transport it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteReference {
+    pub scheme: String,
+    pub image: ImageReference,
+}
+
+impl std::str::FromStr for RemoteReference {
+    type Err = sarde_api::reference::ReferenceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = match s.split_once("://") {
+            Some((scheme, rest)) => (scheme.to_string(), rest),
+            None => (DEFAULT_SCHEME.to_string(), s),
+        };
+        Ok(RemoteReference {
+            scheme,
+            image: rest.parse()?,
+        })
+    }
+}
+
+impl std::fmt::Display for RemoteReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.scheme == DEFAULT_SCHEME {
+            write!(f, "{}", self.image)
+        } else {
+            write!(f, "{}://{}", self.scheme, self.image)
+        }
+    }
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    pub fetched: Fetched,
+    pub import: ImportOutcome,
+}
+
+impl Remote {
+    /// The CA file for a registry from the certificate directories.
+    pub fn ca_file(&self, location: &str) -> Option<PathBuf> {
+        for dir in &self.certs_dirs {
+            let dir = dir.join(location);
+            let preferred = dir.join("ca.crt");
+            if preferred.is_file() {
+                return Some(preferred);
+            }
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "crt") && p.is_file())
+                .collect();
+            found.sort();
+            if let Some(first) = found.into_iter().next() {
+                return Some(first);
+            }
+        }
+        None
+    }
+}
+
+impl Engine {
+    /// Opens the transport a reference names, with the TLS settings of its registry.
+    pub fn open_remote(
+        &self,
+        reference: &RemoteReference,
+    ) -> Result<Arc<dyn Transport>, RemoteError> {
+        let location = reference.image.registry_location();
+        let factory = self
+            .registry
+            .transport(&reference.scheme)
+            .map_err(EngineError::from)?;
+        let insecure = self
+            .remote
+            .insecure
+            .iter()
+            .any(|r| r == &location || r == reference.image.registry());
+        if insecure {
+            tracing::warn!(
+                "{location}: insecure registry: plain HTTP or unverified TLS, as configured"
+            );
+        }
+        let options = TransportOptions {
+            insecure,
+            ca_file: self.remote.ca_file(&location),
+            credentials: None,
+            concurrency: self.remote.transfer.concurrency,
+        };
+        if let Some(ca) = &options.ca_file {
+            tracing::debug!("{location}: trusting the CA in {}", ca.display());
+        }
+        Ok(Arc::from(factory.open(&location, &options)?))
+    }
+
+    /// Pushes a cached image to each target (the image's own name when none).
+    pub async fn push(
+        &self,
+        image: &ImageReference,
+        targets: &[RemoteReference],
+        progress: Arc<dyn Progress>,
+    ) -> Result<Pushed, RemoteError> {
+        let location = ImageLocation::cached(&self.ocidir, image);
+        let own;
+        let targets = if targets.is_empty() {
+            own = [RemoteReference {
+                scheme: DEFAULT_SCHEME.into(),
+                image: image.clone(),
+            }];
+            &own[..]
+        } else {
+            targets
+        };
+        let mut push_targets = Vec::new();
+        for target in targets {
+            push_targets.push(PushTarget {
+                transport: self.open_remote(target)?,
+                repository: target.image.repository().to_string(),
+                tag: target.image.tag_or_default().map(str::to_string),
+                name: target.to_string(),
+            });
+        }
+        let request = PushRequest {
+            layout: location.layout,
+            reference: location.reference,
+            image: image.to_string(),
+            targets: push_targets,
+            mount_from: vec![(image.registry_location(), image.repository().to_string())],
+        };
+        Ok(request.run(&self.remote.transfer, progress).await?)
+    }
+
+    fn fetch_request(
+        &self,
+        source: &RemoteReference,
+        image: &ImageReference,
+    ) -> Result<FetchRequest, RemoteError> {
+        Ok(FetchRequest {
+            source: self.open_remote(source)?,
+            repository: source.image.repository().to_string(),
+            reference: source.image.reference_for_registry(),
+            cache: self.ocidir.root().to_path_buf(),
+            layout: self.ocidir.layout_for(image),
+            tag: image.tag_or_default().map(str::to_string),
+            image: source.to_string(),
+        })
+    }
+
+    /// Fetches `source` into the cache as `image`.
+    pub async fn fetch(
+        &self,
+        source: &RemoteReference,
+        image: &ImageReference,
+        progress: &dyn Progress,
+    ) -> Result<Fetched, RemoteError> {
+        let request = self.fetch_request(source, image)?;
+        Ok(request.run(&self.remote.transfer, progress).await?)
+    }
+
+    /// Fetches and imports; when the image is not cached yet, pieces are written
+    /// into the VM's disks as they arrive. `import.image` is set here.
+    pub async fn pull(
+        &self,
+        source: &RemoteReference,
+        image: &ImageReference,
+        mut import: ImportRequest,
+        progress: &dyn Progress,
+    ) -> Result<Pulled, RemoteError> {
+        let started = std::time::Instant::now();
+        let options = &self.remote.transfer;
+        let request = self.fetch_request(source, image)?;
+        let resolved = request.resolve(options).await?;
+        import.image = ImageLocation::cached(&self.ocidir, image);
+        let engine = self.clone();
+        if resolved.up_to_date {
+            let outcome = tokio::task::spawn_blocking(move || engine.import(&import))
+                .await
+                .map_err(|e| RemoteError::Refused(format!("the import task failed: {e}")))??;
+            let mut summary = sarde_transfer::Summary {
+                bytes_received: resolved.manifest_bytes,
+                blobs_skipped: resolved.blobs.len(),
+                bytes_skipped: resolved.blobs.iter().map(|b| b.size).sum(),
+                ..Default::default()
+            };
+            summary.seconds = started.elapsed().as_secs_f64();
+            return Ok(Pulled {
+                fetched: Fetched {
+                    manifest: resolved.descriptor(),
+                    summary,
+                    up_to_date: true,
+                },
+                import: outcome,
+            });
+        }
+        Layout::create(&request.layout)?;
+        let gate = Arc::new(BlobGate::new());
+        import.incoming = Some(Incoming {
+            manifest: resolved.descriptor(),
+            manifest_bytes: resolved.manifest.bytes.clone(),
+            gate: gate.clone(),
+        });
+        let mut import_task = tokio::task::spawn_blocking(move || engine.import(&import));
+        let fetch = async {
+            let mut summary = request
+                .fetch_blobs(&resolved, options, progress, Some(&gate))
+                .await?;
+            request.commit(&resolved)?;
+            summary.bytes_received += resolved.manifest_bytes;
+            Ok::<_, RemoteError>(summary)
+        };
+        tokio::pin!(fetch);
+        let task_failed = |e: tokio::task::JoinError| {
+            RemoteError::Refused(format!("the import task failed: {e}"))
+        };
+        let (summary, outcome) = tokio::select! {
+            fetched = &mut fetch => {
+                // On failure the gate is failed too, so the import stops waiting.
+                let outcome = import_task.await.map_err(task_failed)?;
+                (fetched?, outcome?)
+            }
+            imported = &mut import_task => {
+                // An import that fails (a hostile image, a name taken) stops the download.
+                let outcome = imported.map_err(task_failed)??;
+                (fetch.await?, outcome)
+            }
+        };
+        let mut summary = summary;
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(Pulled {
+            fetched: Fetched {
+                manifest: resolved.descriptor(),
+                summary,
+                up_to_date: false,
+            },
+            import: outcome,
+        })
+    }
+}

@@ -1,0 +1,187 @@
+//! push, fetch, pull: flags to engine requests, results to stdout.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use sarde_api::ImageReference;
+use sarde_cli::config::Config;
+use sarde_engine::Engine;
+use sarde_engine::remote::RemoteReference;
+use sarde_transfer::Summary;
+use serde_json::json;
+
+use super::image::engine;
+use super::progress::{Reporter, human};
+use crate::cli::{Cli, FetchArgs, OutputFormat, PullArgs, PushArgs};
+
+/// A runtime for one command: enough workers for the transfers plus the import.
+fn runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.settings.concurrency.clamp(2, 16))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn quiet(cli: &Cli, config: &Config) -> bool {
+    cli.quiet > 0 || config.settings.quiet > 0
+}
+
+/// The engine, with `--insecure` applied to the registries this command names.
+fn engine_for(
+    cli: &Cli,
+    config: &Config,
+    insecure: bool,
+    refs: &[&RemoteReference],
+) -> Result<Engine> {
+    let mut engine = engine(cli, config)?;
+    if insecure {
+        for r in refs {
+            engine.remote.insecure.push(r.image.registry_location());
+        }
+    }
+    Ok(engine)
+}
+
+fn parse_image(text: &str) -> Result<ImageReference> {
+    text.parse()
+        .with_context(|| format!("{text:?} is not an image reference"))
+}
+
+fn parse_remote(text: &str) -> Result<RemoteReference> {
+    text.parse()
+        .with_context(|| format!("{text:?} is not an image reference"))
+}
+
+/// `--source`, or the image's own name in the default transport.
+fn source_or_image(source: Option<&str>, image: &ImageReference) -> Result<RemoteReference> {
+    match source {
+        Some(s) => parse_remote(s),
+        None => Ok(RemoteReference {
+            scheme: sarde_engine::remote::DEFAULT_SCHEME.into(),
+            image: image.clone(),
+        }),
+    }
+}
+
+fn summary_line(s: &Summary) -> String {
+    format!(
+        "{} received, {} sent, {} skipped; {} blobs moved, {} skipped ({} mounted or linked); {:.1}s",
+        human(s.bytes_received),
+        human(s.bytes_sent),
+        human(s.bytes_skipped),
+        s.blobs_transferred,
+        s.blobs_skipped,
+        s.blobs_mounted,
+        s.seconds
+    )
+}
+
+pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
+    let image = parse_image(&args.image)?;
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| parse_remote(t))
+        .collect::<Result<Vec<_>>>()?;
+    let own = RemoteReference {
+        scheme: sarde_engine::remote::DEFAULT_SCHEME.into(),
+        image: image.clone(),
+    };
+    let named: Vec<&RemoteReference> = if targets.is_empty() {
+        vec![&own]
+    } else {
+        targets.iter().collect()
+    };
+    let engine = engine_for(cli, config, args.insecure, &named)?;
+    let progress = Arc::new(Reporter::new(quiet(cli, config)));
+    let pushed = runtime(config)?
+        .block_on(engine.push(&image, &targets, progress))
+        .with_context(|| format!("pushing {image}"))?;
+    tracing::info!("pushed {image}: {}", summary_line(&pushed.summary));
+    match args.format {
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(&pushed.summary)?;
+            value["image"] = json!(image.to_string());
+            value["manifest"] = json!(pushed.manifest.digest.to_string());
+            value["targets"] = json!(
+                pushed
+                    .targets
+                    .iter()
+                    .map(|(name, manifest_only)| json!({"name": name, "manifest_only": manifest_only}))
+                    .collect::<Vec<_>>()
+            );
+            println!("{value}");
+        }
+        OutputFormat::Text => {
+            for (name, _) in &pushed.targets {
+                println!("{name}@{}", pushed.manifest.digest);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
+    let image = parse_image(&args.image)?;
+    let source = source_or_image(args.source.as_deref(), &image)?;
+    let engine = engine_for(cli, config, args.insecure, &[&source])?;
+    let progress = Reporter::new(quiet(cli, config));
+    let fetched = runtime(config)?
+        .block_on(engine.fetch(&source, &image, &progress))
+        .with_context(|| format!("fetching {source}"))?;
+    drop(progress);
+    if fetched.up_to_date {
+        tracing::info!("{image} is up to date ({})", fetched.manifest.digest);
+    } else {
+        tracing::info!("fetched {image}: {}", summary_line(&fetched.summary));
+    }
+    match args.format {
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(&fetched.summary)?;
+            value["image"] = json!(image.to_string());
+            value["source"] = json!(source.to_string());
+            value["manifest"] = json!(fetched.manifest.digest.to_string());
+            value["up_to_date"] = json!(fetched.up_to_date);
+            println!("{value}");
+        }
+        OutputFormat::Text => println!("{}", fetched.manifest.digest),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pull(cli: &Cli, config: &Config, args: &PullArgs) -> Result<ExitCode> {
+    let image = parse_image(&args.image)?;
+    let source = source_or_image(args.source.as_deref(), &image)?;
+    let engine = engine_for(cli, config, args.insecure, &[&source])?;
+    let import = args
+        .vm
+        .request(sarde_engine::ImageLocation::cached(&engine.ocidir, &image));
+    let progress = Reporter::new(quiet(cli, config));
+    let pulled = runtime(config)?
+        .block_on(engine.pull(&source, &image, import, &progress))
+        .with_context(|| format!("pulling {source}"))?;
+    drop(progress);
+    tracing::info!(
+        "pulled {image} as VM {:?}: {}",
+        pulled.import.name,
+        summary_line(&pulled.fetched.summary)
+    );
+    match args.format {
+        OutputFormat::Json => {
+            let value = json!({
+                "image": image.to_string(),
+                "source": source.to_string(),
+                "manifest": pulled.fetched.manifest.digest.to_string(),
+                "up_to_date": pulled.fetched.up_to_date,
+                "transfer": pulled.fetched.summary,
+                "import": pulled.import,
+            });
+            println!("{value}");
+        }
+        OutputFormat::Text if args.vm.print_uuid => println!("{}", pulled.import.uuid),
+        OutputFormat::Text => println!("{}", pulled.import.name),
+    }
+    Ok(ExitCode::SUCCESS)
+}

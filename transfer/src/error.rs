@@ -1,0 +1,89 @@
+use std::path::PathBuf;
+
+use sarde_api::{Digest, TransportError};
+use sarde_transport_oci_dir::LayoutError;
+use thiserror::Error;
+
+/// Why a transfer failed; every message names the image and the object.
+#[derive(Debug, Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The registry's manifest is not something sarde copies.
+    #[error("{image}: manifest {digest}: {message}")]
+    Manifest {
+        image: String,
+        digest: String,
+        message: String,
+    },
+    /// A download ended with other content than its descriptor promised.
+    #[error("{0}")]
+    Verify(Box<VerifyFailure>),
+    /// The connection broke while a blob streamed; retried like a transient error.
+    #[error("{location}: blob {digest}: the download broke off after {received} bytes: {source}")]
+    Stream {
+        location: String,
+        digest: Digest,
+        received: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {context}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another part of the same transfer failed first.
+    #[error("{0}")]
+    Aborted(String),
+}
+
+impl TransferError {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        context: impl Into<String>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        let context = context.into();
+        move |source| TransferError::Io {
+            path,
+            context,
+            source,
+        }
+    }
+
+    /// Whether trying again may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TransferError::Transport(e) => e.is_transient(),
+            TransferError::Stream { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// How long the other side asked us to wait, if it did.
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            TransferError::Transport(TransportError::Transient { retry_after, .. }) => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A blob whose downloaded content is not what its descriptor says.
+#[derive(Debug, Error)]
+#[error(
+    "{image}: blob {digest} from {location} has {what} {actual}, expected {expected}; nothing was stored (the registry's copy is damaged: push the image again)"
+)]
+pub struct VerifyFailure {
+    pub image: String,
+    pub location: String,
+    pub digest: Digest,
+    pub what: &'static str,
+    pub expected: String,
+    pub actual: String,
+}

@@ -89,6 +89,12 @@ pub fn sarde(home: &Path) -> Command {
         .env("SARDE_OCIDIR", home.join("OCI"))
         .env("SARDE_VMDIR", home.join("VMs"))
         .env("SARDE_CONNECT", vm::LIBVIRT_URI)
+        // Credentials only from this home: never the runner's own.
+        .env("REGISTRY_AUTH_FILE", home.join("auth.json"))
+        .env("DOCKER_CONFIG", home.join(".docker"))
+        .env_remove("SARDE_REGISTRY_USERNAME")
+        .env_remove("SARDE_REGISTRY_PASSWORD")
+        .env_remove("SARDE_REGISTRY_HOSTNAME")
         .env_remove("SARDE_LOG");
     cmd
 }

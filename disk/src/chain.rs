@@ -179,6 +179,24 @@ pub fn rebase_in_place(
     run_qemu_img(file, &args).map(drop)
 }
 
+/// Creates a qcow2 overlay `file` on top of `backing` (an absolute path, opened
+/// read-only to learn its size; never written). Costs the same whatever the
+/// backing file's size: only the overlay's header is written.
+pub fn create_overlay(file: &Path, backing: &Path, backing_format: &str) -> Result<(), DiskError> {
+    let args: Vec<&OsStr> = vec![
+        OsStr::new("create"),
+        OsStr::new("-q"),
+        OsStr::new("-f"),
+        OsStr::new("qcow2"),
+        OsStr::new("-F"),
+        OsStr::new(backing_format),
+        OsStr::new("-b"),
+        backing.as_os_str(),
+        file.as_os_str(),
+    ];
+    run_qemu_img(file, &args).map(drop)
+}
+
 /// What a file's own header says, read without following its backing chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageHeader {

@@ -20,7 +20,7 @@ mod export;
 mod holes;
 mod import;
 
-pub use chain::{ChainFile, ImageHeader, backing_chain, inspect, rebase_in_place};
+pub use chain::{ChainFile, ImageHeader, backing_chain, create_overlay, inspect, rebase_in_place};
 pub use error::DiskError;
 pub use export::{PieceInfo, PieceSink, PieceWriter, export_file};
 pub use import::{

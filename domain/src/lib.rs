@@ -60,6 +60,9 @@ pub enum DomainError {
     },
     #[error("disk {target} refers to {name:?}, which is not a file of the image")]
     UnknownFile { target: String, name: String },
+    /// The VM cannot be cloned as asked.
+    #[error("{0}")]
+    CannotClone(String),
 }
 
 /// A file-backed disk of a domain.
@@ -461,6 +464,105 @@ pub fn prepare_import(xml: &str, spec: &ImportSpec) -> Result<String, DomainErro
                     .get(&file)
                     .ok_or(DomainError::UnknownFile { target, name: file })?;
                 source.set_attr("file", &path.to_string_lossy());
+            }
+        }
+    }
+    doc.write()
+}
+
+/// The domain's NVRAM file (`<os><nvram>PATH</nvram>` or its `<source file>`).
+pub fn nvram_file(xml: &str) -> Result<Option<PathBuf>, DomainError> {
+    let doc = parse_domain(xml)?;
+    let Some(nv) = doc.root().child("os").and_then(|o| o.child("nvram")) else {
+        return Ok(None);
+    };
+    if let Some(source) = nv.child("source") {
+        return Ok(source.attr("file").map(PathBuf::from));
+    }
+    let text = nv.text();
+    let path = text.trim();
+    Ok((!path.is_empty()).then(|| PathBuf::from(path)))
+}
+
+/// How to make a clone's domain XML from its source VM's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CloneSpec {
+    /// The clone's name.
+    pub name: String,
+    /// Disk target (`vda`) → the clone's qcow2 overlay of that disk.
+    pub overlays: BTreeMap<String, PathBuf>,
+    /// The clone's own copy of the NVRAM file, when the source has one.
+    pub nvram: Option<PathBuf>,
+    /// The first interface's MAC; libvirt makes new ones for the others (and for
+    /// the first when `None`).
+    pub mac: Option<String>,
+}
+
+/// Rewrites a VM's domain XML for a copy-on-write clone: a new name, no uuid, new
+/// MACs, each writable file disk pointing at its overlay (qcow2, no recorded
+/// backing chain: qemu reads it from the overlay's header), read-only disks and
+/// CD-ROMs shared with the source, the NVRAM at the clone's copy. A writable file
+/// disk without an overlay in `spec` is an error, so a clone never writes into
+/// its source's disks.
+pub fn prepare_clone(xml: &str, spec: &CloneSpec) -> Result<String, DomainError> {
+    check_vm_name(&spec.name)?;
+    let mut doc = parse_domain(xml)?;
+    doc.drop_declaration();
+    let root = doc.root_mut();
+    name_of(root)?;
+    root.remove_descendants(&|parent, e| match e.local.as_str() {
+        "uuid" => parent == "domain",
+        "mac" => parent == "interface",
+        _ => false,
+    });
+    let mut first = true;
+    root.remove_children(|e| e.local == "name" && !std::mem::take(&mut first));
+    if let Some(name) = root.child_mut("name") {
+        name.set_text(&spec.name);
+    }
+    if let Some(nv) = root.child_mut("os").and_then(|o| o.child_mut("nvram")) {
+        import_nvram(nv, spec.nvram.as_ref());
+    }
+    let mut mac = spec.mac.clone();
+    for devices in root.elements_mut().filter(|e| e.local == "devices") {
+        for disk in devices.elements_mut().filter(|e| e.local == "disk") {
+            let target = disk_target(disk);
+            let shared = disk
+                .attr("device")
+                .is_some_and(|d| d == "cdrom" || d == "floppy")
+                || disk.child("readonly").is_some()
+                || disk.child("shareable").is_some();
+            let is_file = disk.attr("type").unwrap_or("file") == "file"
+                && disk
+                    .child("source")
+                    .is_some_and(|s| s.attr("file").is_some());
+            if shared || !is_file {
+                if !shared && disk.child("source").is_some() {
+                    return Err(DomainError::CannotClone(format!(
+                        "disk {target} is writable and not a file: it has no copy-on-write overlay"
+                    )));
+                }
+                continue;
+            }
+            let overlay = spec
+                .overlays
+                .get(&target)
+                .ok_or_else(|| DomainError::CannotClone(format!("disk {target} has no overlay")))?;
+            disk.remove_children(|e| e.local == "backingStore");
+            if let Some(source) = disk.child_mut("source") {
+                source.set_attr("file", &overlay.to_string_lossy());
+            }
+            if let Some(driver) = disk.child_mut("driver") {
+                driver.set_attr("type", "qcow2");
+            }
+        }
+        if let Some(mac) = mac.take() {
+            if let Some(interface) = devices.elements_mut().find(|e| e.local == "interface") {
+                interface.push_child_with_attr("mac", "address", &mac);
+            } else {
+                return Err(DomainError::CannotClone(format!(
+                    "a MAC address ({mac}) was given, but the VM has no network interface"
+                )));
             }
         }
     }

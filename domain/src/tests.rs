@@ -1123,3 +1123,46 @@ fn host_path_scan_allows_host_paths_only_where_libvirt_expects_them() {
         .is_err()
     );
 }
+
+#[test]
+fn a_clone_gets_overlays_a_new_name_and_mac_and_shares_read_only_disks() {
+    let spec = CloneSpec {
+        name: "debian-clone".into(),
+        overlays: [
+            (
+                "vda".to_string(),
+                PathBuf::from("/clones/debian-clone-vda.qcow2"),
+            ),
+            (
+                "vdb".to_string(),
+                PathBuf::from("/clones/debian-clone-vdb.qcow2"),
+            ),
+        ]
+        .into(),
+        nvram: None,
+        mac: Some("52:54:00:ab:cd:ef".into()),
+    };
+    let out = prepare_clone(DEBIAN, &spec).unwrap();
+    assert!(out.contains("<name>debian-clone</name>"), "{out}");
+    assert!(!out.contains("<uuid>"), "{out}");
+    assert!(out.contains("/clones/debian-clone-vda.qcow2"), "{out}");
+    assert!(out.contains("52:54:00:ab:cd:ef"), "{out}");
+    assert!(
+        !out.contains("52:54:00:12:34:56"),
+        "the source's MAC is gone: {out}"
+    );
+    assert_eq!(out.matches("<mac ").count(), 1, "{out}");
+    let sources = file_disk_sources(&out).unwrap();
+    for target in ["vda", "vdb"] {
+        let d = sources.iter().find(|d| d.target == target).unwrap();
+        assert_eq!(d.driver_type.as_deref(), Some("qcow2"), "{target}");
+        assert!(d.source.starts_with("/clones"), "{target}");
+    }
+    assert!(out.contains("<readonly/>"), "the CD-ROM stays: {out}");
+
+    // A writable disk without an overlay is refused: a clone never writes its source.
+    let mut missing = spec.clone();
+    missing.overlays.remove("vdb");
+    let e = prepare_clone(DEBIAN, &missing).unwrap_err().to_string();
+    assert!(e.contains("vdb"), "{e}");
+}

@@ -376,6 +376,22 @@ impl Element {
         })
     }
 
+    /// Appends an empty child element `<name attr="value"/>` (no namespace).
+    pub fn push_child_with_attr(&mut self, name: &str, attr: &str, value: &str) {
+        let mut child = Element {
+            start: BytesStart::new(name.to_string()),
+            qname: name.to_string(),
+            local: name.to_string(),
+            ns: Ns::None,
+            attrs: Vec::new(),
+            empty: true,
+            children: Vec::new(),
+        };
+        child.set_attr(attr, value);
+        self.children.push(Node::Element(child));
+        self.empty = false;
+    }
+
     /// The value of the attribute with this local name (namespace declarations aside),
     /// as libvirt's `xmlGetProp` finds it.
     pub fn attr(&self, local: &str) -> Option<&str> {

@@ -7,6 +7,7 @@
 //! hypervisor from the registry. The binaries only parse flags and print results.
 
 mod blobs;
+pub mod clone;
 pub mod export;
 mod gzip_header;
 pub mod import;
@@ -45,11 +46,12 @@ pub struct Engine {
 pub enum EngineError {
     #[error(transparent)]
     Layout(#[from] sarde_transport_oci_dir::LayoutError),
-    #[error("image format: {0}")]
+    // The cause follows in the error chain (`{:#}` prints "image format: …").
+    #[error("image format")]
     Format(#[from] sarde_format::FormatError),
-    #[error("domain XML: {0}")]
+    #[error("domain XML")]
     Domain(#[from] sarde_domain::DomainError),
-    #[error("{0}")]
+    #[error(transparent)]
     UnsafeXml(#[from] sarde_domain::UnsafeXml),
     #[error(transparent)]
     Disk(#[from] sarde_disk::DiskError),

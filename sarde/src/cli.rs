@@ -47,6 +47,8 @@ pub enum Command {
     Fetch(Box<FetchArgs>),
     /// Fetch an image and import it as a VM (pieces go to disk as they arrive)
     Pull(Box<PullArgs>),
+    /// Make a copy-on-write clone of a VM (or of an image, pulled when missing)
+    Clone(Box<CloneArgs>),
     /// Store credentials for a registry, after checking them with it
     Login(Box<LoginArgs>),
     /// Remove stored credentials for a registry ('*': for all)
@@ -72,6 +74,7 @@ impl Command {
             Command::Push(_) => Some("push"),
             Command::Fetch(_) => Some("fetch"),
             Command::Pull(_) => Some("pull"),
+            Command::Clone(_) => Some("clone"),
             Command::Login(_) => Some("login"),
             Command::Logout(_) => Some("logout"),
             Command::List(_) => Some("list"),
@@ -226,6 +229,42 @@ pub struct PullArgs {
     pub settings: SettingsFlags,
     /// Image name[:tag|@digest]
     pub image: String,
+}
+
+/// What `clone` does with the new VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum CloneStartArg {
+    /// Define it, leave it stopped
+    #[default]
+    Define,
+    /// Define and start it
+    Persistent,
+    /// Start it as a transient VM whose overlays disappear with it
+    Ephemeral,
+    /// Make the overlays and print the domain XML, define nothing
+    PrintXml,
+}
+
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// MAC address of the clone's first network interface (default: a new one)
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// What to do with the clone
+    #[arg(long, value_enum, default_value_t)]
+    pub start: CloneStartArg,
+    /// Allow plain HTTP and unverified TLS when SOURCE is pulled
+    #[arg(long)]
+    pub insecure: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// A VM, or an image (pulled and imported when no such VM exists)
+    pub source: String,
+    /// Name of the clone (default: <source>-clone[-N])
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Args)]

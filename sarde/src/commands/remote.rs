@@ -13,7 +13,10 @@ use serde_json::json;
 
 use super::image::engine;
 use super::progress::{Reporter, human};
-use crate::cli::{Cli, FetchArgs, OutputFormat, PullArgs, PushArgs};
+use crate::cli::{
+    Cli, CloneArgs, CloneStartArg, FetchArgs, ImportFlags, OutputFormat, PullArgs, PushArgs,
+};
+use sarde_engine::clone::{CloneRequest, CloneStart};
 
 /// A runtime for one command: enough workers for the transfers plus the import.
 fn runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
@@ -182,6 +185,67 @@ pub fn pull(cli: &Cli, config: &Config, args: &PullArgs) -> Result<ExitCode> {
         }
         OutputFormat::Text if args.vm.print_uuid => println!("{}", pulled.import.uuid),
         OutputFormat::Text => println!("{}", pulled.import.name),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn clone(cli: &Cli, config: &Config, args: &CloneArgs) -> Result<ExitCode> {
+    let mut engine = engine(cli, config)?;
+    let hv = engine.registry.connect(&engine.connect)?;
+    // A VM by that name wins; otherwise SOURCE is an image, imported under its id.
+    let source_vm = if hv.exists(&args.source)? {
+        args.source.clone()
+    } else {
+        let image = parse_image(&args.source).with_context(|| {
+            format!(
+                "no VM {:?}, and it is not an image reference either",
+                args.source
+            )
+        })?;
+        let source = source_or_image(None, &image)?;
+        if args.insecure {
+            engine.remote.insecure.push(image.registry_location());
+        }
+        let import = ImportFlags {
+            name: None,
+            print_uuid: false,
+            replace: false,
+            allow_unsafe_xml: false,
+        }
+        .request(sarde_engine::ImageLocation::cached(&engine.ocidir, &image));
+        let progress = Reporter::new(quiet(cli, config));
+        let pulled = runtime(config)?
+            .block_on(engine.pull(&source, &image, import, &progress))
+            .with_context(|| format!("pulling {source} to clone it"))?;
+        pulled.import.name
+    };
+    let request = CloneRequest {
+        source: source_vm,
+        name: args.target.clone(),
+        clonedir: config.settings.clonedir.clone(),
+        mac: args.mac.clone(),
+        start: match args.start {
+            CloneStartArg::Define => CloneStart::Define,
+            CloneStartArg::Persistent => CloneStart::Persistent,
+            CloneStartArg::Ephemeral => CloneStart::Ephemeral,
+            CloneStartArg::PrintXml => CloneStart::PrintXml,
+        },
+    };
+    let started = std::time::Instant::now();
+    let outcome = engine
+        .clone_vm(&request)
+        .with_context(|| format!("cloning {}", request.source))?;
+    tracing::info!(
+        "cloned {} as {} ({} overlays) in {:.2}s",
+        outcome.source,
+        outcome.name,
+        outcome.overlays.len(),
+        started.elapsed().as_secs_f64()
+    );
+    match (args.format, &outcome.xml) {
+        (OutputFormat::Json, _) => println!("{}", serde_json::to_string(&outcome)?),
+        (OutputFormat::Text, Some(xml)) => println!("{xml}"),
+        (OutputFormat::Text, None) => println!("{}", outcome.name),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -484,6 +484,20 @@ pub fn nvram_file(xml: &str) -> Result<Option<PathBuf>, DomainError> {
     Ok((!path.is_empty()).then(|| PathBuf::from(path)))
 }
 
+/// The MAC addresses of the domain's network interfaces, in document order.
+pub fn interface_macs(xml: &str) -> Result<Vec<String>, DomainError> {
+    let doc = parse_domain(xml)?;
+    let mut out = Vec::new();
+    for devices in doc.root().elements().filter(|e| e.local == "devices") {
+        for interface in devices.elements().filter(|e| e.local == "interface") {
+            if let Some(mac) = interface.child("mac").and_then(|m| m.attr("address")) {
+                out.push(mac.to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// How to make a clone's domain XML from its source VM's.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CloneSpec {

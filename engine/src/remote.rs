@@ -31,6 +31,9 @@ pub struct Remote {
     /// (the layout of `/etc/containers/certs.d` and `/etc/docker/certs.d`).
     pub certs_dirs: Vec<PathBuf>,
     pub transfer: TransferOptions,
+    /// Credentials per registry (`host[:port]`) given by the caller (a CI job's);
+    /// others are looked up by the transport.
+    pub credentials: Vec<(String, sarde_api::transport::Credentials)>,
 }
 
 /// A push, fetch or pull that failed.
@@ -144,7 +147,12 @@ impl Engine {
         let options = TransportOptions {
             insecure,
             ca_file: self.remote.ca_file(&location),
-            credentials: None,
+            credentials: self
+                .remote
+                .credentials
+                .iter()
+                .find(|(l, _)| *l == location)
+                .map(|(_, c)| c.clone()),
             concurrency: self.remote.transfer.concurrency,
         };
         if let Some(ca) = &options.ca_file {

@@ -35,6 +35,7 @@ pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
                 retries: s.retries,
                 ..TransferOptions::default()
             },
+            credentials: Vec::new(),
         },
     })
 }

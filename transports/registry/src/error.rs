@@ -262,9 +262,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// messages are stable enough to recognise.
 fn looks_like_tls(chain: &str) -> bool {
     let lower = chain.to_ascii_lowercase();
-    ["certificate", "tls", "handshake", "unknownissuer", "ssl"]
-        .iter()
-        .any(|w| lower.contains(w))
+    // rustls says "received corrupt message of type InvalidContentType" when the
+    // server speaks plain HTTP: a protocol mismatch no retry will fix.
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "unknownissuer",
+        "ssl",
+        "corrupt message",
+        "invalidcontenttype",
+        "peerincompatible",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
 }
 
 /// `Retry-After` in seconds; HTTP dates are rare for registries and ignored.

@@ -1,0 +1,133 @@
+//! What prepare leaves for run and cleanup: one JSON file per job in the state
+//! directory (0700), and the VM slots that bound how many VMs run at once.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ssh::Login;
+
+/// A prepared job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobState {
+    pub vm: String,
+    /// The VM the clone was made from (its disks are the clone's backing files).
+    pub source_vm: String,
+    pub image: String,
+    pub login: Login,
+    /// Directories holding the clone's overlays.
+    pub overlay_dirs: Vec<PathBuf>,
+}
+
+fn ensure_dir(dir: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+pub fn state_path(state_dir: &Path, vm: &str) -> PathBuf {
+    state_dir.join(format!("{vm}.json"))
+}
+
+impl JobState {
+    /// Written 0600: it may hold the guest's password.
+    pub fn write(&self, state_dir: &Path) -> std::io::Result<()> {
+        ensure_dir(state_dir)?;
+        let path = state_path(state_dir, &self.vm);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("state serialises"))?;
+        f.sync_all()?;
+        fs::rename(tmp, path)
+    }
+
+    pub fn read(state_dir: &Path, vm: &str) -> std::io::Result<JobState> {
+        let bytes = fs::read(state_path(state_dir, vm))?;
+        serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+    }
+
+    pub fn remove(state_dir: &Path, vm: &str) {
+        let _ = fs::remove_file(state_path(state_dir, vm));
+    }
+}
+
+/// A claimed VM slot: `slots/<n>` holds the job's VM name. While prepare runs it
+/// also holds an flock on it; afterwards the VM's existence keeps the slot.
+pub struct Slot {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl Slot {
+    /// Claims one of `max` slots for `vm`, waiting while all are taken by other
+    /// jobs' VMs. A slot whose VM is gone and which nobody holds is free again (a
+    /// job that died without cleanup). `exists` tells whether a VM exists.
+    pub fn claim(
+        state_dir: &Path,
+        max: usize,
+        vm: &str,
+        deadline: Instant,
+        exists: &dyn Fn(&str) -> bool,
+    ) -> std::io::Result<Option<Slot>> {
+        let dir = state_dir.join("slots");
+        ensure_dir(state_dir)?;
+        ensure_dir(&dir)?;
+        let mut announced = false;
+        loop {
+            for n in 0..max {
+                let path = dir.join(n.to_string());
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)?;
+                // SAFETY: flock on a descriptor we own.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    continue;
+                }
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                if holder.is_empty() || holder == vm || !exists(holder) {
+                    fs::write(&path, vm)?;
+                    return Ok(Some(Slot { path, _lock: file }));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            if !announced {
+                tracing::warn!("all {max} VM slots of this host are in use; waiting for one");
+                announced = true;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Frees the slot that names `vm` (at cleanup).
+pub fn release_slot(state_dir: &Path, vm: &str) {
+    let dir = state_dir.join("slots");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if fs::read_to_string(entry.path()).is_ok_and(|h| h.trim() == vm) {
+            let _ = fs::write(entry.path(), "");
+        }
+    }
+}

@@ -25,7 +25,7 @@ pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
 #[derive(Debug, Error)]
 pub enum TransportError {
     #[error(
-        "{location}: authentication required or refused for {object}: check the credentials (sarde login {location})"
+        "{location}: authentication required or refused for {object}: check the credentials (`sarde login {location}`; SARDE_REGISTRY_USERNAME/PASSWORD, when set, win over stored ones)"
     )]
     Unauthorized { location: String, object: String },
     #[error("{location}: access to {object} is forbidden for these credentials")]

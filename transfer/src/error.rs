@@ -22,7 +22,8 @@ pub enum TransferError {
     #[error("{0}")]
     Verify(Box<VerifyFailure>),
     /// The connection broke while a blob streamed; retried like a transient error.
-    #[error("{location}: blob {digest}: the download broke off after {received} bytes: {source}")]
+    // The cause follows in the error chain.
+    #[error("{location}: blob {digest}: the download broke off after {received} bytes")]
     Stream {
         location: String,
         digest: Digest,

@@ -1,0 +1,755 @@
+//! Registries that misbehave, each test with a private `docker-registry`: one that
+//! dies in the middle of a download (the rerun resumes, downloading only what is
+//! missing), one whose stored blob is damaged (nothing enters the cache, no VM), eight
+//! pulls of one image into one cache at once (each blob downloaded once), and a
+//! registry that refuses a password (no retry storm, credentials stored only when
+//! they work).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
+use sarde_e2e::{fails, ok, sarde};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// The piece size of the exported images.
+const PIECE: u64 = 8 * MIB;
+
+/// Whether the test can run here; prints why not.
+fn enabled(test: &str) -> bool {
+    if !vm::libvirt_enabled(test) {
+        return false;
+    }
+    if !registry_tools_available() {
+        eprintln!(
+            "SKIPPED {test}: docker-registry, htpasswd, openssl or curl missing (scripts/install-deps.sh)"
+        );
+        return false;
+    }
+    true
+}
+
+fn read_json(path: &Path) -> Value {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("{} cannot be read: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// A blob of a manifest.
+#[derive(Debug, Clone)]
+struct Blob {
+    digest: String,
+    size: u64,
+    media_type: String,
+}
+
+impl Blob {
+    fn hex(&self) -> &str {
+        self.digest.trim_start_matches("sha256:")
+    }
+
+    fn is_piece(&self) -> bool {
+        self.media_type.contains("disk.piece")
+    }
+}
+
+/// One OCI layout of a cache: `<ocidir>/<registry>/<repository>`.
+struct CachedImage {
+    layout: PathBuf,
+    tag: String,
+}
+
+impl CachedImage {
+    fn new(home: &Path, image: &str) -> CachedImage {
+        let (name, tag) = image.rsplit_once(':').expect("image with a tag");
+        CachedImage {
+            layout: home.join("OCI").join(name),
+            tag: tag.to_string(),
+        }
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
+    /// The descriptor the tag points at, if the layout has the tag.
+    fn tagged(&self) -> Option<Value> {
+        let index = self.layout.join("index.json");
+        if !index.exists() {
+            return None;
+        }
+        read_json(&index)["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == self.tag.as_str())
+            .cloned()
+    }
+
+    /// The manifest's digest and size.
+    fn manifest_descriptor(&self) -> (String, u64) {
+        let d = self
+            .tagged()
+            .unwrap_or_else(|| panic!("no tag {} in {}", self.tag, self.layout.display()));
+        (
+            d["digest"].as_str().unwrap().to_string(),
+            d["size"].as_u64().unwrap(),
+        )
+    }
+
+    /// Config and layers of the tagged manifest.
+    fn blobs(&self) -> Vec<Blob> {
+        let (digest, _) = self.manifest_descriptor();
+        let manifest = read_json(&self.blob_path(&digest));
+        let blob = |v: &Value| Blob {
+            digest: v["digest"].as_str().unwrap().to_string(),
+            size: v["size"].as_u64().unwrap(),
+            media_type: v["mediaType"].as_str().unwrap().to_string(),
+        };
+        let mut blobs = vec![blob(&manifest["config"])];
+        blobs.extend(manifest["layers"].as_array().unwrap().iter().map(blob));
+        blobs
+    }
+}
+
+/// The cache-wide directory of partial downloads.
+fn partial_dir(home: &Path) -> PathBuf {
+    home.join("OCI/.sarde/partial")
+}
+
+/// The partial downloads of a cache: file name and length.
+fn partials(home: &Path) -> Vec<(String, u64)> {
+    fs::read_dir(partial_dir(home))
+        .map(|dir| {
+            dir.filter_map(|e| {
+                let e = e.ok()?;
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().ok()?.len(),
+                ))
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `sarde list --format json` shows `image`'s tag.
+fn listed(home: &Path, image: &str) -> bool {
+    let (name, tag) = image.rsplit_once(':').unwrap();
+    let out = ok(sarde(home).args(["list", "--format", "json"]));
+    let list: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    list.as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["name"] == name && i["tag"] == tag)
+}
+
+/// Runs `cmd` with `input` on stdin.
+fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sarde runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The registry's log once it stopped growing (its access line can trail the
+/// response by a moment).
+fn settled_log(registry: &TestRegistry) -> String {
+    let mut last = registry.log();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = registry.log();
+        if now.len() == last.len() {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// The access lines (`HOST - USER [DATE] "METHOD PATH PROTO" STATUS ...`) of a piece
+/// of the registry's log: every HTTP request it answered.
+fn requests(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| !l.starts_with("time=") && l.contains("] \"") && l.contains(" HTTP/"))
+        .collect()
+}
+
+/// A VM with `random_mib` MiB of random data (and a little pattern) on its disk,
+/// exported into `home`'s cache as `image` and pushed to `registry`.
+struct Source {
+    _work: tempfile::TempDir,
+    home: tempfile::TempDir,
+    disk: PathBuf,
+    vm: TestVm,
+    image: String,
+}
+
+impl Source {
+    fn new(
+        registry: &TestRegistry,
+        repository: &str,
+        random_mib: u64,
+        export_args: &[&str],
+    ) -> Source {
+        let work = vm::workdir();
+        let disk = work.path().join("disk.qcow2");
+        qcow2(&disk, &format!("{}M", random_mib + 64), None);
+        fill_random(&disk, 0, random_mib, 17);
+        fill(&disk, 0x5a, &format!("{}M", random_mib + 8), "1M");
+        let name = vm::unique("sarde-regfault");
+        let test_vm = TestVm::define(&name, &[&disk], None);
+        let home = vm::workdir();
+        let image = format!("{}/{repository}:1", registry.address());
+        let id = ok(sarde(home.path())
+            .arg("export")
+            .args(export_args)
+            .args([&name, &image]));
+        assert!(id.starts_with("sha256:"), "image id {id:?}");
+        ok(sarde(home.path()).args(["push", "-q", "--insecure", &image]));
+        Source {
+            _work: work,
+            home,
+            disk,
+            vm: test_vm,
+            image,
+        }
+    }
+
+    fn cached(&self) -> CachedImage {
+        CachedImage::new(self.home.path(), &self.image)
+    }
+}
+
+/// Imports `image` from `home`'s cache as `name` and checks the disk shows the guest
+/// what `source` does.
+fn import_and_compare(home: &Path, image: &str, name: &str, source: &Path) {
+    assert_eq!(ok(sarde(home).args(["import", "-n", name, image])), name);
+    let imported = home.join("VMs").join(name).join("disk.qcow2");
+    assert!(
+        same_guest_content(source, &imported),
+        "{}: guest content differs from {}",
+        imported.display(),
+        source.display()
+    );
+}
+
+/// A fetch caught mid-way: the registry was stopped while a blob was on its way.
+struct Interrupted {
+    /// Blobs of the image complete in the layout.
+    completed: Vec<Blob>,
+    /// The blob with a partial download, and how many bytes it holds.
+    partial: (Blob, u64),
+}
+
+/// Starts `sarde fetch --concurrency 1 --retries 0` of `source` into the empty cache
+/// of `home`, stops the registry once more than 1 MiB of a blob has arrived, and
+/// checks the fetch failed cleanly. `None` when the moment was missed (the fetch
+/// finished first, or the registry stopped between two blobs): then there is no
+/// partial download to resume, and the caller tries again.
+fn fetch_until_stopped(
+    registry: &mut TestRegistry,
+    source: &Source,
+    home: &Path,
+) -> Option<Interrupted> {
+    let blobs = source.cached().blobs();
+    let target = CachedImage::new(home, &source.image);
+    let stderr_path = home.join("fetch.stderr");
+    let mut child: Child = sarde(home)
+        .args([
+            "fetch",
+            "--concurrency",
+            "1",
+            "--retries",
+            "0",
+            "--insecure",
+            &source.image,
+        ])
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("sarde fetch starts");
+    // Wait for bytes on disk: > 1 MiB in a partial download, or a whole piece landed.
+    let started = Instant::now();
+    let caught = loop {
+        let partial = partials(home).iter().any(|(_, len)| *len > MIB);
+        let landed = blobs
+            .iter()
+            .any(|b| b.is_piece() && target.blob_path(&b.digest).exists());
+        if partial || landed {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the fetch wrote nothing within 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    if caught {
+        registry.stop();
+    }
+    let status = child.wait().unwrap();
+    let stderr = fs::read_to_string(&stderr_path).unwrap();
+    if !caught || status.success() {
+        eprintln!("the fetch finished before the registry stopped; again");
+        return None;
+    }
+    eprintln!(
+        "fetch stopped after {:.2}s: {}",
+        started.elapsed().as_secs_f64(),
+        stderr.trim()
+    );
+    // A clear error, naming the registry; no image in the cache.
+    assert!(
+        stderr.contains(&registry.address()) && stderr.contains("error"),
+        "{stderr}"
+    );
+    assert!(target.tagged().is_none(), "tagged after a failed fetch");
+    assert!(!listed(home, &source.image), "listed after a failed fetch");
+
+    let completed: Vec<Blob> = blobs
+        .iter()
+        .filter(|b| target.blob_path(&b.digest).exists())
+        .cloned()
+        .collect();
+    for blob in &completed {
+        assert_eq!(
+            vm::sha256(&target.blob_path(&blob.digest)),
+            blob.hex(),
+            "a blob entered the layout unverified"
+        );
+    }
+    let left = partials(home);
+    eprintln!(
+        "{} of {} blobs complete, partial downloads: {left:?}",
+        completed.len(),
+        blobs.len()
+    );
+    assert!(left.len() <= 1, "one blob at a time, yet {left:?}");
+    let (file, len) = left.first()?.clone();
+    if len == 0 {
+        return None;
+    }
+    let blob = blobs
+        .iter()
+        .find(|b| file == format!("sha256-{}", b.hex()))
+        .unwrap_or_else(|| panic!("partial download {file} of no blob of the image"))
+        .clone();
+    assert!(len < blob.size, "{file}: {len} bytes of {}", blob.size);
+    assert!(!completed.iter().any(|b| b.digest == blob.digest));
+    Some(Interrupted {
+        completed,
+        partial: (blob, len),
+    })
+}
+
+#[test]
+fn registry_stopped_mid_fetch_then_resumes() {
+    if !enabled("registry_stopped_mid_fetch_then_resumes") {
+        return;
+    }
+    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let mut source = Source::new(
+        &registry,
+        "faults/stopped",
+        48,
+        &["--chunksize", "8MiB", "--codec", "raw"],
+    );
+    let blobs = source.cached().blobs();
+    let pieces: Vec<&Blob> = blobs.iter().filter(|b| b.is_piece()).collect();
+    assert!(pieces.len() >= 6, "{blobs:?}");
+    assert!(pieces.iter().all(|b| b.size <= PIECE), "{blobs:?}");
+    let total: u64 = blobs.iter().map(|b| b.size).sum();
+    let (_, manifest_size) = source.cached().manifest_descriptor();
+
+    // Stop the registry while a piece downloads; should the moment be missed (the
+    // fetch ended, or stopped between two blobs), start over with an empty cache.
+    let mut attempt = 0;
+    let (home, interrupted) = loop {
+        attempt += 1;
+        let home = vm::workdir();
+        if let Some(i) = fetch_until_stopped(&mut registry, &source, home.path()) {
+            break (home, i);
+        }
+        assert!(attempt < 5, "never caught the fetch mid-blob in 5 attempts");
+        registry.restart();
+    };
+    let home = home.path();
+    let (partial_blob, partial_len) = interrupted.partial.clone();
+    let completed_bytes: u64 = interrupted.completed.iter().map(|b| b.size).sum();
+
+    // Again, with the registry back: only what is missing moves.
+    registry.restart();
+    let log_before = registry.log().len();
+    let out = ok(sarde(home).args([
+        "fetch",
+        "-q",
+        "--format",
+        "json",
+        "--insecure",
+        &source.image,
+    ]));
+    let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    eprintln!("rerun: {summary}");
+    let received = summary["bytes_received"].as_u64().unwrap();
+    assert_eq!(summary["up_to_date"], false, "{summary}");
+    assert!(received < total, "{received} >= {total}: {summary}");
+    assert_eq!(
+        received,
+        total - completed_bytes - partial_len + manifest_size,
+        "downloaded again more than was missing ({completed_bytes} bytes complete, {partial_len} partial): {summary}"
+    );
+    let again = partial_blob.size - partial_len;
+    assert!(
+        again < PIECE,
+        "{again} bytes of {} again",
+        partial_blob.digest
+    );
+    assert_eq!(
+        summary["blobs_skipped"].as_u64().unwrap() as usize,
+        interrupted.completed.len(),
+        "{summary}"
+    );
+    assert_eq!(
+        summary["blobs_transferred"].as_u64().unwrap() as usize,
+        blobs.len() - interrupted.completed.len(),
+        "{summary}"
+    );
+    // The partial blob was asked for with a range (answered 206), the complete ones
+    // not at all.
+    let log = settled_log(&registry);
+    let rerun = &log[log_before..];
+    let gets = |blob: &Blob, status: &str| {
+        requests(rerun)
+            .into_iter()
+            .filter(|l| {
+                l.contains(&format!("\"GET /v2/faults/stopped/blobs/{} ", blob.digest))
+                    && l.contains(&format!("\" {status} "))
+            })
+            .count()
+    };
+    assert_eq!(gets(&partial_blob, "206"), 1, "no range request:\n{rerun}");
+    for blob in &interrupted.completed {
+        assert_eq!(gets(blob, "200") + gets(blob, "206"), 0, "{rerun}");
+    }
+    assert!(partials(home).is_empty(), "{:?}", partials(home));
+    assert!(listed(home, &source.image));
+
+    let name = vm::unique("sarde-resumed");
+    source.vm.cleanup_also(&name);
+    import_and_compare(home, &source.image, &name, &source.disk);
+}
+
+#[test]
+fn blob_corrupted_in_registry_storage() {
+    if !enabled("blob_corrupted_in_registry_storage") {
+        return;
+    }
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let mut source = Source::new(
+        &registry,
+        "faults/corrupt",
+        24,
+        &["--chunksize", "8MiB", "--codec", "raw"],
+    );
+    let blobs = source.cached().blobs();
+    let pieces: Vec<&Blob> = blobs.iter().filter(|b| b.is_piece()).collect();
+    let damaged = pieces[pieces.len() / 2].clone();
+    // A few bytes in the middle, same length: only the digest can tell.
+    let path = registry.blob_data_path(&damaged.digest);
+    let mut data = fs::read(&path).unwrap();
+    assert_eq!(data.len() as u64, damaged.size);
+    let middle = data.len() / 2;
+    for b in &mut data[middle..middle + 4] {
+        *b ^= 0xa5;
+    }
+    fs::write(&path, &data).unwrap();
+
+    let home = vm::workdir();
+    let home = home.path();
+    let target = CachedImage::new(home, &source.image);
+    let err = fails(sarde(home).args(["fetch", "-q", "--insecure", &source.image]));
+    eprintln!("fetch: {}", err.trim());
+    assert!(
+        err.contains("digest") && err.contains(&damaged.digest),
+        "{err}"
+    );
+    let nothing_kept = |what: &str| {
+        assert!(target.tagged().is_none(), "{what}: tagged");
+        assert!(!listed(home, &source.image), "{what}: listed");
+        assert!(
+            !target.blob_path(&damaged.digest).exists(),
+            "{what}: the damaged blob entered the layout"
+        );
+        let partial = partial_dir(home).join(format!("sha256-{}", damaged.hex()));
+        assert!(
+            !partial.exists(),
+            "{what}: the damaged download was kept as {}",
+            partial.display()
+        );
+    };
+    nothing_kept("fetch");
+
+    let name = vm::unique("sarde-corrupt");
+    source.vm.cleanup_also(&name);
+    let err = fails(sarde(home).args(["pull", "-q", "-n", &name, "--insecure", &source.image]));
+    eprintln!("pull: {}", err.trim());
+    assert!(
+        err.contains("digest") && err.contains(&damaged.digest),
+        "{err}"
+    );
+    nothing_kept("pull");
+    assert!(
+        !vm::domain_exists(&name),
+        "{name} was defined despite: {err}"
+    );
+    assert!(
+        !home.join("VMs").join(&name).exists(),
+        "a VM directory for {name} is in place"
+    );
+    let left: Vec<String> = fs::read_dir(home.join("VMs"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("left in the VM directory: {left:?}");
+}
+
+#[test]
+fn eight_concurrent_pulls_download_each_blob_once() {
+    if !enabled("eight_concurrent_pulls_download_each_blob_once") {
+        return;
+    }
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let mut source = Source::new(&registry, "faults/crowd", 24, &["--chunksize", "4MiB"]);
+    let home = vm::workdir();
+    let home = home.path();
+    let names: Vec<String> = (0..8)
+        .map(|i| vm::unique(&format!("sarde-crowd{i}")))
+        .collect();
+    for name in &names {
+        source.vm.cleanup_also(name);
+    }
+    let started = Instant::now();
+    let children: Vec<(String, Child)> = names
+        .iter()
+        .map(|name| {
+            let child = sarde(home)
+                .args(["pull", "-q", "-n", name, "--insecure", &source.image])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("sarde pull starts");
+            (name.clone(), child)
+        })
+        .collect();
+    for (name, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "pull -n {name} failed ({}):\n{}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout).trim(), name);
+    }
+    eprintln!("8 pulls in {:.1}s", started.elapsed().as_secs_f64());
+    let blobs = CachedImage::new(home, &source.image).blobs();
+    assert_eq!(blobs.len(), source.cached().blobs().len());
+    for blob in &blobs {
+        assert_eq!(
+            registry.blob_gets(&blob.digest),
+            1,
+            "{} ({}) downloaded more than once",
+            blob.digest,
+            blob.media_type
+        );
+    }
+    for name in &names {
+        assert!(vm::domain_exists(name), "{name} not defined");
+        let disk = home.join("VMs").join(name).join("disk.qcow2");
+        assert!(
+            same_guest_content(&source.disk, &disk),
+            "{}: guest content differs",
+            disk.display()
+        );
+    }
+    assert!(partials(home).is_empty(), "{:?}", partials(home));
+}
+
+#[test]
+fn wrong_password_is_refused_without_retry_storm() {
+    if !enabled("wrong_password_is_refused_without_retry_storm") {
+        return;
+    }
+    let (user, password) = ("sardeuser", "right-horse-battery-7431");
+    let wrong = "wrong-staple-2290";
+    let registry = TestRegistry::start(RegistryOptions {
+        htpasswd: Some((user.into(), password.into())),
+        tls: false,
+    });
+    let address = registry.address();
+    let home = vm::workdir();
+    let home = home.path();
+    let auth_file = home.join("auth.json");
+    let login = |secret: &str| {
+        run_with_stdin(
+            sarde(home).args([
+                "login",
+                "-u",
+                user,
+                "--password-stdin",
+                "--insecure",
+                &address,
+            ]),
+            &format!("{secret}\n"),
+        )
+    };
+
+    // A wrong password: refused at once, nothing stored.
+    let before = settled_log(&registry).len();
+    let out = login(wrong);
+    let stderr = text(&out.stderr);
+    eprintln!("wrong login: {}", stderr.trim());
+    assert!(
+        !out.status.success(),
+        "login with a wrong password succeeded"
+    );
+    let lower = stderr.to_lowercase();
+    let refusal = [
+        "unauthorized",
+        "refused",
+        "denied",
+        "rejected",
+        "wrong",
+        "invalid",
+    ];
+    assert!(
+        stderr.contains(&address)
+            && (lower.contains("credentials")
+                || lower.contains("password")
+                || lower.contains(user))
+            && refusal.iter().any(|w| lower.contains(w)),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(wrong) && !text(&out.stdout).contains(wrong));
+    assert!(!auth_file.exists(), "auth file written for a refused login");
+    let log = settled_log(&registry);
+    let asked = requests(&log[before..]);
+    eprintln!("{} requests: {asked:#?}", asked.len());
+    assert!(asked.len() <= 4, "{} requests: {asked:#?}", asked.len());
+
+    // The right one: stored, private, never echoed.
+    let out = login(password);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "login failed: {stderr}");
+    assert!(!stdout.contains(password) && !stderr.contains(password));
+    let mode = fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} has mode {mode:o}", auth_file.display());
+    let stored = read_json(&auth_file);
+    assert!(stored["auths"].get(&address).is_some(), "{stored}");
+
+    // A push with the stored credentials.
+    let work = vm::workdir();
+    let disk = work.path().join("disk.qcow2");
+    qcow2(&disk, "64M", None);
+    fill_random(&disk, 0, 2, 23);
+    let name = vm::unique("sarde-regauth");
+    let _vm = TestVm::define(&name, &[&disk], None);
+    let image = format!("{address}/faults/auth:1");
+    ok(sarde(home).args(["export", "--chunksize", "1MiB", &name, &image]));
+    let out = ok(sarde(home).args(["push", "-q", "--insecure", "--format", "json", &image]));
+    let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(
+        summary["bytes_sent"].as_u64().unwrap() > 2 * MIB,
+        "{summary}"
+    );
+
+    // Credentials in the environment win over the file: a wrong one fails fast.
+    let other = vm::workdir();
+    let before = settled_log(&registry).len();
+    let started = Instant::now();
+    let out = sarde(other.path())
+        .env("REGISTRY_AUTH_FILE", &auth_file)
+        .env("SARDE_REGISTRY_USERNAME", user)
+        .env("SARDE_REGISTRY_PASSWORD", wrong)
+        .args(["fetch", "--insecure", &image])
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = text(&out.stderr);
+    eprintln!(
+        "fetch with a wrong password: {:.2}s: {}",
+        elapsed.as_secs_f64(),
+        stderr.trim()
+    );
+    assert!(
+        !out.status.success(),
+        "fetch with a wrong password succeeded"
+    );
+    let lower = stderr.to_lowercase();
+    assert!(
+        stderr.contains(&address)
+            && (lower.contains("unauthorized")
+                || lower.contains("authentication")
+                || lower.contains("credentials")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(wrong));
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "took {elapsed:?}: retried?"
+    );
+    let log = settled_log(&registry);
+    let asked = requests(&log[before..]);
+    eprintln!("{} requests: {asked:#?}", asked.len());
+    assert!(asked.len() <= 4, "{} requests: {asked:#?}", asked.len());
+    assert!(
+        CachedImage::new(other.path(), &image).tagged().is_none(),
+        "fetched without valid credentials"
+    );
+
+    // The stored credentials still work for the same fetch without the variables.
+    let fetched = ok(sarde(other.path())
+        .env("REGISTRY_AUTH_FILE", &auth_file)
+        .args(["fetch", "-q", "--insecure", &image]));
+    assert!(fetched.starts_with("sha256:"), "{fetched}");
+
+    // logout removes them; a second logout has nothing to remove.
+    ok(sarde(home).args(["logout", &address]));
+    let stored = read_json(&auth_file);
+    assert!(stored["auths"].get(&address).is_none(), "{stored}");
+    let err = fails(sarde(home).args(["logout", &address]));
+    assert!(err.contains(&address), "{err}");
+    // Without credentials the registry refuses again.
+    let third = vm::workdir();
+    let err = fails(
+        sarde(third.path())
+            .env("REGISTRY_AUTH_FILE", &auth_file)
+            .args(["fetch", "--insecure", &image]),
+    );
+    assert!(err.contains(&address), "{err}");
+}

@@ -21,6 +21,8 @@ PACKAGES=(
     ovmf
     # C toolchain for -sys crates
     gcc libc6-dev make
+    # scripts/build-test-guest.sh (the tiny bootable test guest) and ssh into it
+    syslinux syslinux-common mtools dosfstools fdisk e2fsprogs cpio binutils openssh-client
 )
 
 need_root() {

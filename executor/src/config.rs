@@ -103,13 +103,15 @@ pub const KEYS: &[&str] = &[
     "verbosity",
 ];
 
+/// A section's values: key → (value, origin).
+pub type Values = BTreeMap<String, (String, String)>;
+
 /// The configuration files as read: `[DEFAULT]` and the image sections.
 #[derive(Debug, Clone, Default)]
 pub struct Files {
-    /// key → (value, origin).
-    pub defaults: BTreeMap<String, (String, String)>,
-    /// pattern → key → (value, origin), in file order (later files override).
-    pub sections: Vec<(String, BTreeMap<String, (String, String)>)>,
+    pub defaults: Values,
+    /// (pattern, values), in file order (later files override).
+    pub sections: Vec<(String, Values)>,
     pub read: Vec<PathBuf>,
 }
 
@@ -186,10 +188,7 @@ impl Files {
 
     /// The section that applies to `image`: the longest matching pattern (the
     /// later one among equally long ones).
-    pub fn section_for(
-        &self,
-        image: &str,
-    ) -> Option<&(String, BTreeMap<String, (String, String)>)> {
+    pub fn section_for(&self, image: &str) -> Option<&(String, Values)> {
         self.sections
             .iter()
             .filter(|(pattern, _)| wildcard_match(pattern, image))
@@ -311,7 +310,7 @@ impl Settings {
             }
         };
         let port = number("port", 22.0)?;
-        if port < 1.0 || port > 65535.0 || port.fract() != 0.0 {
+        if !(1.0..=65535.0).contains(&port) || port.fract() != 0.0 {
             return Err(bad("port", format!("{port} is not a TCP port")));
         }
         Ok(Settings {

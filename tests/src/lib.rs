@@ -62,15 +62,7 @@ pub fn sarde_bin() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "sarde",
-            "--bin",
-            "sarde",
-            "--target-dir",
-        ])
+        .args(["build", "--quiet", "-p", "sarde", "--bins", "--target-dir"])
         .arg(&target_dir)
         .status()
         .expect("cargo runs");
@@ -78,6 +70,11 @@ pub fn sarde_bin() -> PathBuf {
     let path = target_dir.join("debug").join("sarde");
     *built = Some(path.clone());
     path
+}
+
+/// The `gitlab-sardinecake-executor` binary of this checkout (built with `sarde`).
+pub fn executor_bin() -> PathBuf {
+    sarde_bin().with_file_name("gitlab-sardinecake-executor")
 }
 
 /// `sarde` with an isolated configuration: cache, VM directory and plugin directory

@@ -1,0 +1,469 @@
+//! The GitLab Runner custom executor driven exactly as gitlab-runner drives it:
+//! the same environment variables, a generated bash script file per stage, the
+//! stage names in order, the exit-code variables. A real bootable guest (built
+//! from Debian packages), exported with sarde, pushed to a private registry,
+//! pulled, cloned and booted under TCG, reached over SSH.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sarde_e2e::guest::{self, GuestImage};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::vm::{self, TestVm};
+use sarde_e2e::{executor_bin, ok, sarde};
+use serde_json::Value;
+
+const BUILD_FAILURE: i32 = 77;
+const SYSTEM_FAILURE: i32 = 78;
+
+/// The stages gitlab-runner runs, in order, for a passing job.
+const STAGES: &[&str] = &[
+    "prepare_script",
+    "get_sources",
+    "restore_cache",
+    "download_artifacts",
+    "step_script",
+    "after_script",
+    "archive_cache",
+    "upload_artifacts_on_success",
+    "cleanup_file_variables",
+];
+
+/// A registry with the test guest's image, and an executor configuration for it.
+struct Setup {
+    registry: TestRegistry,
+    _source: guest::GuestVm,
+    work: tempfile::TempDir,
+    image: String,
+    config: PathBuf,
+    state: PathBuf,
+    clones: PathBuf,
+}
+
+fn setup(test: &str, extra_ini: &str) -> Option<(Setup, GuestImage)> {
+    if !vm::libvirt_enabled(test) {
+        return None;
+    }
+    if !registry_tools_available() {
+        println!("SKIPPED {test}: docker-registry or its tools missing");
+        return None;
+    }
+    let guest = guest::test_guest()?;
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let addr = registry.address();
+    let work = vm::workdir();
+    // The source VM: a copy of the guest's disk, never booted.
+    let name = vm::unique("sarde-exec-src");
+    // Undefined when the setup goes.
+    let source = guest.define(&name, work.path());
+    let image = format!("{addr}/ci/guest:1");
+    let publisher = vm::workdir();
+    ok(sarde(publisher.path())
+        .args(["export", "--vmconfig"])
+        .arg(&guest.access)
+        .args([&name, &image]));
+    ok(sarde(publisher.path()).args(["push", "--insecure", &image]));
+
+    let state = work.path().join("state");
+    let clones = work.path().join("clones");
+    let config = work.path().join("executor.ini");
+    std::fs::write(
+        &config,
+        format!(
+            "[DEFAULT]\nconnect = {}\nocidir = {}\nvmdir = {}\nclonedir = {}\nstate-dir = {}\n\
+             timeout = 90\ninsecure = {addr}\nguest-builds-dir = /root/builds\nguest-cache-dir = /root/cache\n{extra_ini}\n",
+            vm::LIBVIRT_URI,
+            work.path().join("OCI").display(),
+            work.path().join("VMs").display(),
+            clones.display(),
+            state.display(),
+        ),
+    )
+    .unwrap();
+    Some((
+        Setup {
+            registry,
+            _source: source,
+            work,
+            image,
+            config,
+            state,
+            clones,
+        },
+        guest,
+    ))
+}
+
+impl Setup {
+    /// The executor as gitlab-runner starts it for job `job`.
+    fn executor(&self, job: &str, image: &str) -> Command {
+        let mut cmd = Command::new(executor_bin());
+        cmd.env("GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES", &self.config)
+            .env("CUSTOM_ENV_CI_JOB_IMAGE", image)
+            .env("CUSTOM_ENV_CI_JOB_ID", job)
+            .env("CUSTOM_ENV_CI_PROJECT_NAME", "sarde-e2e")
+            .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
+            .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
+            .env("TMPDIR", self.work.path())
+            .env_remove("BUILD_EXIT_CODE_FILE")
+            .env_remove("SARDE_LOG");
+        cmd
+    }
+
+    /// A generated stage script, as the runner writes one per stage.
+    fn script(&self, job: &str, stage: &str, body: &str) -> PathBuf {
+        let path = self.work.path().join(format!("script-{job}-{stage}"));
+        std::fs::write(
+            &path,
+            format!("#!/usr/bin/env bash\nset -e\nset +o noclobber\n{body}\n"),
+        )
+        .unwrap();
+        path
+    }
+
+    fn run_stage(&self, job: &str, stage: &str, body: &str, exit_file: Option<&Path>) -> Output {
+        let script = self.script(job, stage, body);
+        let mut cmd = self.executor(job, &self.image);
+        cmd.arg("run").arg(&script).arg(stage);
+        if let Some(f) = exit_file {
+            cmd.env("BUILD_EXIT_CODE_FILE", f);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn cleanup(&self, job: &str) -> Output {
+        self.executor(job, &self.image)
+            .arg("cleanup")
+            .output()
+            .unwrap()
+    }
+
+    /// Nothing of job `job` is left: no domain, no overlay, no state.
+    fn assert_gone(&self, job: &str) {
+        let vm_name = format!("gitlab-{job}");
+        assert!(!vm::domain_exists(&vm_name), "{vm_name} still defined");
+        let left: Vec<_> = std::fs::read_dir(&self.clones)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{vm_name}-")))
+            .collect();
+        assert!(left.is_empty(), "overlays left: {left:?}");
+        assert!(
+            !self.state.join(format!("{vm_name}.json")).exists(),
+            "job state left"
+        );
+    }
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_ok(what: &str, out: &Output) {
+    let (stdout, stderr) = text(out);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+}
+
+/// Parses `prepare`'s timing line: image, clone, boot, SSH seconds.
+fn timings(stderr: &str) -> Option<String> {
+    stderr
+        .lines()
+        .find(|l| l.contains("is ready: image"))
+        .map(str::to_string)
+}
+
+#[test]
+fn a_job_passes_fails_and_leaves_nothing_behind() {
+    let Some((s, _guest)) = setup("a_job_passes_fails_and_leaves_nothing_behind", "") else {
+        return;
+    };
+    let job = format!("{}", std::process::id());
+
+    // config: one JSON object with what the runner shows and uses.
+    let out = s.executor(&job, &s.image).arg("config").output().unwrap();
+    assert_ok("config", &out);
+    let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(config["driver"]["name"], "gitlab-sardinecake-executor");
+    assert!(
+        config["driver"]["version"]
+            .as_str()
+            .unwrap()
+            .contains("libvirt"),
+        "{config}"
+    );
+    assert_eq!(config["hostname"], format!("gitlab-{job}"));
+    assert_eq!(config["builds_dir"], "/root/builds");
+    assert_eq!(config["cache_dir"], "/root/cache");
+    assert_eq!(config["shell"], "bash");
+
+    let started = Instant::now();
+    let out = s.executor(&job, &s.image).arg("prepare").output().unwrap();
+    assert_ok("prepare", &out);
+    let (_, stderr) = text(&out);
+    println!(
+        "prepare (cold cache) {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        timings(&stderr).unwrap_or_default()
+    );
+
+    // Every stage in order; the job's output reaches stdout.
+    for stage in STAGES {
+        let body = match *stage {
+            "step_script" => "echo hello from the job on $(hostname)\nuname -s".to_string(),
+            other => format!("echo stage {other}"),
+        };
+        let out = s.run_stage(&job, stage, &body, None);
+        assert_ok(stage, &out);
+        let (stdout, _) = text(&out);
+        if *stage == "step_script" {
+            assert!(
+                stdout.contains("hello from the job on sarde-guest"),
+                "{stdout}"
+            );
+            assert!(stdout.contains("Linux"), "{stdout}");
+        } else {
+            assert!(stdout.contains(&format!("stage {stage}")), "{stdout}");
+        }
+    }
+
+    // A failing script: the build-failure code, and its own code in the file.
+    let exit_file = s.work.path().join("exit-code");
+    let out = s.run_stage(
+        &job,
+        "step_script",
+        "echo failing\nexit 3",
+        Some(&exit_file),
+    );
+    assert_eq!(out.status.code(), Some(BUILD_FAILURE), "{:?}", text(&out));
+    assert_eq!(std::fs::read_to_string(&exit_file).unwrap().trim(), "3");
+
+    let started = Instant::now();
+    assert_ok("cleanup", &s.cleanup(&job));
+    println!("cleanup {:.2}s", started.elapsed().as_secs_f64());
+    s.assert_gone(&job);
+    // Twice is harmless.
+    assert_ok("second cleanup", &s.cleanup(&job));
+    // run after cleanup is an infrastructure failure, not a build failure.
+    let out = s.run_stage(&job, "step_script", "true", None);
+    assert_eq!(out.status.code(), Some(SYSTEM_FAILURE), "{:?}", text(&out));
+
+    // A second job of the same image: cached now, so prepare is clone + boot.
+    let job2 = format!("{job}2");
+    let started = Instant::now();
+    let out = s.executor(&job2, &s.image).arg("prepare").output().unwrap();
+    assert_ok("prepare (cached)", &out);
+    println!(
+        "prepare (cached image) {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        timings(&text(&out).1).unwrap_or_default()
+    );
+    assert_ok("cleanup", &s.cleanup(&job2));
+    s.assert_gone(&job2);
+}
+
+/// Sends SIGTERM to the whole process group, as gitlab-runner does.
+fn terminate_group(child: &Child) {
+    let pgid = child.id() as i32;
+    // SAFETY: kill(2) with a negative pid signals a process group we created.
+    unsafe {
+        libc::kill(-pgid, libc::SIGTERM);
+    }
+}
+
+#[test]
+fn a_cancelled_job_stops_promptly_and_cleans_up() {
+    let Some((s, _guest)) = setup("a_cancelled_job_stops_promptly_and_cleans_up", "") else {
+        return;
+    };
+    let job = format!("{}c", std::process::id());
+    assert_ok(
+        "prepare",
+        &s.executor(&job, &s.image).arg("prepare").output().unwrap(),
+    );
+    let script = s.script(&job, "step_script", "echo started\nsleep 120\necho never");
+    let child = s
+        .executor(&job, &s.image)
+        .arg("run")
+        .arg(&script)
+        .arg("step_script")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let sent = Instant::now();
+    terminate_group(&child);
+    let out = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+    assert_eq!(out.status.code(), Some(SYSTEM_FAILURE), "{:?}", text(&out));
+    let (stdout, stderr) = text(&out);
+    assert!(
+        stdout.contains("started") && !stdout.contains("never"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+    assert_ok("cleanup", &s.cleanup(&job));
+    s.assert_gone(&job);
+}
+
+#[test]
+fn cleanup_after_a_killed_prepare_removes_everything() {
+    let Some((s, _guest)) = setup("cleanup_after_a_killed_prepare_removes_everything", "") else {
+        return;
+    };
+    let job = format!("{}k", std::process::id());
+    let vm_name = format!("gitlab-{job}");
+    let mut child = s
+        .executor(&job, &s.image)
+        .arg("prepare")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // Killed once the clone exists and boots, before SSH is up.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !vm::domain_exists(&vm_name) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(vm::domain_exists(&vm_name), "the clone never appeared");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        vm::domain_exists(&vm_name),
+        "the clone outlives the killed prepare"
+    );
+    assert_ok("cleanup", &s.cleanup(&job));
+    s.assert_gone(&job);
+}
+
+#[test]
+fn a_guest_without_an_address_fails_prepare_in_bounded_time() {
+    // A disk with nothing to boot: the VM runs, but never asks for an address.
+    let Some((s, _guest)) = setup(
+        "a_guest_without_an_address_fails_prepare_in_bounded_time",
+        "\n[*/ci/blank*]\ntimeout = 10\n",
+    ) else {
+        return;
+    };
+    let blank = s.work.path().join("blank.qcow2");
+    vm::qcow2(&blank, "64M", None);
+    let name = vm::unique("sarde-exec-blank");
+    let _blank_vm = TestVm::define(&name, &[&blank], None);
+    let image = s.image.replace("/ci/guest:1", "/ci/blank:1");
+    let publisher = vm::workdir();
+    ok(sarde(publisher.path()).args(["export", &name, &image]));
+    ok(sarde(publisher.path()).args(["push", "--insecure", &image]));
+    let job = format!("{}n", std::process::id());
+    let started = Instant::now();
+    let out = s.executor(&job, &image).arg("prepare").output().unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(SYSTEM_FAILURE), "{:?}", text(&out));
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("no IPv4 address"), "{stderr}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert_ok("cleanup", &s.cleanup(&job));
+    s.assert_gone(&job);
+}
+
+#[test]
+fn two_concurrent_jobs_from_one_image() {
+    let Some((s, _guest)) = setup("two_concurrent_jobs_from_one_image", "max-vms = 4\n") else {
+        return;
+    };
+    let jobs = [
+        format!("{}a", std::process::id()),
+        format!("{}b", std::process::id()),
+    ];
+    let started = Instant::now();
+    let children: Vec<Child> = jobs
+        .iter()
+        .map(|job| {
+            s.executor(job, &s.image)
+                .arg("prepare")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert_ok("concurrent prepare", &out);
+        println!(
+            "concurrent prepare: {}",
+            timings(&text(&out).1).unwrap_or_default()
+        );
+    }
+    println!("both ready after {:.1}s", started.elapsed().as_secs_f64());
+    // The image was downloaded once for both jobs: each blob served once.
+    let mut served = std::collections::BTreeMap::<String, usize>::new();
+    for line in s.registry.log().lines() {
+        if line.starts_with("127.0.0.1 - ")
+            && line.contains("\"GET /v2/ci/guest/blobs/")
+            && (line.contains("\" 200 ") || line.contains("\" 206 "))
+        {
+            let digest = line
+                .split("/blobs/")
+                .nth(1)
+                .unwrap_or("")
+                .split(' ')
+                .next()
+                .unwrap_or("");
+            *served.entry(digest.to_string()).or_default() += 1;
+        }
+    }
+    assert!(!served.is_empty(), "no blob requests logged");
+    assert!(served.values().all(|n| *n == 1), "blobs served: {served:?}");
+    for job in &jobs {
+        let out = s.run_stage(job, "step_script", "echo job $CI_JOB_ID; hostname", None);
+        assert_ok("step_script", &out);
+    }
+    for job in &jobs {
+        assert_ok("cleanup", &s.cleanup(job));
+        s.assert_gone(job);
+    }
+
+    // The allow-list refuses other images as the job's fault (no retries).
+    let refused = s
+        .executor("refused", "evil.example/x:1")
+        .env(
+            "GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES",
+            write_allow_list(&s),
+        )
+        .arg("prepare")
+        .output()
+        .unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(BUILD_FAILURE),
+        "{:?}",
+        text(&refused)
+    );
+    assert!(text(&refused).1.contains("allowed-images"));
+}
+
+fn write_allow_list(s: &Setup) -> PathBuf {
+    let path = s.work.path().join("allow.ini");
+    let mut ini = std::fs::read_to_string(&s.config).unwrap();
+    ini = ini.replacen(
+        "[DEFAULT]\n",
+        "[DEFAULT]\nallowed-images = 127.0.0.1:*/ci/*\n",
+        1,
+    );
+    std::fs::write(&path, ini).unwrap();
+    path
+}

@@ -131,3 +131,56 @@ pub fn release_slot(state_dir: &Path, vm: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_bound_running_vms_and_free_up_when_a_vm_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let alive = std::cell::RefCell::new(vec!["gitlab-1".to_string()]);
+        let exists = |n: &str| alive.borrow().iter().any(|a| a == n);
+        let soon = || Instant::now() + Duration::from_millis(50);
+        // Prepare of job 1 holds the slot, then ends (its VM keeps the slot).
+        let slot = Slot::claim(dir.path(), 1, "gitlab-1", soon(), &exists).unwrap();
+        assert!(slot.is_some());
+        drop(slot);
+        // Job 2 waits while job 1's VM exists…
+        assert!(
+            Slot::claim(dir.path(), 1, "gitlab-2", soon(), &exists)
+                .unwrap()
+                .is_none()
+        );
+        // …and gets the slot once it is gone (cleanup, or a job that died).
+        alive.borrow_mut().clear();
+        assert!(
+            Slot::claim(dir.path(), 1, "gitlab-2", soon(), &exists)
+                .unwrap()
+                .is_some()
+        );
+        // Cleanup releases it by name.
+        alive.borrow_mut().push("gitlab-2".into());
+        release_slot(dir.path(), "gitlab-2");
+        assert!(
+            Slot::claim(dir.path(), 1, "gitlab-3", soon(), &exists)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_slot_held_by_a_running_prepare_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let exists = |_: &str| false;
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let held = Slot::claim(dir.path(), 1, "gitlab-1", soon(), &exists).unwrap();
+        assert!(held.is_some());
+        // The VM does not exist yet, but the flock says prepare is still at work.
+        assert!(
+            Slot::claim(dir.path(), 1, "gitlab-2", soon(), &exists)
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -32,22 +32,86 @@ const READ_BUFFER: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Zstd;
 
-struct ZstdEncoder<'w>(zstd::stream::write::Encoder<'static, Output<'w>>);
+/// Bytes of compressed output handed to the caller's writer at a time.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// A zstd stream encoder whose bytes never depend on timing.
+///
+/// With worker threads, libzstd cuts the input into jobs of a fixed size and starts
+/// a job when its section is full and a worker is free. If the input ends exactly
+/// at a section boundary, whether that last section was started before the end of
+/// the input was announced depends on the workers' progress: started early, it is
+/// not marked last and the frame gets an extra empty last block; started at the
+/// end, it is. Pieces are multiples of the section size, so the same piece could
+/// compress to two different blobs and an update moved unchanged pieces again.
+/// Holding back the stream's last byte until `finish` makes every section started
+/// during the stream a non-last one and the final one always started with the end:
+/// the output is a function of the input alone.
+struct ZstdEncoder<'w> {
+    cctx: zstd::zstd_safe::CCtx<'static>,
+    output: Output<'w>,
+    held: Option<u8>,
+    buffer: Vec<u8>,
+}
+
+fn zstd_error(code: usize) -> io::Error {
+    io::Error::other(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
+}
+
+impl ZstdEncoder<'_> {
+    /// Compresses `input` with `directive`; with `End`, until the frame is complete.
+    fn feed(
+        &mut self,
+        input: &[u8],
+        directive: zstd::zstd_safe::zstd_sys::ZSTD_EndDirective,
+    ) -> io::Result<()> {
+        use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
+        let mut inb = zstd::zstd_safe::InBuffer::around(input);
+        loop {
+            let mut outb = zstd::zstd_safe::OutBuffer::around(&mut self.buffer);
+            let remaining = self
+                .cctx
+                .compress_stream2(&mut outb, &mut inb, directive)
+                .map_err(zstd_error)?;
+            let produced = outb.pos();
+            self.output.write_all(&self.buffer[..produced])?;
+            let done = match directive {
+                ZSTD_EndDirective::ZSTD_e_end => remaining == 0,
+                _ => inb.pos() == input.len(),
+            };
+            if done {
+                return Ok(());
+            }
+        }
+    }
+}
 
 impl Write for ZstdEncoder<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+        use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_continue;
+        let Some((&last, rest)) = buf.split_last() else {
+            return Ok(0);
+        };
+        if let Some(held) = self.held.take() {
+            self.feed(&[held], ZSTD_e_continue)?;
+        }
+        self.feed(rest, ZSTD_e_continue)?;
+        self.held = Some(last);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        // Output is passed on as produced; a zstd flush would change the frame.
+        self.output.flush()
     }
 }
 
 impl Encoder for ZstdEncoder<'_> {
-    fn finish(self: Box<Self>) -> io::Result<()> {
-        let mut output = self.0.finish()?;
-        output.flush()
+    fn finish(mut self: Box<Self>) -> io::Result<()> {
+        use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end;
+        let last: Vec<u8> = self.held.take().into_iter().collect();
+        self.feed(&last, ZSTD_e_end)?;
+        self.output.flush()
     }
 }
 
@@ -86,17 +150,25 @@ impl Codec for Zstd {
         output: Output<'w>,
         options: &EncodeOptions,
     ) -> Result<Box<dyn Encoder + 'w>, CodecError> {
+        use zstd::zstd_safe::CParameter;
         let level = self.check_level(options)?.unwrap_or(DEFAULT_LEVEL);
-        let mut encoder =
-            zstd::stream::write::Encoder::new(output, level).map_err(|e| self.setup_error(e))?;
-        encoder
-            .include_checksum(true)
-            .map_err(|e| self.setup_error(e))?;
         let workers = options.threads.clamp(1, MAX_WORKERS) as u32;
-        encoder
-            .multithread(workers)
-            .map_err(|e| self.setup_error(e))?;
-        Ok(Box::new(ZstdEncoder(encoder)))
+        let mut cctx = zstd::zstd_safe::CCtx::try_create()
+            .ok_or_else(|| self.setup_error(io::Error::other("cannot allocate a context")))?;
+        for parameter in [
+            CParameter::CompressionLevel(level),
+            CParameter::ChecksumFlag(true),
+            CParameter::NbWorkers(workers),
+        ] {
+            cctx.set_parameter(parameter)
+                .map_err(|code| self.setup_error(zstd_error(code)))?;
+        }
+        Ok(Box::new(ZstdEncoder {
+            cctx,
+            output,
+            held: None,
+            buffer: vec![0; WRITE_BUFFER],
+        }))
     }
 
     fn decoder<'r>(&self, input: Input<'r>) -> Result<Input<'r>, CodecError> {
@@ -315,6 +387,42 @@ mod tests {
                 eprintln!("zstd is not installed; skipped");
             }
             Err(e) => panic!("running zstd: {e}"),
+        }
+    }
+
+    #[test]
+    fn output_does_not_depend_on_chunking_or_worker_timing() {
+        // 8 MiB is a whole number of zstdmt sections: the case where a section
+        // started before the end used to add an empty last block, depending on
+        // how far the workers had got.
+        for len in [8 << 20, (8 << 20) + 12_345] {
+            let data = sample(len);
+            for workers in [1u32, 2] {
+                let mut expected: Option<Vec<u8>> = None;
+                for chunk in [len, 1 << 20, 64 << 10] {
+                    for pause in [false, true] {
+                        let mut out = Vec::new();
+                        let mut encoder = Zstd
+                            .encoder(Box::new(&mut out), &options(1, workers as usize))
+                            .unwrap();
+                        for piece in data.chunks(chunk) {
+                            encoder.write_all(piece).unwrap();
+                        }
+                        if pause {
+                            // Let the workers finish every section they have.
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                        }
+                        encoder.finish().unwrap();
+                        // No empty last block (header 01 00 00) before the checksum.
+                        assert_ne!(&out[out.len() - 7..out.len() - 4], &[1, 0, 0]);
+                        let first = expected.get_or_insert_with(|| out.clone());
+                        assert!(
+                            out == *first,
+                            "len {len}, {workers} workers, chunks of {chunk}, pause {pause}"
+                        );
+                    }
+                }
+            }
         }
     }
 

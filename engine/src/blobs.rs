@@ -37,6 +37,12 @@ impl Blobs<'_> {
         Ok(self.layout.open_blob(blob)?)
     }
 
+    /// Whether the blobs come from a fetch of this process, which verified each
+    /// one by size and digest as it arrived, a moment before.
+    pub fn fetched_now(&self) -> bool {
+        self.gate.is_some()
+    }
+
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.layout.blob_path(digest)
     }

@@ -9,7 +9,8 @@ use sha2::{Digest as _, Sha256};
 /// Wraps a blob reader; at end of input it fails unless size and sha256 match.
 pub struct VerifyingReader<R> {
     inner: R,
-    hasher: Sha256,
+    /// `None`: the size only (the digest was checked moments ago, see `size_only`).
+    hasher: Option<Sha256>,
     read: u64,
     expected_digest: Digest,
     expected_size: u64,
@@ -20,11 +21,20 @@ impl<R: Read> VerifyingReader<R> {
     pub fn new(inner: R, expected_digest: Digest, expected_size: u64, what: String) -> Self {
         VerifyingReader {
             inner,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             read: 0,
             expected_digest,
             expected_size,
             what,
+        }
+    }
+
+    /// Checks the size only: for a blob this process verified by size and digest
+    /// as it downloaded it, a moment before (a pull), so it is not hashed twice.
+    pub fn size_only(inner: R, expected_digest: Digest, expected_size: u64, what: String) -> Self {
+        VerifyingReader {
+            hasher: None,
+            ..Self::new(inner, expected_digest, expected_size, what)
         }
     }
 
@@ -39,7 +49,9 @@ impl<R: Read> VerifyingReader<R> {
 impl<R: Read> Read for VerifyingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
         self.read += n as u64;
         if self.read > self.expected_size {
             return Err(io::Error::new(
@@ -60,7 +72,10 @@ impl<R: Read> Read for VerifyingReader<R> {
                     ),
                 ));
             }
-            let actual = Digest::from_sha256(self.hasher.clone().finalize().into());
+            let Some(hasher) = self.hasher.clone() else {
+                return Ok(n);
+            };
+            let actual = Digest::from_sha256(hasher.finalize().into());
             if actual != self.expected_digest {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

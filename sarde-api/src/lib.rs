@@ -18,6 +18,7 @@ pub mod plugin;
 pub mod reference;
 pub mod registry;
 pub mod transport;
+pub mod writeback;
 
 pub use codec::{Codec, CodecError, EncodeOptions, Encoder};
 pub use digest::Digest;

@@ -473,6 +473,7 @@ impl FetchRequest {
             };
             file.write_all(&buf[..n])
                 .map_err(TransferError::io(path, "writing the download"))?;
+            sarde_api::writeback::start_writeback(file, *have, n as u64);
             hasher.update(&buf[..n]);
             *have += n as u64;
             counters.received.fetch_add(n as u64, Ordering::Relaxed);

@@ -564,11 +564,24 @@ impl BlobWriter {
     }
 }
 
+/// Write-back of a blob being written starts every this many bytes.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
         self.hasher.update(&buf[..n]);
+        let before = self.written;
         self.written += n as u64;
+        if before / WRITEBACK_EVERY != self.written / WRITEBACK_EVERY {
+            // The commit's fsync then finds most of the blob on disk already.
+            let end = self.written / WRITEBACK_EVERY * WRITEBACK_EVERY;
+            sarde_api::writeback::start_writeback(
+                self.file.get_ref().as_file(),
+                end - WRITEBACK_EVERY,
+                WRITEBACK_EVERY,
+            );
+        }
         Ok(n)
     }
 

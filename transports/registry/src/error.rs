@@ -37,6 +37,11 @@ impl std::fmt::Display for Object {
                 repository,
                 reference,
                 ..
+            } if reference.contains(':') => write!(f, "manifest {repository}@{reference}"),
+            Object::Manifest {
+                repository,
+                reference,
+                ..
             } => write!(f, "manifest {repository}:{reference}"),
             Object::Blob { repository, digest } => write!(f, "blob {digest} in {repository}"),
             Object::Tags { repository } => write!(f, "the tags of {repository}"),

@@ -24,7 +24,8 @@ pub use chain::{ChainFile, ImageHeader, backing_chain, create_overlay, inspect, 
 pub use error::DiskError;
 pub use export::{PieceInfo, PieceSink, PieceWriter, export_file};
 pub use import::{
-    PieceRange, PieceSpan, create_sparse, verify_file, verify_pieces, write_piece, zero_range,
+    PieceRange, PieceSpan, create_sparse, open_direct, verify_file, verify_pieces, write_piece,
+    write_piece_direct, zero_range,
 };
 
 /// The unit of every read, write and zero check: large enough for few system calls,

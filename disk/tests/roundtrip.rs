@@ -498,3 +498,30 @@ fn measure_throughput() {
         fs::remove_file(&out).unwrap();
     }
 }
+
+#[test]
+fn direct_writes_match_buffered_ones_with_unaligned_ends() {
+    // On a real disk file system (tmpfs refuses O_DIRECT; then None and buffered).
+    let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
+    let len = 5 * MIB + 1234;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8 + 1).collect();
+    let target = dir.path().join("direct.img");
+    let file = create_sparse(&target, len).unwrap();
+    let direct = sarde_disk::open_direct(&target);
+    // Two pieces: an aligned one, and one whose end is not aligned.
+    for (offset, length) in [(0, 3 * MIB), (3 * MIB, len - 3 * MIB)] {
+        let piece = &data[offset as usize..(offset + length) as usize];
+        let digest = Digest::sha256_of(piece);
+        sarde_disk::write_piece_direct(
+            &file,
+            direct.as_ref(),
+            offset,
+            length,
+            &digest,
+            &mut &piece[..],
+        )
+        .unwrap();
+    }
+    file.sync_all().unwrap();
+    assert!(fs::read(&target).unwrap() == data);
+}

@@ -430,6 +430,8 @@ impl Engine {
             )));
         }
         let mut files = Vec::new();
+        // Pieces go to disk without the page cache where the file system allows.
+        let mut direct: Vec<Option<File>> = Vec::new();
         let mut jobs = Vec::new();
         for (index, file) in image.files.iter().enumerate() {
             let path = staging.join(&file.spec.name);
@@ -459,6 +461,7 @@ impl Engine {
                 files.push(sarde_disk::create_sparse(&path, file.spec.size)?);
                 vec![false; file.pieces.len()]
             };
+            direct.push(sarde_disk::open_direct(&path));
             for (piece, done) in file.pieces.iter().zip(done) {
                 if done {
                     continue;
@@ -484,7 +487,13 @@ impl Engine {
                             break;
                         };
                         let spec = &image.files[file_index].spec;
-                        match self.write_native_piece(layout, &files[file_index], spec, piece) {
+                        match self.write_native_piece(
+                            layout,
+                            &files[file_index],
+                            direct[file_index].as_ref(),
+                            spec,
+                            piece,
+                        ) {
                             Ok(()) => {
                                 written.fetch_add(piece.size as usize, Ordering::Relaxed);
                             }
@@ -551,6 +560,7 @@ impl Engine {
         &self,
         layout: &Blobs<'_>,
         file: &File,
+        direct: Option<&File>,
         spec: &native::FileSpec,
         piece: &native::Piece,
     ) -> Result<()> {
@@ -578,7 +588,14 @@ impl Engine {
         );
         let written = {
             let mut decoder = codec.decoder(Box::new(&mut verifying))?;
-            sarde_disk::write_piece(file, piece.offset, piece.size, &piece.digest, &mut decoder)
+            sarde_disk::write_piece_direct(
+                file,
+                direct,
+                piece.offset,
+                piece.size,
+                &piece.digest,
+                &mut decoder,
+            )
         };
         // The blob's own digest is the most precise diagnosis: check it first, also
         // when decoding failed (a flipped bit usually trips the codec's checksum).

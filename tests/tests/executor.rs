@@ -283,9 +283,21 @@ fn terminate_group(child: &Child) {
 
 #[test]
 fn a_cancelled_job_stops_promptly_and_cleans_up() {
-    let Some((s, _guest)) = setup("a_cancelled_job_stops_promptly_and_cleans_up", "") else {
+    let Some((s, guest)) = setup("a_cancelled_job_stops_promptly_and_cleans_up", "") else {
         return;
     };
+    // This job logs in with the key from the INI; the password there is wrong, so
+    // only the key can open the session.
+    let mut ini = std::fs::read_to_string(&s.config).unwrap();
+    ini = ini.replacen(
+        "[DEFAULT]\n",
+        &format!(
+            "[DEFAULT]\nusername = root\npassword = wrong\nidentity-file = {}\n",
+            guest.key.display()
+        ),
+        1,
+    );
+    std::fs::write(&s.config, ini).unwrap();
     let job = format!("{}c", std::process::id());
     assert_ok(
         "prepare",

@@ -35,6 +35,8 @@ const STAGES: &[&str] = &[
 struct Setup {
     registry: TestRegistry,
     _source: guest::GuestVm,
+    /// Base VMs the executor imports (named by image id), undefined at the end.
+    bases: std::cell::RefCell<Vec<String>>,
     work: tempfile::TempDir,
     image: String,
     config: PathBuf,
@@ -60,7 +62,7 @@ fn setup(test: &str, extra_ini: &str) -> Option<(Setup, GuestImage)> {
     let source = guest.define(&name, work.path());
     let image = format!("{addr}/ci/guest:1");
     let publisher = vm::workdir();
-    ok(sarde(publisher.path())
+    let image_id = ok(sarde(publisher.path())
         .args(["export", "--vmconfig"])
         .arg(&guest.access)
         .args([&name, &image]));
@@ -86,6 +88,7 @@ fn setup(test: &str, extra_ini: &str) -> Option<(Setup, GuestImage)> {
         Setup {
             registry,
             _source: source,
+            bases: std::cell::RefCell::new(vec![image_id]),
             work,
             image,
             config,
@@ -94,6 +97,14 @@ fn setup(test: &str, extra_ini: &str) -> Option<(Setup, GuestImage)> {
         },
         guest,
     ))
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for base in self.bases.borrow().iter() {
+            vm::undefine(base);
+        }
+    }
 }
 
 impl Setup {
@@ -377,7 +388,8 @@ fn a_guest_without_an_address_fails_prepare_in_bounded_time() {
     let _blank_vm = TestVm::define(&name, &[&blank], None);
     let image = s.image.replace("/ci/guest:1", "/ci/blank:1");
     let publisher = vm::workdir();
-    ok(sarde(publisher.path()).args(["export", &name, &image]));
+    let blank_id = ok(sarde(publisher.path()).args(["export", &name, &image]));
+    s.bases.borrow_mut().push(blank_id);
     ok(sarde(publisher.path()).args(["push", "--insecure", &image]));
     let job = format!("{}n", std::process::id());
     let started = Instant::now();

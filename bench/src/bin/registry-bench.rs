@@ -38,6 +38,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use sarde_bench::vm::{
+    drop_caches, fill_random, succeeded, undefine, wait_with_peak_rss, write_raw,
+};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -187,25 +190,11 @@ impl Runner {
             .stderr(File::create(&err_path)?)
             .spawn()
             .with_context(|| format!("starting {cmd:?}"))?;
-        let pid = child.id() as libc::pid_t;
-        let mut status = 0;
-        // SAFETY: rusage is plain data; wait4 fills it for our own child, which
-        // std's Child never waits for.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        loop {
-            let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-            if waited == pid {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err).with_context(|| format!("wait4 for {cmd:?}"));
-            }
-        }
+        let (status, peak_rss_mib) = wait_with_peak_rss(&child)?;
         let seconds = start.elapsed().as_secs_f64();
         drop(child);
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        if !succeeded(status) {
             let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
             let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -215,22 +204,13 @@ impl Runner {
                 err_path.display()
             );
         }
-        eprintln!(
-            "    {seconds:.2} s, peak RSS {:.0} MiB",
-            usage.ru_maxrss as f64 / 1024.0
-        );
+        eprintln!("    {seconds:.2} s, peak RSS {peak_rss_mib:.0} MiB");
         Ok(Run {
             seconds,
-            peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+            peak_rss_mib,
             stdout,
         })
     }
-}
-
-/// Empties the page cache so every run reads from the disk (root only; best effort).
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
@@ -248,68 +228,6 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A raw file like a real disk's content: text, binaries, random data and zeros in
-/// 1 MiB blocks, deterministic (vm-bench's disk, byte for byte).
-fn write_raw(path: &Path, mib: u64) -> Result<()> {
-    let binaries: Vec<u8> = std::fs::read_dir("/usr/bin")?
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .take(400)
-        .flatten()
-        .collect();
-    let words = [
-        "libvirt ",
-        "qcow2 ",
-        "registry ",
-        "runner ",
-        "kernel ",
-        "the ",
-        "and ",
-        "of ",
-        "\n",
-    ];
-    let mut out = BufWriter::new(File::create(path)?);
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let mut block = vec![0u8; 1 << 20];
-    for i in 0..mib {
-        match i % 8 {
-            0 | 1 => block.fill(0),
-            2 | 3 => {
-                for chunk in block.chunks_mut(8) {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-                }
-            }
-            4 | 5 => {
-                let mut pos = 0;
-                while pos < block.len() {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let w = words[(state % words.len() as u64) as usize].as_bytes();
-                    let n = w.len().min(block.len() - pos);
-                    block[pos..pos + n].copy_from_slice(&w[..n]);
-                    pos += n;
-                }
-            }
-            _ => {
-                let start = ((i as usize) << 20) % binaries.len().max(1);
-                for (j, b) in block.iter_mut().enumerate() {
-                    *b = binaries
-                        .get((start + j) % binaries.len().max(1))
-                        .copied()
-                        .unwrap_or(0);
-                }
-            }
-        }
-        out.write_all(&block)?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
 /// `bytes` of pseudo-random data (a different stream from the disk's).
 fn write_random(path: &Path, bytes: u64, seed: u64) -> Result<()> {
     let mut out = BufWriter::new(File::create(path)?);
@@ -317,27 +235,13 @@ fn write_random(path: &Path, bytes: u64, seed: u64) -> Result<()> {
     let mut block = vec![0u8; 1 << 20];
     let mut left = bytes;
     while left > 0 {
-        for chunk in block.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-        }
+        fill_random(&mut block, &mut state);
         let n = left.min(block.len() as u64) as usize;
         out.write_all(&block[..n])?;
         left -= n as u64;
     }
     out.flush()?;
     Ok(())
-}
-
-fn undefine(connect: &str, name: &str) {
-    let _ = Command::new("virsh")
-        .args(["-q", "-c", connect, "undefine", "--nvram", name])
-        .output();
-    let _ = Command::new("virsh")
-        .args(["-q", "-c", connect, "undefine", name])
-        .output();
 }
 
 /// What goes at the end whatever happened: VMs, the registry, the work directory.

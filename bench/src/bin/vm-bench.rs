@@ -11,14 +11,13 @@
 //!     --sarde target/release/sarde --python /var/lib/sardinecake-test/python-sardinecake/bin/sarde
 //! ```
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use sarde_bench::vm::{drop_caches, succeeded, undefine, wait_with_peak_rss, write_raw};
 
 #[derive(Parser)]
 #[command(about = "sarde export/import against the Python tool, side by side")]
@@ -60,28 +59,15 @@ fn measure(cmd: &mut Command) -> Result<Run> {
         .stdout(std::process::Stdio::null())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let (status, peak_rss_mib) = wait_with_peak_rss(&child)?;
     let seconds = start.elapsed().as_secs_f64();
-    if waited != pid {
-        bail!("wait4 failed for {cmd:?}");
-    }
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    if !succeeded(status) {
         bail!("{cmd:?} failed with status {status}");
     }
     Ok(Run {
         seconds,
-        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        peak_rss_mib,
     })
-}
-
-/// Empties the page cache so every run reads from the disk (root only; best effort).
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
@@ -93,77 +79,6 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A raw file like a real disk's content: text, binaries, random data and zeros in
-/// 1 MiB blocks, deterministic.
-fn write_raw(path: &Path, mib: u64) -> Result<()> {
-    let binaries: Vec<u8> = std::fs::read_dir("/usr/bin")?
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .take(400)
-        .flatten()
-        .collect();
-    let words = [
-        "libvirt ",
-        "qcow2 ",
-        "registry ",
-        "runner ",
-        "kernel ",
-        "the ",
-        "and ",
-        "of ",
-        "\n",
-    ];
-    let mut out = BufWriter::new(File::create(path)?);
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let mut block = vec![0u8; 1 << 20];
-    for i in 0..mib {
-        match i % 8 {
-            0 | 1 => block.fill(0),
-            2 | 3 => {
-                for chunk in block.chunks_mut(8) {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-                }
-            }
-            4 | 5 => {
-                let mut pos = 0;
-                while pos < block.len() {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let w = words[(state % words.len() as u64) as usize].as_bytes();
-                    let n = w.len().min(block.len() - pos);
-                    block[pos..pos + n].copy_from_slice(&w[..n]);
-                    pos += n;
-                }
-            }
-            _ => {
-                let start = ((i as usize) << 20) % binaries.len().max(1);
-                for (j, b) in block.iter_mut().enumerate() {
-                    *b = binaries
-                        .get((start + j) % binaries.len().max(1))
-                        .copied()
-                        .unwrap_or(0);
-                }
-            }
-        }
-        out.write_all(&block)?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
-fn undefine(connect: &str, name: &str) {
-    let _ = Command::new("virsh")
-        .args(["-q", "-c", connect, "undefine", "--nvram", name])
-        .output();
-    let _ = Command::new("virsh")
-        .args(["-q", "-c", connect, "undefine", name])
-        .output();
 }
 
 fn main() -> Result<()> {

@@ -1,0 +1,115 @@
+//! Helpers of the VM benchmarks.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::process::{Child, Command};
+
+use anyhow::{Context, Result};
+
+/// Empties the page cache so every run reads from the disk (root only; best effort).
+pub fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Waits for `child` with `wait4` (std's `Child` never waits for it), retrying on
+/// EINTR; returns its wait status and peak RSS in MiB.
+pub fn wait_with_peak_rss(child: &Child) -> Result<(i32, f64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if waited == pid {
+            return Ok((status, usage.ru_maxrss as f64 / 1024.0));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err).with_context(|| format!("wait4 for process {pid}"));
+        }
+    }
+}
+
+/// Whether a wait status says "exited with 0".
+pub fn succeeded(status: i32) -> bool {
+    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+}
+
+/// A raw file like a real disk's content: text, binaries, random data and zeros in
+/// 1 MiB blocks, deterministic.
+pub fn write_raw(path: &Path, mib: u64) -> Result<()> {
+    let binaries: Vec<u8> = std::fs::read_dir("/usr/bin")?
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .take(400)
+        .flatten()
+        .collect();
+    let words = [
+        "libvirt ",
+        "qcow2 ",
+        "registry ",
+        "runner ",
+        "kernel ",
+        "the ",
+        "and ",
+        "of ",
+        "\n",
+    ];
+    let mut out = BufWriter::new(File::create(path)?);
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        match i % 8 {
+            0 | 1 => block.fill(0),
+            2 | 3 => fill_random(&mut block, &mut state),
+            4 | 5 => {
+                let mut pos = 0;
+                while pos < block.len() {
+                    let w = words[(xorshift(&mut state) % words.len() as u64) as usize].as_bytes();
+                    let n = w.len().min(block.len() - pos);
+                    block[pos..pos + n].copy_from_slice(&w[..n]);
+                    pos += n;
+                }
+            }
+            _ => {
+                let start = ((i as usize) << 20) % binaries.len().max(1);
+                for (j, b) in block.iter_mut().enumerate() {
+                    *b = binaries
+                        .get((start + j) % binaries.len().max(1))
+                        .copied()
+                        .unwrap_or(0);
+                }
+            }
+        }
+        out.write_all(&block)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The next value of a xorshift64 generator.
+pub fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Fills `block` with the generator's output, 8 bytes a step.
+pub fn fill_random(block: &mut [u8], state: &mut u64) {
+    for chunk in block.chunks_mut(8) {
+        chunk.copy_from_slice(&xorshift(state).to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Undefines a domain (with its NVRAM when it has one); errors ignored.
+pub fn undefine(connect: &str, name: &str) {
+    let _ = Command::new("virsh")
+        .args(["-q", "-c", connect, "undefine", "--nvram", name])
+        .output();
+    let _ = Command::new("virsh")
+        .args(["-q", "-c", connect, "undefine", name])
+        .output();
+}

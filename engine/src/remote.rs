@@ -244,12 +244,7 @@ impl Engine {
             let outcome = tokio::task::spawn_blocking(move || engine.import(&import))
                 .await
                 .map_err(|e| RemoteError::Refused(format!("the import task failed: {e}")))??;
-            let mut summary = sarde_transfer::Summary {
-                bytes_received: resolved.manifest_bytes,
-                blobs_skipped: resolved.blobs.len(),
-                bytes_skipped: resolved.blobs.iter().map(|b| b.size).sum(),
-                ..Default::default()
-            };
+            let mut summary = resolved.up_to_date_summary();
             summary.seconds = started.elapsed().as_secs_f64();
             return Ok(Pulled {
                 fetched: Fetched {

@@ -208,7 +208,7 @@ pub async fn prepare(
     let source_vm = source_vm(engine, settings, &image).await?;
     times.pull = t.elapsed().as_secs_f64();
 
-    let overlay_dirs = overlay_dirs(engine, settings, &source_vm)?;
+    let overlay_dirs = overlay_dirs(hv.as_ref(), settings, &source_vm)?;
     let mut state = JobState {
         vm: vm.clone(),
         source_vm: source_vm.clone(),
@@ -329,14 +329,13 @@ async fn source_vm(
 }
 
 fn overlay_dirs(
-    engine: &Engine,
+    hv: &dyn sarde_api::Hypervisor,
     settings: &Settings,
     source_vm: &str,
 ) -> Result<Vec<PathBuf>, StageError> {
     if let Some(dir) = &settings.clonedir {
         return Ok(vec![dir.clone()]);
     }
-    let hv = engine.registry.connect(&engine.connect).map_err(system)?;
     let xml = hv.domain_xml(source_vm, true).map_err(system)?;
     let mut dirs: Vec<PathBuf> = sarde_domain::file_disk_sources(&xml)
         .map_err(system)?

@@ -58,6 +58,17 @@ pub struct ResolvedImage {
 }
 
 impl ResolvedImage {
+    /// What fetching this image moves when the layout already holds all of it:
+    /// the manifest requests, every blob skipped.
+    pub fn up_to_date_summary(&self) -> Summary {
+        Summary {
+            bytes_received: self.manifest_bytes,
+            blobs_skipped: self.blobs.len(),
+            bytes_skipped: self.blobs.iter().map(|b| b.size).sum(),
+            ..Summary::default()
+        }
+    }
+
     pub fn descriptor(&self) -> Descriptor {
         Descriptor::new(
             self.manifest.media_type.clone(),
@@ -95,17 +106,17 @@ impl FetchRequest {
     ) -> Result<Fetched, TransferError> {
         let started = Instant::now();
         let resolved = self.resolve(options).await?;
-        let mut summary = Summary {
-            bytes_received: resolved.manifest_bytes,
-            ..Summary::default()
-        };
-        if !resolved.up_to_date {
+        let mut summary = if resolved.up_to_date {
+            resolved.up_to_date_summary()
+        } else {
+            let mut summary = Summary {
+                bytes_received: resolved.manifest_bytes,
+                ..Summary::default()
+            };
             summary.add(&self.fetch_blobs(&resolved, options, progress, None).await?);
             self.commit(&resolved)?;
-        } else {
-            summary.blobs_skipped = resolved.blobs.len();
-            summary.bytes_skipped = resolved.blobs.iter().map(|b| b.size).sum();
-        }
+            summary
+        };
         progress.event(&Event::Finish { image: &self.image });
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(Fetched {

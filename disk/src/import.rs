@@ -70,7 +70,9 @@ thread_local! {
 /// must read as zeros beforehand (a file from [`create_sparse`], or a range cleared
 /// with [`zero_range`] when retrying). More than `length` bytes is refused as soon as
 /// the first extra byte appears, before anything is written past the piece; fewer is
-/// an error; then the sha256 must equal `expected`. On error the range holds partial
+/// an error; then the sha256 must equal `expected` when one is given (`None` when
+/// something else already vouches for the bytes: a codec that verifies its own
+/// checksum of them). On error the range holds partial
 /// data: clear it with [`zero_range`] before writing the piece again.
 ///
 /// Safe to call from several threads on the same `File` (positioned writes only).
@@ -78,7 +80,7 @@ pub fn write_piece(
     file: &File,
     offset: u64,
     length: u64,
-    expected: &Digest,
+    expected: Option<&Digest>,
     decoded: &mut dyn Read,
 ) -> Result<(), DiskError> {
     write_piece_direct(file, None, offset, length, expected, decoded)
@@ -91,10 +93,10 @@ pub fn write_piece_direct(
     direct: Option<&File>,
     offset: u64,
     length: u64,
-    expected: &Digest,
+    expected: Option<&Digest>,
     decoded: &mut dyn Read,
 ) -> Result<(), DiskError> {
-    if expected.algorithm() != Algorithm::Sha256 {
+    if let Some(expected) = expected.filter(|e| e.algorithm() != Algorithm::Sha256) {
         return Err(DiskError::UnsupportedDigest {
             file: path_of(file),
             offset,
@@ -141,11 +143,12 @@ fn write_piece_with(
     direct: Option<&File>,
     offset: u64,
     length: u64,
-    expected: &Digest,
+    expected: Option<&Digest>,
     decoded: &mut dyn Read,
     buf: &mut [u8],
 ) -> Result<(), DiskError> {
-    let mut hasher = Sha256::new();
+    // Hashing is a third of an import's CPU: only when asked.
+    let mut hasher = expected.map(|_| Sha256::new());
     let mut pos = 0u64;
     while pos < length {
         let want = (length - pos).min(BLOCK_SIZE as u64) as usize;
@@ -155,7 +158,9 @@ fn write_piece_with(
             source,
         })?;
         let block = &buf[..got];
-        hasher.update(block);
+        if let Some(hasher) = hasher.as_mut() {
+            hasher.update(block);
+        }
         if !is_zero(block) {
             let at = offset + pos;
             let aligned = at % DIRECT_ALIGN as u64 == 0 && block.len() % DIRECT_ALIGN == 0;
@@ -208,14 +213,16 @@ fn write_piece_with(
         });
     }
     sarde_api::writeback::start_writeback(file, offset, length);
-    let actual = Digest::from_sha256(hasher.finalize().into());
-    if actual != *expected {
-        return Err(DiskError::PieceDigestMismatch {
-            file: path_of(file),
-            offset,
-            expected: expected.clone(),
-            actual,
-        });
+    if let (Some(expected), Some(hasher)) = (expected, hasher) {
+        let actual = Digest::from_sha256(hasher.finalize().into());
+        if actual != *expected {
+            return Err(DiskError::PieceDigestMismatch {
+                file: path_of(file),
+                offset,
+                expected: expected.clone(),
+                actual,
+            });
+        }
     }
     Ok(())
 }

@@ -238,7 +238,14 @@ fn wrong_digest_is_a_mismatch_naming_file_and_offset() {
     let (data, packed, _) = one_piece(3 * MIB as usize);
     let wrong = Digest::sha256_of(b"something else");
     let mut decoder = Zstd.decoder(Box::new(&packed[..])).unwrap();
-    let err = write_piece(&file, 2 * MIB, data.len() as u64, &wrong, &mut decoder).unwrap_err();
+    let err = write_piece(
+        &file,
+        2 * MIB,
+        data.len() as u64,
+        Some(&wrong),
+        &mut decoder,
+    )
+    .unwrap_err();
     match &err {
         DiskError::PieceDigestMismatch {
             file,
@@ -266,14 +273,14 @@ fn longer_stream_is_refused_without_writing_beyond_the_piece() {
     // The right bytes followed by more.
     let mut longer = data.clone();
     longer.extend_from_slice(&[0x41; 5000]);
-    let err = write_piece(&file, MIB, length, &digest, &mut &longer[..]).unwrap_err();
+    let err = write_piece(&file, MIB, length, Some(&digest), &mut &longer[..]).unwrap_err();
     assert!(
         matches!(err, DiskError::PieceTooLong { offset, length: l, .. } if offset == MIB && l == length),
         "{err}"
     );
     // A bomb: an endless stream is stopped after one byte too many.
     let mut endless = io::repeat(0x41);
-    let err = write_piece(&file, 4 * MIB, MIB, &digest, &mut endless).unwrap_err();
+    let err = write_piece(&file, 4 * MIB, MIB, Some(&digest), &mut endless).unwrap_err();
     assert!(matches!(err, DiskError::PieceTooLong { .. }), "{err}");
     // Nothing was written past either piece.
     assert_eq!(fs::metadata(&target).unwrap().len(), 8 * MIB);
@@ -282,7 +289,7 @@ fn longer_stream_is_refused_without_writing_beyond_the_piece() {
     let after_second = read_range(&target, 5 * MIB, 3 * MIB);
     assert!(after_second.iter().all(|&b| b == 0));
     // A piece that would end beyond the file is refused before reading anything.
-    let err = write_piece(&file, 7 * MIB, 2 * MIB, &digest, &mut endless).unwrap_err();
+    let err = write_piece(&file, 7 * MIB, 2 * MIB, Some(&digest), &mut endless).unwrap_err();
     assert!(matches!(err, DiskError::PieceOutOfRange { .. }), "{err}");
 }
 
@@ -295,14 +302,14 @@ fn truncated_stream_is_an_error() {
     let length = data.len() as u64;
     // Plain bytes that stop early.
     let short = &data[..data.len() - 1];
-    let err = write_piece(&file, 0, length, &digest, &mut &short[..]).unwrap_err();
+    let err = write_piece(&file, 0, length, Some(&digest), &mut &short[..]).unwrap_err();
     assert!(
         matches!(err, DiskError::PieceTruncated { got, .. } if got == length - 1),
         "{err}"
     );
     // A truncated compressed blob: the decoder reports it.
     let mut decoder = Zstd.decoder(Box::new(&packed[..packed.len() / 2])).unwrap();
-    let err = write_piece(&file, 0, length, &digest, &mut decoder).unwrap_err();
+    let err = write_piece(&file, 0, length, Some(&digest), &mut decoder).unwrap_err();
     assert!(
         matches!(
             err,
@@ -313,7 +320,7 @@ fn truncated_stream_is_an_error() {
     // The whole blob is fine once the range is cleared.
     zero_range(&file, 0, length).unwrap();
     let mut decoder = Zstd.decoder(Box::new(&packed[..])).unwrap();
-    write_piece(&file, 0, length, &digest, &mut decoder).unwrap();
+    write_piece(&file, 0, length, Some(&digest), &mut decoder).unwrap();
     assert!(read_range(&target, 0, length) == data);
 }
 
@@ -365,7 +372,7 @@ fn verify_finds_damaged_pieces_and_resume_repairs_them() {
                 &file,
                 p.offset,
                 p.length,
-                &p.uncompressed_digest,
+                Some(&p.uncompressed_digest),
                 &mut decoder,
             )
             .unwrap();
@@ -517,11 +524,28 @@ fn direct_writes_match_buffered_ones_with_unaligned_ends() {
             direct.as_ref(),
             offset,
             length,
-            &digest,
+            Some(&digest),
             &mut &piece[..],
         )
         .unwrap();
     }
     file.sync_all().unwrap();
     assert!(fs::read(&target).unwrap() == data);
+}
+
+#[test]
+fn without_a_digest_the_piece_is_written_and_only_its_length_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("t.img");
+    let file = create_sparse(&target, 8 * MIB).unwrap();
+    let (data, packed, _) = one_piece(3 * MIB as usize);
+    let mut decoder = Zstd.decoder(Box::new(&packed[..])).unwrap();
+    write_piece(&file, MIB, data.len() as u64, None, &mut decoder).unwrap();
+    let written = fs::read(&target).unwrap();
+    assert_eq!(&written[MIB as usize..MIB as usize + data.len()], &data[..]);
+    assert!(written[..MIB as usize].iter().all(|&b| b == 0));
+    // The length is still enforced.
+    let mut decoder = Zstd.decoder(Box::new(&packed[..])).unwrap();
+    let err = write_piece(&file, MIB, data.len() as u64 - 1, None, &mut decoder).unwrap_err();
+    assert!(matches!(err, DiskError::PieceTooLong { .. }), "{err}");
 }

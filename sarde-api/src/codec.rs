@@ -89,6 +89,15 @@ pub trait Codec: Send + Sync {
         false
     }
 
+    /// Whether the encoder always stores a checksum of the original bytes that the
+    /// decoder verifies (zstd's content checksum, gzip's CRC-32, xz's check), so a
+    /// decoder that produced other bytes fails instead of returning them. Importers
+    /// then skip their own sha256 of the decoded bytes: the blob's digest, checked
+    /// first, already fixes what the stream holds.
+    fn checks_decoded(&self) -> bool {
+        false
+    }
+
     /// Starts compressing into `output`.
     fn encoder<'w>(
         &self,

@@ -17,6 +17,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(random_mib: u64) -> Fixture {
+        Fixture::exported_with(random_mib, &[])
+    }
+
+    /// Exports with extra `sarde export` arguments (`--codec raw`).
+    fn exported_with(random_mib: u64, export_args: &[&str]) -> Fixture {
         let work = vm::workdir();
         let disk = work.path().join("disk.qcow2");
         qcow2(&disk, "512M", None);
@@ -25,7 +30,10 @@ impl Fixture {
         let name = vm::unique("sarde-faults");
         let test_vm = TestVm::define(&name, &[&disk], None);
         let home = vm::workdir();
-        ok(sarde(home.path()).args(["export", "--chunksize", "1MiB", &name, "localhost/faults:1"]));
+        ok(sarde(home.path())
+            .args(["export", "--chunksize", "1MiB"])
+            .args(export_args)
+            .args([&name, "localhost/faults:1"]));
         Fixture {
             home,
             _work: work,
@@ -230,6 +238,32 @@ fn a_piece_that_inflates_beyond_its_size_is_refused() {
         err.contains("more") || err.contains("larger") || err.contains("long"),
         "{err}"
     );
+}
+
+#[test]
+fn a_stored_piece_that_differs_from_its_announced_digest_is_refused() {
+    // Compressed pieces are vouched for by the codec's own checksum; an uncompressed
+    // one is hashed on import, and its bytes must be what the manifest announces.
+    if !vm::libvirt_enabled("a_stored_piece_that_differs_from_its_announced_digest_is_refused") {
+        return;
+    }
+    let f = Fixture::exported_with(1, &["--codec", "raw"]);
+    let piece = f.piece();
+    assert_eq!(
+        piece["annotations"]["org.sardinecake.piece.digest"], piece["digest"],
+        "a stored piece is its own blob"
+    );
+    let piece_digest = piece["digest"].as_str().unwrap().to_string();
+    let lie = format!("sha256:{}", "ab".repeat(32));
+    f.rewrite_manifest(|m| {
+        for layer in m["layers"].as_array_mut().unwrap() {
+            if layer["digest"] == piece_digest.as_str() {
+                layer["annotations"]["org.sardinecake.piece.digest"] = Value::String(lie.clone());
+            }
+        }
+    });
+    let err = f.import_fails(&vm::unique("lying-piece"));
+    assert!(err.contains(&lie) && err.contains("disk.qcow2"), "{err}");
 }
 
 #[test]

@@ -107,6 +107,12 @@ impl Codec for Gzip {
         true
     }
 
+    /// Every gzip member ends with the CRC-32 and length of its data, which
+    /// flate2's decoder verifies.
+    fn checks_decoded(&self) -> bool {
+        true
+    }
+
     fn encoder<'w>(
         &self,
         output: Output<'w>,

@@ -471,3 +471,18 @@ fn describes_itself_and_registers() {
         "gzip"
     );
 }
+
+#[test]
+fn a_wrong_crc_is_an_error() {
+    assert!(Gzip.checks_decoded());
+    let data = sample(1 << 20);
+    for threads in [1, 2] {
+        let packed = encode_to_vec(&Gzip, &data, &options(6, threads)).unwrap();
+        assert_eq!(decode_all(&packed).unwrap(), data);
+        // A gzip member ends with CRC-32 and length, 4 bytes each.
+        let mut bad = packed.clone();
+        let n = bad.len();
+        bad[n - 7] ^= 0x01;
+        assert!(decode_all(&bad).is_err(), "threads {threads}");
+    }
+}

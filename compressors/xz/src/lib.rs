@@ -158,6 +158,11 @@ impl Codec for Xz {
         true
     }
 
+    /// Every block carries a CRC64 of its data, which liblzma verifies.
+    fn checks_decoded(&self) -> bool {
+        true
+    }
+
     fn encoder<'w>(
         &self,
         output: Output<'w>,
@@ -329,6 +334,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_wrong_block_check_is_an_error() {
+        assert!(Xz.checks_decoded());
+        let data = sample(1 << 20);
+        let packed = encode_to_vec(&Xz, &data, &options(1, 1)).unwrap();
+        assert_eq!(packed[7], 0x04, "stream flags announce CRC64");
+        // One block: its CRC64 sits right before the index, whose size the
+        // 12-byte stream footer gives ((backward size + 1) * 4).
+        let n = packed.len();
+        let backward = u32::from_le_bytes(packed[n - 8..n - 4].try_into().unwrap());
+        let index_start = n - 12 - (backward as usize + 1) * 4;
+        let mut bad = packed.clone();
+        bad[index_start - 3] ^= 0x01;
+        assert!(decode_all(&bad).is_err());
     }
 
     #[test]

@@ -145,6 +145,11 @@ impl Codec for Zstd {
         true
     }
 
+    /// Every frame carries a content checksum (XXH64) that libzstd verifies.
+    fn checks_decoded(&self) -> bool {
+        true
+    }
+
     fn encoder<'w>(
         &self,
         output: Output<'w>,
@@ -222,6 +227,21 @@ mod tests {
             .map_err(io::Error::other)?
             .read_to_end(&mut out)?;
         Ok(out)
+    }
+
+    #[test]
+    fn a_wrong_content_checksum_is_an_error() {
+        assert!(Zstd.checks_decoded());
+        let data = sample(1 << 20);
+        for threads in [1, 2] {
+            let packed = encode_to_vec(&Zstd, &data, &options(3, threads)).unwrap();
+            assert_eq!(decode_all(&packed).unwrap(), data);
+            // The frame ends with the low 32 bits of the XXH64 of the content.
+            let mut bad = packed.clone();
+            let n = bad.len();
+            bad[n - 2] ^= 0x01;
+            assert!(decode_all(&bad).is_err(), "threads {threads}");
+        }
     }
 
     fn options(level: i32, threads: usize) -> EncodeOptions {

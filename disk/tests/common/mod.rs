@@ -145,7 +145,7 @@ pub fn import(sink: &DirSink, pieces: &[PieceInfo], target: &Path, len: u64, thr
                         &file,
                         p.offset,
                         p.length,
-                        &p.uncompressed_digest,
+                        Some(&p.uncompressed_digest),
                         &mut decoder,
                     )
                     .unwrap();

@@ -185,9 +185,10 @@ impl Engine {
         request: &ExportRequest,
         outcome: &mut ExportOutcome,
     ) -> Result<NativeFile> {
+        // Parallelism comes from pieces, a stream per thread: none inside a stream.
         let options = EncodeOptions {
             level: request.level,
-            threads: 1,
+            threads: 0,
             ..EncodeOptions::default()
         };
         let sink = LayoutSink { layout };

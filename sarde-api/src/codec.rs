@@ -35,8 +35,11 @@ pub enum CodecError {
 pub struct EncodeOptions {
     /// Compression level; `None` picks the codec's default.
     pub level: Option<i32>,
-    /// Worker threads for one stream; 0 or 1 asks for one. A codec may run that
-    /// worker beside the caller's thread so I/O overlaps compression (zstd does).
+    /// Worker threads for one stream. 1 asks for one, which a codec may run beside
+    /// the caller's thread so I/O overlaps compression (zstd does); 0 asks for none:
+    /// everything in the caller's thread, the cheapest when the caller already runs
+    /// several streams at once (piece export). A codec may produce different bytes
+    /// for 0 than for 1 or more.
     pub threads: usize,
     /// The original file name, for formats that record it (gzip's FNAME).
     pub file_name: Option<String>,

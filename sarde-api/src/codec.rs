@@ -109,7 +109,10 @@ pub trait Codec: Send + Sync {
     ) -> Result<Box<dyn Encoder + 'w>, CodecError>;
 
     /// Starts decompressing `input`; the reader yields the original bytes and an
-    /// `io::Error` (never a silent end) on truncated or corrupt input.
+    /// `io::Error` on truncated or corrupt input. Formats made of independent
+    /// frames (gzip members, zstd without workers) may read a stream cut exactly
+    /// between two frames as a shorter one: check the length where it is known
+    /// ([`decode_exact`]; the importer checks every piece's).
     fn decoder<'r>(&self, input: Input<'r>) -> Result<Input<'r>, CodecError>;
 
     /// Checks a level against `levels()`; codecs call this from `encoder`.

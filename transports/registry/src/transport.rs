@@ -2,8 +2,8 @@
 //!
 //! oci-client does the authentication handshake (anonymous, Basic, bearer
 //! tokens), manifest pulls and pushes with exact bytes, cross-repository mounts
-//! and tag lists. Three operations are made here instead with a reqwest client built with the same TLS
-//! settings and the credentials oci-client negotiated:
+//! and tag lists. Three operations are made here instead, with a reqwest client
+//! built with the same TLS settings and the credentials oci-client negotiated:
 //!
 //! - `blob_exists`: oci-client's `blob_exists` hides the `Content-Length` of the
 //!   HEAD answer, so the size can't be checked;

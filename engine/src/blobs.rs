@@ -37,10 +37,10 @@ impl Blobs<'_> {
         Ok(self.layout.open_blob(blob)?)
     }
 
-    /// Whether the blobs come from a fetch of this process, which verified each
-    /// one by size and digest as it arrived, a moment before.
-    pub fn fetched_now(&self) -> bool {
-        self.gate.is_some()
+    /// Whether a fetch of this process downloaded `digest` and verified it by size
+    /// and digest a moment ago (blobs it found in the cache were not hashed).
+    pub fn verified_now(&self, digest: &Digest) -> bool {
+        self.gate.is_some_and(|gate| gate.verified_here(digest))
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {

@@ -575,7 +575,7 @@ impl Engine {
         let blob = Descriptor::new("", piece.blob.clone(), piece.blob_size);
         let raw = layout.open_blob(&blob)?;
         let what = format!("{} piece at offset {}", spec.name, piece.offset);
-        let verify = if layout.fetched_now() {
+        let verify = if layout.verified_now(&piece.blob) {
             VerifyingReader::size_only
         } else {
             VerifyingReader::new
@@ -586,11 +586,16 @@ impl Engine {
             piece.blob_size,
             what.clone(),
         );
-        // The blob's digest fixes the stream; a codec that verifies its own checksum
-        // of the decoded bytes, or a stored (raw) piece that is its own blob, leaves
-        // nothing for a sha256 of the decoded bytes to catch.
-        let expected =
-            (!codec.checks_decoded() && piece.digest != piece.blob).then_some(&piece.digest);
+        // The blob's digest is verified (by this pull's download a moment ago, or
+        // while this reads it, its failure winning). The decoded bytes are then
+        // checked by the codec's own checksum where it writes one, or are the blob
+        // itself (a stored piece announcing its blob's digest): a sha256 of them
+        // would catch nothing more. Other codecs' output is hashed; digests other
+        // than sha256 are refused there.
+        let stored_as_is = piece.suffix.is_none() && piece.digest == piece.blob;
+        let hash_decoded = !(codec.checks_decoded() || stored_as_is)
+            || piece.digest.algorithm() != sarde_api::digest::Algorithm::Sha256;
+        let expected = hash_decoded.then_some(&piece.digest);
         let written = {
             let mut decoder = codec.decoder(Box::new(&mut verifying))?;
             sarde_disk::write_piece_direct(

@@ -539,6 +539,57 @@ fn blob_corrupted_in_registry_storage() {
 }
 
 #[test]
+fn a_damaged_blob_already_in_the_cache_is_caught_by_a_pull() {
+    // A pull hashes again only what it did not download itself: a blob it finds in
+    // the cache (same size, other bytes) must not reach the VM's disk.
+    if !enabled("a_damaged_blob_already_in_the_cache_is_caught_by_a_pull") {
+        return;
+    }
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let source = Source::new(
+        &registry,
+        "faults/rotten",
+        24,
+        &["--chunksize", "8MiB", "--codec", "raw"],
+    );
+    // The same image under a second tag: pulling it finds every blob cached.
+    let second = source.image.replace(":1", ":2");
+    ok(sarde(source.home.path()).args(["push", "-q", "--insecure", "-t", &second, &source.image]));
+    let home = vm::workdir();
+    let home = home.path();
+    ok(sarde(home).args(["fetch", "-q", "--insecure", &source.image]));
+    let cached = CachedImage::new(home, &source.image);
+    let blobs = cached.blobs();
+    let pieces: Vec<&Blob> = blobs.iter().filter(|b| b.is_piece()).collect();
+    let damaged = pieces[pieces.len() / 2].clone();
+    let path = cached.blob_path(&damaged.digest);
+    let mut data = fs::read(&path).unwrap();
+    let middle = data.len() / 2;
+    for b in &mut data[middle..middle + 4] {
+        *b ^= 0xa5;
+    }
+    // Blobs may be hard links shared with other layouts: write a new file.
+    fs::remove_file(&path).unwrap();
+    fs::write(&path, &data).unwrap();
+
+    let name = vm::unique("sarde-rotten");
+    let err = fails(sarde(home).args(["pull", "-q", "-n", &name, "--insecure", &second]));
+    eprintln!("pull: {}", err.trim());
+    assert!(
+        err.contains("corrupt") && err.contains(damaged.hex()),
+        "{err}"
+    );
+    assert!(
+        !vm::domain_exists(&name),
+        "{name} was defined despite: {err}"
+    );
+    assert!(
+        !home.join("VMs").join(&name).exists(),
+        "a VM directory for {name} is in place"
+    );
+}
+
+#[test]
 fn eight_concurrent_pulls_download_each_blob_once() {
     if !enabled("eight_concurrent_pulls_download_each_blob_once") {
         return;

@@ -257,15 +257,13 @@ impl FetchRequest {
             .map(|blob| {
                 let (layout, others, counters) = (&layout, &others, &counters);
                 async move {
-                    let r = self
+                    let downloaded = self
                         .fetch_blob(layout, others, blob, options, progress, counters)
-                        .await;
-                    if r.is_ok() {
-                        if let Some(gate) = gate {
-                            gate.ready(&blob.digest);
-                        }
+                        .await?;
+                    if let Some(gate) = gate {
+                        gate.ready(&blob.digest, downloaded);
                     }
-                    r
+                    Ok::<(), TransferError>(())
                 }
             })
             .buffer_unordered(options.concurrency.max(1))
@@ -305,6 +303,8 @@ impl FetchRequest {
         Ok(descriptor)
     }
 
+    /// Makes `blob` present in `layout`; `Ok(true)` when it was downloaded (and so
+    /// verified by size and digest) now, `Ok(false)` when it was there or linked.
     async fn fetch_blob(
         &self,
         layout: &Layout,
@@ -313,7 +313,7 @@ impl FetchRequest {
         options: &TransferOptions,
         progress: &dyn Progress,
         counters: &Counters,
-    ) -> Result<(), TransferError> {
+    ) -> Result<bool, TransferError> {
         let skipped = || {
             counters.skipped.fetch_add(1, Ordering::Relaxed);
             counters
@@ -326,20 +326,20 @@ impl FetchRequest {
         };
         if layout.has_blob(blob) {
             skipped();
-            return Ok(());
+            return Ok(false);
         }
         let _lock = BlobLock::acquire(&self.cache, &blob.digest).await?;
         // Another process may have fetched it while we waited for the lock.
         if layout.has_blob(blob) {
             skipped();
-            return Ok(());
+            return Ok(false);
         }
         for other in others {
             if layout.mount_blob_from(other, blob)? {
                 tracing::debug!("{}: linked from {}", blob.digest, other.path().display());
                 counters.mounted.fetch_add(1, Ordering::Relaxed);
                 skipped();
-                return Ok(());
+                return Ok(false);
             }
         }
         self.download(layout, blob, options, progress, counters)
@@ -349,7 +349,7 @@ impl FetchRequest {
             digest: &blob.digest,
             size: blob.size,
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Downloads into `<cache>/.sarde/partial/<algo>-<hex>`, resuming what an

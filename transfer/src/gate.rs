@@ -8,7 +8,9 @@ use sarde_api::Digest;
 
 #[derive(Debug, Default)]
 struct State {
-    ready: HashMap<Digest, ()>,
+    /// Ready blobs, and whether this transfer downloaded and verified them (rather
+    /// than finding them in the cache).
+    ready: HashMap<Digest, bool>,
     failed: Option<String>,
 }
 
@@ -24,11 +26,19 @@ impl BlobGate {
         Self::default()
     }
 
-    /// Marks a blob as verified and in the cache.
-    pub fn ready(&self, digest: &Digest) {
+    /// Marks a blob as in the cache; `verified_here` when this transfer downloaded
+    /// it and checked its size and digest (not when it was there already, or
+    /// linked from another repository of the cache, which only checks the size).
+    pub fn ready(&self, digest: &Digest, verified_here: bool) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.ready.insert(digest.clone(), ());
+        state.ready.insert(digest.clone(), verified_here);
         self.changed.notify_all();
+    }
+
+    /// Whether a ready blob was downloaded and verified by this transfer.
+    pub fn verified_here(&self, digest: &Digest) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.ready.get(digest).copied().unwrap_or(false)
     }
 
     /// Marks the transfer as failed: every waiter gets `message`.
@@ -66,13 +76,24 @@ mod tests {
         let (g, d) = (gate.clone(), a.clone());
         let waiter = std::thread::spawn(move || g.wait(&d));
         std::thread::sleep(std::time::Duration::from_millis(20));
-        gate.ready(&a);
+        gate.ready(&a, true);
         assert_eq!(waiter.join().unwrap(), Ok(()));
+        assert!(gate.verified_here(&a));
+        assert!(!gate.verified_here(&b));
         let (g, d) = (gate.clone(), b.clone());
         let waiter = std::thread::spawn(move || g.wait(&d));
         gate.fail("registry gone".into());
         assert_eq!(waiter.join().unwrap(), Err("registry gone".into()));
         // Ready blobs stay usable after a failure elsewhere.
         assert_eq!(gate.wait(&a), Ok(()));
+    }
+
+    #[test]
+    fn blobs_found_in_the_cache_are_ready_but_not_verified_here() {
+        let gate = BlobGate::new();
+        let a = Digest::sha256_of(b"a");
+        gate.ready(&a, false);
+        assert_eq!(gate.wait(&a), Ok(()));
+        assert!(!gate.verified_here(&a));
     }
 }

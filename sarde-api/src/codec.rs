@@ -95,8 +95,10 @@ pub trait Codec: Send + Sync {
     /// Whether the encoder always stores a checksum of the original bytes that the
     /// decoder verifies (zstd's content checksum, gzip's CRC-32, xz's check), so a
     /// decoder that produced other bytes fails instead of returning them. Importers
-    /// then skip their own sha256 of the decoded bytes: the blob's digest, checked
-    /// first, already fixes what the stream holds.
+    /// then skip their own sha256 of the decoded bytes: the blob's digest, which is
+    /// verified too, fixes what the stream holds, and the codec's checksum vouches
+    /// for the decoding. (A stream from elsewhere may lack the checksum; its bytes
+    /// are still exactly what the verified blob decodes to.)
     fn checks_decoded(&self) -> bool {
         false
     }

@@ -80,11 +80,11 @@ struct FramedEncoder<'w> {
 impl FramedEncoder<'_> {
     fn frame(&mut self) -> io::Result<()> {
         self.compressed.clear();
-        self.cctx
-            .compress2(&mut self.compressed, &self.input)
-            .map_err(zstd_error)?;
-        self.output.write_all(&self.compressed)?;
+        let compressed = self.cctx.compress2(&mut self.compressed, &self.input);
+        // The input is gone either way: a failed frame is never written twice.
         self.input.clear();
+        compressed.map_err(zstd_error)?;
+        self.output.write_all(&self.compressed)?;
         self.frames += 1;
         Ok(())
     }

@@ -2,8 +2,8 @@
 //!
 //! The `docker` transport: OCI distribution registries (`docker://host[:port]/repo:tag`)
 //! as a [`sarde_api::Transport`], built on oci-client for authentication, manifests,
-//! blob downloads (with `Range` resume), mounts and tags, plus two requests of its
-//! own where oci-client cannot stream an upload or report a blob's size.
+//! mounts and tags, plus requests of its own where oci-client cannot stream an
+//! upload, report a blob's size, or download a blob without hashing it a second time.
 
 pub mod credentials;
 mod error;

@@ -254,7 +254,7 @@ impl RegistryTransport {
     async fn response_error(&self, object: &Object, res: reqwest::Response) -> TransportError {
         let status = res.status().as_u16();
         let after = retry_after(res.headers());
-        let body = res.text().await.unwrap_or_default();
+        let body = error_body(res).await;
         map_status(&self.location, object, Some(status), &body, after)
     }
 
@@ -879,6 +879,23 @@ fn checked_stream(
         }
     })
     .boxed()
+}
+
+/// Bytes of an error answer read for its message: a registry (or a proxy) may send
+/// a large or endless body with an error status.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// The start of an error answer's body, as text.
+async fn error_body(mut res: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < ERROR_BODY_LIMIT {
+        match res.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(ERROR_BODY_LIMIT);
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// The first byte of a `Content-Range: bytes START-END/TOTAL` answer.

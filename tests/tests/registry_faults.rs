@@ -240,6 +240,18 @@ impl Source {
     }
 }
 
+/// A failed pull left neither a domain `name` nor its directory under `home`.
+fn assert_no_vm(home: &Path, name: &str, err: &str) {
+    assert!(
+        !vm::domain_exists(name),
+        "{name} was defined despite: {err}"
+    );
+    assert!(
+        !home.join("VMs").join(name).exists(),
+        "a VM directory for {name} is in place"
+    );
+}
+
 /// Imports `image` from `home`'s cache as `name` and checks the disk shows the guest
 /// what `source` does.
 fn import_and_compare(home: &Path, image: &str, name: &str, source: &Path) {
@@ -521,14 +533,7 @@ fn blob_corrupted_in_registry_storage() {
         "{err}"
     );
     nothing_kept("pull");
-    assert!(
-        !vm::domain_exists(&name),
-        "{name} was defined despite: {err}"
-    );
-    assert!(
-        !home.join("VMs").join(&name).exists(),
-        "a VM directory for {name} is in place"
-    );
+    assert_no_vm(home, &name, &err);
     let left: Vec<String> = fs::read_dir(home.join("VMs"))
         .map(|d| {
             d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -579,14 +584,7 @@ fn a_damaged_blob_already_in_the_cache_is_caught_by_a_pull() {
         err.contains("corrupt") && err.contains(damaged.hex()),
         "{err}"
     );
-    assert!(
-        !vm::domain_exists(&name),
-        "{name} was defined despite: {err}"
-    );
-    assert!(
-        !home.join("VMs").join(&name).exists(),
-        "a VM directory for {name} is in place"
-    );
+    assert_no_vm(home, &name, &err);
 }
 
 #[test]

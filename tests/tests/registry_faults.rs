@@ -551,7 +551,7 @@ fn a_damaged_blob_already_in_the_cache_is_caught_by_a_pull() {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
-    let source = Source::new(
+    let mut source = Source::new(
         &registry,
         "faults/rotten",
         24,
@@ -578,6 +578,7 @@ fn a_damaged_blob_already_in_the_cache_is_caught_by_a_pull() {
     fs::write(&path, &data).unwrap();
 
     let name = vm::unique("sarde-rotten");
+    source.vm.cleanup_also(&name);
     let err = fails(sarde(home).args(["pull", "-q", "-n", &name, "--insecure", &second]));
     eprintln!("pull: {}", err.trim());
     assert!(

@@ -2,10 +2,87 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+
+/// Runs a program to completion; a failure carries its standard error.
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("starting {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The benchmarks' VM: `<dir>/disk.qcow2`, `virtual_gib` GiB with `data_mib` MiB of
+/// [`write_raw`] data at its start (all allocated, zero blocks included, as on a
+/// used disk), defined on `connect` as `vm`. The data is written by this program
+/// run again as `<exe> __generate PATH MIB`, which the caller's `main` must
+/// dispatch to [`write_raw`]: on Linux a child's peak RSS (wait4) starts from its
+/// parent's, so the measuring parent must stay small. Returns the disk's path.
+pub fn define_vm(
+    dir: &Path,
+    vm: &str,
+    virtual_gib: u64,
+    data_mib: u64,
+    connect: &str,
+) -> Result<PathBuf> {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    eprintln!("generating a {virtual_gib} GiB disk with {data_mib} MiB of data…");
+    let raw = dir.join("data.raw");
+    run(
+        &std::env::current_exe()?.to_string_lossy(),
+        &["__generate", &s(&raw), &data_mib.to_string()],
+    )?;
+    let disk = dir.join("disk.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &s(&disk),
+            &format!("{virtual_gib}G"),
+        ],
+    )?;
+    // -n writes into the existing (bigger) image; -S 0 keeps the data's zero blocks
+    // allocated, as a used disk has them, while the rest stays unallocated.
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-n",
+            "-S",
+            "0",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &s(&raw),
+            &s(&disk),
+        ],
+    )?;
+    std::fs::remove_file(&raw)?;
+    let xml = format!(
+        "<domain type='qemu'><name>{vm}</name><memory unit='MiB'>128</memory><os><type arch='x86_64'>hvm</type></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        disk.display()
+    );
+    let xml_path = dir.join("vm.xml");
+    std::fs::write(&xml_path, xml)?;
+    run("virsh", &["-q", "-c", connect, "define", &s(&xml_path)])?;
+    Ok(disk)
+}
 
 /// Empties the page cache so every run reads from the disk (root only; best effort).
 pub fn drop_caches() {

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sarde_bench::vm::{
-    drop_caches, fill_random, succeeded, undefine, wait_with_peak_rss, write_raw,
+    define_vm, drop_caches, fill_random, succeeded, undefine, wait_with_peak_rss, write_raw,
 };
 use serde_json::Value;
 
@@ -250,17 +250,7 @@ impl Runner {
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
     check_interrupted()?;
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("starting {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    sarde_bench::vm::run(program, args)
 }
 
 /// `bytes` of pseudo-random data (a different stream from the disk's).
@@ -593,60 +583,9 @@ fn one_run(args: &Args, sarde: &Path, number: usize) -> Result<Outcome> {
         dir: dir.clone(),
         keep: args.keep,
     };
-    let s = |p: &Path| p.to_string_lossy().into_owned();
 
     // The VM: one qcow2 disk with `data_mib` of mixed data, all allocated.
-    eprintln!(
-        "generating a {} GiB disk with {} MiB of data…",
-        args.virtual_gib, args.data_mib
-    );
-    let raw = dir.join("data.raw");
-    run(
-        &std::env::current_exe()?.to_string_lossy(),
-        &["__generate", &s(&raw), &args.data_mib.to_string()],
-    )?;
-    let disk = dir.join("disk.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &s(&disk),
-            &format!("{}G", args.virtual_gib),
-        ],
-    )?;
-    // -n writes into the existing (bigger) image; -S 0 keeps the data's zero blocks
-    // allocated, as a used disk has them, while the rest stays unallocated.
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-n",
-            "-S",
-            "0",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            &s(&raw),
-            &s(&disk),
-        ],
-    )?;
-    std::fs::remove_file(&raw)?;
-    let xml = format!(
-        "<domain type='qemu'><name>{vm}</name><memory unit='MiB'>128</memory><os><type arch='x86_64'>hvm</type></os>\
-         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
-        disk.display()
-    );
-    let xml_path = dir.join("vm.xml");
-    std::fs::write(&xml_path, xml)?;
-    run(
-        "virsh",
-        &["-q", "-c", &args.connect, "define", &s(&xml_path)],
-    )?;
+    let disk = define_vm(dir, &vm, args.virtual_gib, args.data_mib, &args.connect)?;
 
     eprintln!("starting a private registry…");
     let (registry, port) = start_registry(&args.registry, dir)?;

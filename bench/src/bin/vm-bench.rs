@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use sarde_bench::vm::{drop_caches, succeeded, undefine, wait_with_peak_rss, write_raw};
+use sarde_bench::vm::{define_vm, drop_caches, succeeded, undefine, wait_with_peak_rss, write_raw};
 
 #[derive(Parser)]
 #[command(about = "sarde export/import against the Python tool, side by side")]
@@ -70,17 +70,6 @@ fn measure(cmd: &mut Command) -> Result<Run> {
     })
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program).args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     // Data is generated in a child process: on Linux a child's peak RSS (wait4)
     // starts from its parent's, so the measuring parent must stay small.
@@ -100,62 +89,10 @@ fn main() -> Result<()> {
     let dir = &args.dir;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
-    let s = |p: &Path| p.to_string_lossy().into_owned();
-
     // The VM: one qcow2 disk with `data_mib` of mixed data, all allocated.
-    eprintln!(
-        "generating a {} GiB disk with {} MiB of data…",
-        args.virtual_gib, args.data_mib
-    );
-    let raw = dir.join("data.raw");
-    run(
-        &std::env::current_exe()?.to_string_lossy(),
-        &["__generate", &s(&raw), &args.data_mib.to_string()],
-    )?;
-    let disk = dir.join("disk.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &s(&disk),
-            &format!("{}G", args.virtual_gib),
-        ],
-    )?;
-    // -n writes into the existing (bigger) image; -S 0 keeps the data's zero blocks
-    // allocated, as a used disk has them, while the rest stays unallocated.
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-n",
-            "-S",
-            "0",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            &s(&raw),
-            &s(&disk),
-        ],
-    )?;
-    std::fs::remove_file(&raw)?;
-    let disk_bytes = std::fs::metadata(&disk)?.len();
     let vm = format!("sarde-bench-{}", std::process::id());
-    let xml = format!(
-        "<domain type='qemu'><name>{vm}</name><memory unit='MiB'>128</memory><os><type arch='x86_64'>hvm</type></os>\
-         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
-        disk.display()
-    );
-    let xml_path = dir.join("vm.xml");
-    std::fs::write(&xml_path, xml)?;
-    run(
-        "virsh",
-        &["-q", "-c", &args.connect, "define", &s(&xml_path)],
-    )?;
+    let disk = define_vm(dir, &vm, args.virtual_gib, args.data_mib, &args.connect)?;
+    let disk_bytes = std::fs::metadata(&disk)?.len();
     let result = bench(&args, &sarde, dir, &vm, &disk, disk_bytes);
     undefine(&args.connect, &vm);
     for suffix in ["-sarde", "-python", "-sarde-v1"] {

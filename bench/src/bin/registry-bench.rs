@@ -663,49 +663,56 @@ fn bench(
     let py_layout = |oci: &str| Path::new(oci).join(PYTHON_REPO);
     let sarde_vm = format!("{vm}-sarde");
     let python_vm = format!("{vm}-python");
+    // Commands run twice: for the first image and for the update.
+    let sarde_export_cmd = || sarde_cmd("export", &["--ocidir", &sarde_push_oci, vm, &image]);
+    let sarde_push_cmd = || {
+        let args = [
+            "--ocidir",
+            &sarde_push_oci,
+            "--insecure",
+            "--format",
+            "json",
+            &image,
+        ];
+        sarde_cmd("push", &args)
+    };
+    let sarde_fetch_cmd = || {
+        let args = [
+            "--ocidir",
+            &sarde_fetch_oci,
+            "--insecure",
+            "--format",
+            "json",
+            &image,
+        ];
+        sarde_cmd("fetch", &args)
+    };
+    let py_export_cmd = |ocidir: &str| python_cmd(&["export", "--ocidir", ocidir, vm, &py_local]);
+    let py_push_cmd = |ocidir: &str| {
+        python_cmd(&[
+            "push", "--ocidir", ocidir, "--target", &py_remote, &py_local,
+        ])
+    };
+    let py_fetch_cmd = || {
+        python_cmd(&[
+            "fetch",
+            "--ocidir",
+            &py_fetch_oci,
+            "--source",
+            &py_remote,
+            &py_local,
+        ])
+    };
 
     // 1 and 2: export, then push (push alone is the push of this pair).
     let mut sarde_export = None;
     let mut sarde_push = None;
     if sarde_on {
-        sarde_export = Some(runner.measure(
-            "sarde export",
-            &mut sarde_cmd("export", &["--ocidir", &sarde_push_oci, vm, &image]),
-            true,
-        )?);
-        sarde_push = Some(runner.measure(
-            "sarde push",
-            &mut sarde_cmd(
-                "push",
-                &[
-                    "--ocidir",
-                    &sarde_push_oci,
-                    "--insecure",
-                    "--format",
-                    "json",
-                    &image,
-                ],
-            ),
-            true,
-        )?);
+        sarde_export = Some(runner.measure("sarde export", &mut sarde_export_cmd(), true)?);
+        sarde_push = Some(runner.measure("sarde push", &mut sarde_push_cmd(), true)?);
     }
-    let py_export = runner.measure(
-        "Python export",
-        &mut python_cmd(&["export", "--ocidir", &py_push_oci, vm, &py_local]),
-        true,
-    )?;
-    let py_push = runner.measure(
-        "Python push",
-        &mut python_cmd(&[
-            "push",
-            "--ocidir",
-            &py_push_oci,
-            "--target",
-            &py_remote,
-            &py_local,
-        ]),
-        true,
-    )?;
+    let py_export = runner.measure("Python export", &mut py_export_cmd(&py_push_oci), true)?;
+    let py_push = runner.measure("Python push", &mut py_push_cmd(&py_push_oci), true)?;
     let py_image = Manifest::read(&py_layout(&py_push_oci), TAG)?;
     let sarde_image = if sarde_on {
         Some(Manifest::read(&sarde_layout(&sarde_push_oci), TAG)?)
@@ -715,36 +722,11 @@ fn bench(
 
     // 3: fetch into an empty cache.
     let sarde_fetch = if sarde_on {
-        Some(runner.measure(
-            "sarde fetch (empty cache)",
-            &mut sarde_cmd(
-                "fetch",
-                &[
-                    "--ocidir",
-                    &sarde_fetch_oci,
-                    "--insecure",
-                    "--format",
-                    "json",
-                    &image,
-                ],
-            ),
-            true,
-        )?)
+        Some(runner.measure("sarde fetch (empty cache)", &mut sarde_fetch_cmd(), true)?)
     } else {
         None
     };
-    let py_fetch = runner.measure(
-        "Python fetch (empty cache)",
-        &mut python_cmd(&[
-            "fetch",
-            "--ocidir",
-            &py_fetch_oci,
-            "--source",
-            &py_remote,
-            &py_local,
-        ]),
-        true,
-    )?;
+    let py_fetch = runner.measure("Python fetch (empty cache)", &mut py_fetch_cmd(), true)?;
 
     // 4: pull into an empty cache and an empty VM directory.
     let sarde_pull_args = [
@@ -854,40 +836,12 @@ fn bench(
     let mut sarde_update = None;
     if sarde_on {
         let old = Manifest::read(&sarde_layout(&sarde_fetch_oci), TAG)?;
-        let export = runner.measure(
-            "sarde export (update)",
-            &mut sarde_cmd("export", &["--ocidir", &sarde_push_oci, vm, &image]),
-            true,
-        )?;
-        let push = runner.measure(
-            "sarde push (update)",
-            &mut sarde_cmd(
-                "push",
-                &[
-                    "--ocidir",
-                    &sarde_push_oci,
-                    "--insecure",
-                    "--format",
-                    "json",
-                    &image,
-                ],
-            ),
-            true,
-        )?;
+        let export = runner.measure("sarde export (update)", &mut sarde_export_cmd(), true)?;
+        let push = runner.measure("sarde push (update)", &mut sarde_push_cmd(), true)?;
         sarde_update_push = Some(export.then(&push));
         let fetch = runner.measure(
             "sarde fetch (update, into the old cache)",
-            &mut sarde_cmd(
-                "fetch",
-                &[
-                    "--ocidir",
-                    &sarde_fetch_oci,
-                    "--insecure",
-                    "--format",
-                    "json",
-                    &image,
-                ],
-            ),
+            &mut sarde_fetch_cmd(),
             true,
         )?;
         let new = Manifest::read(&sarde_layout(&sarde_fetch_oci), TAG)?;
@@ -897,31 +851,17 @@ fn bench(
     let py_old = Manifest::read(&py_layout(&py_fetch_oci), TAG)?;
     let py_update_export = runner.measure(
         "Python export (update)",
-        &mut python_cmd(&["export", "--ocidir", &py_update_oci, vm, &py_local]),
+        &mut py_export_cmd(&py_update_oci),
         true,
     )?;
     let py_update_push = runner.measure(
         "Python push (update)",
-        &mut python_cmd(&[
-            "push",
-            "--ocidir",
-            &py_update_oci,
-            "--target",
-            &py_remote,
-            &py_local,
-        ]),
+        &mut py_push_cmd(&py_update_oci),
         true,
     )?;
     let py_update_fetch = runner.measure(
         "Python fetch (update, into the old cache)",
-        &mut python_cmd(&[
-            "fetch",
-            "--ocidir",
-            &py_fetch_oci,
-            "--source",
-            &py_remote,
-            &py_local,
-        ]),
+        &mut py_fetch_cmd(),
         true,
     )?;
     let py_new = Manifest::read(&py_layout(&py_fetch_oci), TAG)?;

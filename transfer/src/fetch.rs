@@ -4,7 +4,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -15,6 +15,7 @@ use sarde_transport_oci_dir::{Layout, OciDir};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
+use crate::counters::Counters;
 use crate::error::VerifyFailure;
 use crate::lock::{BlobLock, state_dir};
 use crate::manifest::{self, MAX_DEPTH, Refs};
@@ -84,17 +85,6 @@ pub struct Fetched {
     pub manifest: Descriptor,
     pub summary: Summary,
     pub up_to_date: bool,
-}
-
-/// Counters shared by the blob tasks.
-#[derive(Default)]
-struct Counters {
-    received: AtomicU64,
-    skipped_bytes: AtomicU64,
-    transferred: AtomicUsize,
-    skipped: AtomicUsize,
-    mounted: AtomicUsize,
-    retries: AtomicUsize,
 }
 
 impl FetchRequest {
@@ -275,16 +265,7 @@ impl FetchRequest {
             }
             return Err(e);
         }
-        Ok(Summary {
-            bytes_sent: 0,
-            bytes_received: counters.received.into_inner(),
-            bytes_skipped: counters.skipped_bytes.into_inner(),
-            blobs_transferred: counters.transferred.into_inner(),
-            blobs_skipped: counters.skipped.into_inner(),
-            blobs_mounted: counters.mounted.into_inner(),
-            retries: counters.retries.into_inner(),
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(counters.into_summary(started.elapsed().as_secs_f64()))
     }
 
     /// Writes the manifests (children first) and the tag: the image appears in the
@@ -314,31 +295,20 @@ impl FetchRequest {
         progress: &dyn Progress,
         counters: &Counters,
     ) -> Result<bool, TransferError> {
-        let skipped = || {
-            counters.skipped.fetch_add(1, Ordering::Relaxed);
-            counters
-                .skipped_bytes
-                .fetch_add(blob.size, Ordering::Relaxed);
-            progress.event(&Event::Skipped {
-                digest: &blob.digest,
-                size: blob.size,
-            });
-        };
         if layout.has_blob(blob) {
-            skipped();
+            counters.skip(blob, false, progress);
             return Ok(false);
         }
         let _lock = BlobLock::acquire(&self.cache, &blob.digest).await?;
         // Another process may have fetched it while we waited for the lock.
         if layout.has_blob(blob) {
-            skipped();
+            counters.skip(blob, false, progress);
             return Ok(false);
         }
         for other in others {
             if layout.mount_blob_from(other, blob)? {
                 tracing::debug!("{}: linked from {}", blob.digest, other.path().display());
-                counters.mounted.fetch_add(1, Ordering::Relaxed);
-                skipped();
+                counters.skip(blob, true, progress);
                 return Ok(false);
             }
         }

@@ -16,6 +16,7 @@
 //! - Transient failures (network errors, 5xx, 429) are retried with exponential
 //!   backoff; everything else fails at once with the transport's error.
 
+mod counters;
 mod error;
 pub mod fetch;
 mod gate;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -11,6 +11,7 @@ use sarde_api::transport::RawManifest;
 use sarde_api::{Transport, TransportError};
 use sarde_transport_oci_dir::Layout;
 
+use crate::counters::Counters;
 use crate::manifest::{self, MAX_DEPTH, Refs};
 use crate::progress::{Event, Progress};
 use crate::retry::retrying;
@@ -58,16 +59,6 @@ struct LocalImage {
     blobs: Vec<Descriptor>,
 }
 
-#[derive(Default)]
-struct Counters {
-    sent: AtomicU64,
-    skipped_bytes: AtomicU64,
-    transferred: AtomicUsize,
-    skipped: AtomicUsize,
-    mounted: AtomicUsize,
-    retries: AtomicUsize,
-}
-
 impl PushRequest {
     pub async fn run(
         &self,
@@ -105,16 +96,7 @@ impl PushRequest {
                 image.manifest.bytes.len() as u64,
             ),
             targets: outcomes,
-            summary: Summary {
-                bytes_sent: counters.sent.into_inner(),
-                bytes_received: 0,
-                bytes_skipped: counters.skipped_bytes.into_inner(),
-                blobs_transferred: counters.transferred.into_inner(),
-                blobs_skipped: counters.skipped.into_inner(),
-                blobs_mounted: counters.mounted.into_inner(),
-                retries: counters.retries.into_inner(),
-                seconds: started.elapsed().as_secs_f64(),
-            },
+            summary: counters.into_summary(started.elapsed().as_secs_f64()),
         })
     }
 
@@ -200,14 +182,7 @@ impl PushRequest {
                 target.name
             );
             for blob in &image.blobs {
-                counters.skipped.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .skipped_bytes
-                    .fetch_add(blob.size, Ordering::Relaxed);
-                progress.event(&Event::Skipped {
-                    digest: &blob.digest,
-                    size: blob.size,
-                });
+                counters.skip(blob, false, progress.as_ref());
             }
         } else {
             let sources: Vec<&str> = mount_from
@@ -275,19 +250,7 @@ impl PushRequest {
         })
         .await;
         counters.retries.fetch_add(retries, Ordering::Relaxed);
-        let skip = |mounted: bool| {
-            if mounted {
-                counters.mounted.fetch_add(1, Ordering::Relaxed);
-            }
-            counters.skipped.fetch_add(1, Ordering::Relaxed);
-            counters
-                .skipped_bytes
-                .fetch_add(blob.size, Ordering::Relaxed);
-            progress.event(&Event::Skipped {
-                digest: &blob.digest,
-                size: blob.size,
-            });
-        };
+        let skip = |mounted: bool| counters.skip(blob, mounted, progress.as_ref());
         if exists? {
             skip(false);
             return Ok(());

@@ -432,27 +432,9 @@ pub struct ImportSpec {
 /// each disk at its imported file and the NVRAM at its imported file. A disk file
 /// that is not in `spec.files` is an error. The XML declaration is dropped.
 pub fn prepare_import(xml: &str, spec: &ImportSpec) -> Result<String, DomainError> {
-    check_vm_name(&spec.name)?;
-    let mut doc = parse_domain(xml)?;
-    doc.drop_declaration();
+    let mut doc = with_new_identity(xml, &spec.name, spec.keep_uuid, spec.nvram.as_ref())?;
     let root = doc.root_mut();
-    name_of(root)?;
-    root.remove_descendants(&|parent, e| match e.local.as_str() {
-        "uuid" => parent == "domain" && !spec.keep_uuid,
-        "mac" => parent == "interface",
-        "backingStore" => true,
-        _ => false,
-    });
-    // libvirt reads the first <name>; a second one would only confuse readers.
-    let mut first = true;
-    root.remove_children(|e| e.local == "name" && !std::mem::take(&mut first));
-    if let Some(name) = root.child_mut("name") {
-        name.set_text(&spec.name);
-    }
-
-    if let Some(nv) = root.child_mut("os").and_then(|o| o.child_mut("nvram")) {
-        import_nvram(nv, spec.nvram.as_ref());
-    }
+    root.remove_descendants(&|_, e| e.local == "backingStore");
     for devices in root.elements_mut().filter(|e| e.local == "devices") {
         for disk in devices.elements_mut().filter(|e| e.local == "disk") {
             let target = disk_target(disk);
@@ -519,24 +501,8 @@ pub struct CloneSpec {
 /// disk without an overlay in `spec` is an error, so a clone never writes into
 /// its source's disks.
 pub fn prepare_clone(xml: &str, spec: &CloneSpec) -> Result<String, DomainError> {
-    check_vm_name(&spec.name)?;
-    let mut doc = parse_domain(xml)?;
-    doc.drop_declaration();
+    let mut doc = with_new_identity(xml, &spec.name, false, spec.nvram.as_ref())?;
     let root = doc.root_mut();
-    name_of(root)?;
-    root.remove_descendants(&|parent, e| match e.local.as_str() {
-        "uuid" => parent == "domain",
-        "mac" => parent == "interface",
-        _ => false,
-    });
-    let mut first = true;
-    root.remove_children(|e| e.local == "name" && !std::mem::take(&mut first));
-    if let Some(name) = root.child_mut("name") {
-        name.set_text(&spec.name);
-    }
-    if let Some(nv) = root.child_mut("os").and_then(|o| o.child_mut("nvram")) {
-        import_nvram(nv, spec.nvram.as_ref());
-    }
     let mut mac = spec.mac.clone();
     for devices in root.elements_mut().filter(|e| e.local == "devices") {
         for disk in devices.elements_mut().filter(|e| e.local == "disk") {
@@ -581,6 +547,37 @@ pub fn prepare_clone(xml: &str, spec: &CloneSpec) -> Result<String, DomainError>
         }
     }
     doc.write()
+}
+
+/// What import and clone do alike: the domain XML, without its declaration, named
+/// `name` (one `<name>`), without uuid (unless `keep_uuid`) and MAC addresses
+/// (libvirt makes new ones, so copies do not clash), its NVRAM at `nvram`.
+fn with_new_identity(
+    xml: &str,
+    name: &str,
+    keep_uuid: bool,
+    nvram: Option<&PathBuf>,
+) -> Result<Document, DomainError> {
+    check_vm_name(name)?;
+    let mut doc = parse_domain(xml)?;
+    doc.drop_declaration();
+    let root = doc.root_mut();
+    name_of(root)?;
+    root.remove_descendants(&|parent, e| match e.local.as_str() {
+        "uuid" => parent == "domain" && !keep_uuid,
+        "mac" => parent == "interface",
+        _ => false,
+    });
+    // libvirt reads the first <name>; a second one would only confuse readers.
+    let mut first = true;
+    root.remove_children(|e| e.local == "name" && !std::mem::take(&mut first));
+    if let Some(element) = root.child_mut("name") {
+        element.set_text(name);
+    }
+    if let Some(nv) = root.child_mut("os").and_then(|o| o.child_mut("nvram")) {
+        import_nvram(nv, nvram);
+    }
+    Ok(doc)
 }
 
 fn import_nvram(nv: &mut Element, path: Option<&PathBuf>) {

@@ -39,6 +39,36 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
 }
 
+/// The Python tool's `sarde` (`SARDE_TEST_PYTHON_SARDE`), when libvirt tests are
+/// on and it is set; prints why `test` is skipped otherwise.
+pub fn python_sarde(test: &str) -> Option<PathBuf> {
+    if !libvirt_enabled(test) {
+        return None;
+    }
+    match std::env::var_os("SARDE_TEST_PYTHON_SARDE") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            eprintln!(
+                "SKIPPED {test}: set SARDE_TEST_PYTHON_SARDE to the Python tool's sarde (scripts/install-python-tool.sh prints it)"
+            );
+            None
+        }
+    }
+}
+
+/// A backing chain the Python tool can export: `<dir>/top.qcow2` over
+/// `<dir>/base.qcow2` by relative name (it wants backing files next to their
+/// overlays), both 64 MiB with some data. Returns the top file.
+pub fn python_exportable_chain(dir: &Path) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    qcow2(&base, "64M", None);
+    fill_random(&base, 0, 3, 5);
+    let top = dir.join("top.qcow2");
+    qcow2(&top, "64M", Some("base.qcow2"));
+    fill(&top, 0x24, "5M", "1M");
+    top
+}
+
 /// Creates a qcow2 file of `size` (e.g. "64M"), optionally on top of `backing` as
 /// referenced by `reference` (the string stored in the header).
 pub fn qcow2(path: &Path, size: &str, backing: Option<&str>) {

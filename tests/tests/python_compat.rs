@@ -5,23 +5,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content, sha256};
+use sarde_e2e::vm::{
+    self, TestVm, fill, fill_random, python_sarde, qcow2, same_guest_content, sha256,
+};
 use sarde_e2e::{ok, sarde};
-
-fn python_sarde(test: &str) -> Option<PathBuf> {
-    if !vm::libvirt_enabled(test) {
-        return None;
-    }
-    match std::env::var_os("SARDE_TEST_PYTHON_SARDE") {
-        Some(path) => Some(PathBuf::from(path)),
-        None => {
-            eprintln!(
-                "SKIPPED {test}: set SARDE_TEST_PYTHON_SARDE to the Python tool's sarde (scripts/install-python-tool.sh prints it)"
-            );
-            None
-        }
-    }
-}
 
 #[test]
 fn python_tool_imports_what_sarde_exports_as_v1() {
@@ -99,13 +86,8 @@ fn sarde_imports_what_the_python_tool_exports() {
         return;
     };
     let work = vm::workdir();
-    // The Python tool wants backing files next to their overlays, by relative name.
+    let top = vm::python_exportable_chain(work.path());
     let base = work.path().join("base.qcow2");
-    qcow2(&base, "64M", None);
-    fill_random(&base, 0, 3, 5);
-    let top = work.path().join("top.qcow2");
-    qcow2(&top, "64M", Some("base.qcow2"));
-    fill(&top, 0x24, "5M", "1M");
     let name = vm::unique("sarde-py-out");
     let mut test_vm = TestVm::define(&name, &[&top], None);
     let imported = format!("{name}-by-sarde");

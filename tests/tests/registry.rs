@@ -351,20 +351,14 @@ fn sarde_pulls_an_image_the_python_tool_wrote() {
     if !enabled("sarde_pulls_an_image_the_python_tool_wrote") {
         return;
     }
-    let Some(python) = std::env::var_os("SARDE_TEST_PYTHON_SARDE") else {
-        println!("SKIPPED sarde_pulls_an_image_the_python_tool_wrote: set SARDE_TEST_PYTHON_SARDE");
+    let Some(python) = vm::python_sarde("sarde_pulls_an_image_the_python_tool_wrote") else {
         return;
     };
     let registry = TestRegistry::start(RegistryOptions::default());
     let addr = registry.address();
-    // The Python tool wants backing files next to their overlays, by relative name.
     let work = vm::workdir();
+    let top = vm::python_exportable_chain(work.path());
     let base = work.path().join("base.qcow2");
-    qcow2(&base, "64M", None);
-    fill_random(&base, 0, 3, 5);
-    let top = work.path().join("top.qcow2");
-    qcow2(&top, "64M", Some("base.qcow2"));
-    fill(&top, 0x24, "5M", "1M");
     let name = vm::unique("sarde-reg-py");
     let mut test_vm = TestVm::define(&name, &[&top], None);
     let home = vm::workdir();

@@ -32,6 +32,10 @@ const MAX_INDEX_SIZE: u64 = 16 << 20;
 const OCI_LAYOUT_FILE: &str = "oci-layout";
 const INDEX_FILE: &str = "index.json";
 const LOCK_FILE: &str = "index.json.lock";
+/// Writers of blobs hold it shared around the moment a blob appears or is reused;
+/// a garbage collector holds it exclusively while it decides and deletes, so it
+/// never deletes a blob a writer has just counted on.
+const BLOBS_LOCK_FILE: &str = "blobs.lock";
 /// Prefix of temporary files; never a valid hex digest, so never taken for a blob.
 const TEMP_PREFIX: &str = ".tmp-";
 const LAYOUT_VERSION: &str = "1.0.0";
@@ -206,8 +210,12 @@ impl Layout {
     pub fn write_blob(&self, data: &[u8]) -> Result<(Digest, u64)> {
         let digest = Digest::sha256_of(data);
         let size = data.len() as u64;
-        if self.has_blob(&Descriptor::new("", digest.clone(), size)) {
-            return Ok((digest, size));
+        {
+            let _guard = self.blobs_shared()?;
+            if self.has_blob(&Descriptor::new("", digest.clone(), size)) {
+                refresh(&self.blob_path(&digest));
+                return Ok((digest, size));
+            }
         }
         let mut writer = self.blob_writer()?;
         let path = writer.dir.clone();
@@ -223,6 +231,7 @@ impl Layout {
         fs::create_dir_all(&dir).map_err(io_error(&dir, "creating the blob directory"))?;
         let temp = new_temp_in(&dir).map_err(io_error(&dir, "creating a temporary blob file"))?;
         Ok(BlobWriter {
+            layout: self.clone(),
             dir,
             file: BufWriter::with_capacity(WRITE_BUFFER, temp),
             hasher: Sha256::new(),
@@ -237,7 +246,9 @@ impl Layout {
         if !source.has_blob(blob) {
             return Ok(false);
         }
+        let _guard = self.blobs_shared()?;
         if self.has_blob(blob) {
+            refresh(&self.blob_path(&blob.digest));
             return Ok(true);
         }
         let from = source.blob_path(&blob.digest);
@@ -260,15 +271,21 @@ impl Layout {
                 }
                 sync_dir(&dir)?;
             }
+            // Collected from the source meanwhile: the caller gets it another way.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => {
                 tracing::debug!(
                     "hard-linking {} failed ({e}); copying instead",
                     from.display()
                 );
-                let mut input = source.open_blob(blob)?;
+                let mut input = match source.open_blob(blob) {
+                    Ok(input) => input,
+                    Err(LayoutError::BlobMissing { .. }) => return Ok(false),
+                    Err(e) => return Err(e),
+                };
                 let mut writer = self.blob_writer()?;
                 io::copy(&mut input, &mut writer).map_err(io_error(&from, "copying the blob"))?;
-                writer.commit(Some((&blob.digest, blob.size)))?;
+                writer.commit_unguarded(Some((&blob.digest, blob.size)))?;
             }
         }
         Ok(true)
@@ -412,6 +429,18 @@ impl Layout {
         Ok(removed)
     }
 
+    /// Keeps the index entries `keep` accepts and removes the others (tagged or not);
+    /// returns how many were removed. Blobs stay: a collector removes them after.
+    pub fn retain_entries(&self, mut keep: impl FnMut(&Descriptor) -> bool) -> Result<usize> {
+        let mut removed = 0;
+        self.update_index(|index| {
+            let before = index.manifests.len();
+            index.manifests.retain(|d| keep(d));
+            removed = before - index.manifests.len();
+        })?;
+        Ok(removed)
+    }
+
     /// Lists a manifest in the index without a tag (a push by digest), unless an
     /// entry with that digest is already there; so it stays reachable for tools
     /// that collect unreferenced blobs.
@@ -458,7 +487,24 @@ impl Layout {
 
     /// Takes the exclusive advisory lock of this layout; released on drop.
     fn lock(&self) -> Result<LayoutLock> {
-        let path = self.path.join(LOCK_FILE);
+        self.flock(LOCK_FILE, libc::LOCK_EX, "locking the layout")
+    }
+
+    /// The blob-set lock, shared: held by writers while a blob appears or an existing
+    /// blob is reused, so a collector holding it exclusively sees either the old
+    /// state or the new one. Released on drop.
+    pub fn blobs_shared(&self) -> Result<LayoutLock> {
+        self.flock(BLOBS_LOCK_FILE, libc::LOCK_SH, "locking the layout's blobs")
+    }
+
+    /// The blob-set lock, exclusive: for a collector deleting blobs. Waits for
+    /// writers inside their (short) shared sections.
+    pub fn blobs_exclusive(&self) -> Result<LayoutLock> {
+        self.flock(BLOBS_LOCK_FILE, libc::LOCK_EX, "locking the layout's blobs")
+    }
+
+    fn flock(&self, name: &str, mode: libc::c_int, context: &'static str) -> Result<LayoutLock> {
+        let path = self.path.join(name);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -469,20 +515,21 @@ impl Layout {
             .map_err(io_error(&path, "opening the layout lock file"))?;
         loop {
             // SAFETY: flock on a file descriptor we own and keep open; no memory involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), mode) };
             if rc == 0 {
                 return Ok(LayoutLock { _file: file });
             }
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::Interrupted {
-                return Err(io_error(&path, "locking the layout")(err));
+                return Err(io_error(&path, context)(err));
             }
         }
     }
 }
 
-/// Holds the layout's `flock`; closing the file releases it.
-struct LayoutLock {
+/// Holds one of the layout's `flock`s; closing the file releases it.
+#[derive(Debug)]
+pub struct LayoutLock {
     _file: File,
 }
 
@@ -490,6 +537,7 @@ struct LayoutLock {
 /// becomes a blob on [`BlobWriter::commit`]. Dropped without commit, it removes
 /// its temporary file.
 pub struct BlobWriter {
+    layout: Layout,
     dir: PathBuf,
     file: BufWriter<NamedTempFile>,
     hasher: Sha256,
@@ -520,7 +568,15 @@ impl BlobWriter {
     /// on mismatch nothing is stored — then syncs it and renames it into place. A
     /// blob that is already there with this size is kept and the new copy dropped.
     pub fn commit(self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
+        let layout = self.layout.clone();
+        let _guard = layout.blobs_shared()?;
+        self.commit_unguarded(expected)
+    }
+
+    /// [`BlobWriter::commit`] for a caller that holds the blob-set lock already.
+    fn commit_unguarded(self, expected: Option<(&Digest, u64)>) -> Result<(Digest, u64)> {
         let BlobWriter {
+            layout: _,
             dir,
             file,
             hasher,
@@ -552,6 +608,7 @@ impl BlobWriter {
             .map(|m| m.is_file() && m.len() == written)
             .unwrap_or(false);
         if present {
+            refresh(&target);
             return Ok((digest, written));
         }
         temp.as_file()
@@ -587,6 +644,23 @@ impl Write for BlobWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+/// Sets a reused blob's times to now: a collector spares blobs changed since a
+/// live writer's lease began, so a blob a writer counts on stays.
+fn refresh(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: a NUL-terminated path we own; a null `times` means "now".
+    if unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), std::ptr::null(), 0) } != 0 {
+        tracing::warn!(
+            "could not refresh the times of {}: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
     }
 }
 

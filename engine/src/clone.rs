@@ -67,6 +67,9 @@ fn nvram_path(dir: &Path, clone: &str) -> PathBuf {
 
 impl Engine {
     pub fn clone_vm(&self, request: &CloneRequest) -> Result<CloneOutcome> {
+        // Shared with other clones, exclusive for imports and removals of the
+        // source: it is neither replaced nor removed while its disks get overlays.
+        let _source_lock = self.share_vm_lock(&request.source)?;
         let hv = self.registry.connect(&self.connect)?;
         if !hv.exists(&request.source)? {
             return Err(EngineError::Refused(format!(
@@ -187,6 +190,7 @@ impl Engine {
                 return Err(e);
             }
         };
+        self.record_vm_use(&request.source);
         Ok(CloneOutcome {
             name,
             source: request.source.clone(),

@@ -76,6 +76,8 @@ impl Engine {
             None => None,
         };
 
+        // New blobs and the tag's old image stay while the export runs.
+        let _lease = self.lease_image("export", &request.image, true)?;
         let layout = Layout::create(&request.image.layout)?;
         let (xml_digest, xml_size) = layout.write_blob(exported.xml.as_bytes())?;
         let xml_layer = Descriptor::new(media_types::DOMAIN_XML, xml_digest, xml_size);
@@ -153,6 +155,7 @@ impl Engine {
         outcome.image_id = built.config_descriptor.digest;
         outcome.manifest = manifest.digest;
         outcome.layers = built.manifest.layers.len();
+        self.record_image_use(&request.image, &outcome.manifest);
         Ok(outcome)
     }
 

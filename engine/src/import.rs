@@ -43,6 +43,8 @@ pub struct ImportRequest {
     /// The image is still arriving (pull): read its manifest from here and wait
     /// for each blob; `None` reads a complete image from the layout.
     pub incoming: Option<Incoming>,
+    /// Who imports it for its own use (recorded, so it can remove its own VMs).
+    pub imported_by: Option<String>,
 }
 
 /// An image whose blobs a fetch is still writing into the layout.
@@ -157,6 +159,14 @@ impl NameLock {
 impl Engine {
     /// Imports an image from the local cache as a VM.
     pub fn import(&self, request: &ImportRequest) -> Result<ImportOutcome> {
+        // The image stays in the cache while it is read.
+        let _lease = self.lease_image("import", &request.image, false)?;
+        let outcome = self.import_leased(request)?;
+        self.record_vm_use(&outcome.name);
+        Ok(outcome)
+    }
+
+    fn import_leased(&self, request: &ImportRequest) -> Result<ImportOutcome> {
         let layout = self.layout(&request.image)?;
         let image = match &request.incoming {
             None => load_image(&layout, &request.image)?,
@@ -184,6 +194,7 @@ impl Engine {
             layout: &layout,
             gate: request.incoming.as_ref().map(|i| &*i.gate),
         };
+        self.record_image_use(&request.image, &image.manifest_descriptor.digest);
         let name = request
             .name
             .clone()
@@ -248,6 +259,20 @@ impl Engine {
                 Some(_) => fs::remove_dir_all(&final_dir)
                     .map_err(EngineError::io(&final_dir, "removing a stale import"))?,
             }
+        }
+
+        // A pull made room for the whole image before it started.
+        if request.incoming.is_none() {
+            let need = crate::lifecycle::SpaceNeed {
+                cache: 0,
+                vms: match &image.content {
+                    Content::Native(n) => {
+                        n.files.iter().flat_map(|f| &f.pieces).map(|p| p.size).sum()
+                    }
+                    Content::V1(v1) => v1.files.iter().map(|f| f.compressed_size()).sum(),
+                },
+            };
+            self.make_room(need, &request.image)?;
         }
 
         // A staging directory left by an interrupted import of the same image is
@@ -350,6 +375,7 @@ impl Engine {
             vm_name: name.to_string(),
             files: records,
             defined: false,
+            imported_by: request.imported_by.clone(),
         };
         marker
             .write(staging)

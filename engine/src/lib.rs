@@ -11,6 +11,7 @@ pub mod clone;
 pub mod export;
 mod gzip_header;
 pub mod import;
+pub mod lifecycle;
 pub mod list;
 mod marker;
 pub mod remote;
@@ -39,6 +40,8 @@ pub struct Engine {
     pub threads: usize,
     /// Registries: TLS settings and transfer behaviour.
     pub remote: remote::Remote,
+    /// Space budget and automatic reclaim.
+    pub lifecycle: lifecycle::LifecycleSettings,
 }
 
 /// What can go wrong, by the part that failed; every message names the object.

@@ -1,16 +1,20 @@
-//! `sarde list` and `sarde getconfig`: what the local cache holds, and which VMs were
+//! `sarde list`, `sarde inspect` and `sarde getconfig`: what the local cache holds,
+//! what it really takes on disk, when each image was last used, and which VMs were
 //! imported from it (found through the import records, whatever their names).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::time::SystemTime;
 
 use sarde_api::digest::Digest;
 use sarde_api::hypervisor::{DomainState, DomainSummary};
-use sarde_transport_oci_dir::Layout;
+use sarde_lifecycle::CacheInventory;
+use sarde_lifecycle::space::allocated_tree;
+use sarde_lifecycle::usage;
 use serde::Serialize;
 
-use crate::import::load_image;
+use crate::import::{Content, load_image};
 use crate::marker::Marker;
-use crate::{Engine, ImageLocation, Result};
+use crate::{Engine, EngineError, ImageLocation, Result};
 
 /// The state `list` shows for the domain `name`.
 fn state_of(domains: &[DomainSummary], name: &str) -> &'static str {
@@ -30,109 +34,131 @@ fn state_of(domains: &[DomainSummary], name: &str) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmState {
     pub name: String,
-    /// `missing` (not defined), `stopped`, `running`, `paused`, `crashed`, `other`.
+    /// `missing` (not defined), `stopped`, `running`, `paused`, `crashed`, `other`,
+    /// `unknown` (the hypervisor could not be reached).
     pub state: String,
+    /// Allocated bytes of its directory.
+    pub size: u64,
+    /// Seconds since the epoch of its last use.
+    pub last_used: u64,
+    /// The image it was imported from, as named then.
+    pub image: String,
+    /// Its image id.
+    pub image_id: Digest,
 }
 
-/// One tagged image of the cache.
+/// One entry of a repository's index: a tagged image, or a manifest kept by digest.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageEntry {
     /// `host[:port]/path`.
     pub name: String,
-    pub tag: String,
+    /// `None` for an image kept by digest.
+    pub tag: Option<String>,
     pub manifest: Digest,
     /// The config digest: the image id.
     pub image_id: Option<Digest>,
-    /// Bytes of all blobs (compressed).
+    /// Allocated bytes of its blobs (each stored file once).
     pub size: u64,
+    /// Bytes of its blobs as the manifest gives them (what a transfer moves).
+    pub stored: u64,
+    /// Seconds since the epoch of its last use (pull, fetch, import, export).
+    pub last_used: u64,
+    /// A blob it needs is missing (`sarde prune` removes it).
+    pub broken: bool,
     pub vms: Vec<VmState>,
 }
 
+/// The cache, the VMs imported from it, and what they take.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub images: Vec<ImageEntry>,
+    /// Every VM sarde imported.
+    pub vms: Vec<VmState>,
+    /// Allocated bytes of the cache (blobs shared by several images once,
+    /// temporary files and partial downloads included).
+    pub cache_bytes: u64,
+    /// Allocated bytes of the imported VMs' directories.
+    pub vm_bytes: u64,
+}
+
 impl Engine {
-    /// Every tagged image in the cache with the VMs imported from it.
-    pub fn list(&self) -> Result<Vec<ImageEntry>> {
-        let (vms_by_image, domains) = self.imported_vms()?;
-        let mut entries = Vec::new();
-        for repo in self.ocidir.repositories()? {
-            let layout = match Layout::open(&repo.path) {
-                Ok(layout) => layout,
-                Err(e) => {
-                    tracing::warn!("skipping {}: {e}", repo.path.display());
-                    continue;
-                }
-            };
-            let name = format!("{}/{}", repo.location, repo.repository);
-            for (tag, descriptor) in layout.tags()? {
-                let manifest = layout
-                    .read_blob(&descriptor)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<sarde_api::oci::ImageManifest>(&b).ok());
-                let image_id = manifest.as_ref().map(|m| m.config.digest.clone());
-                let size = manifest
-                    .as_ref()
-                    .map(|m| m.config.size + m.layers.iter().map(|l| l.size).sum::<u64>())
-                    .unwrap_or(0)
-                    + descriptor.size;
-                let mut vms = image_id
-                    .as_ref()
-                    .and_then(|id| vms_by_image.get(id).cloned())
-                    .unwrap_or_default();
-                if vms.is_empty() {
-                    if let Some(id) = &image_id {
-                        // The default name of an import is the image id.
-                        // The default name of an import is the image id; a VM of that
-                        // name may exist without a record (the Python tool made it).
-                        let name = id.to_string();
-                        let state = domains.as_ref().map_or("unknown", |d| state_of(d, &name));
-                        vms.push(VmState {
-                            name,
-                            state: state.into(),
-                        });
-                    }
-                }
-                entries.push(ImageEntry {
-                    name: name.clone(),
-                    tag,
-                    manifest: descriptor.digest.clone(),
-                    image_id,
-                    size,
-                    vms,
-                });
-            }
+    /// Every image in the cache with the VMs imported from it, and the totals.
+    pub fn list(&self) -> Result<Listing> {
+        let inventory =
+            CacheInventory::scan(self.ocidir.root()).map_err(crate::lifecycle::lifecycle_error)?;
+        let vms = self.imported_vm_states();
+        let mut by_id: BTreeMap<&Digest, Vec<VmState>> = BTreeMap::new();
+        for vm in &vms {
+            by_id.entry(&vm.image_id).or_default().push(vm.clone());
         }
-        entries.sort_by(|a, b| (&a.name, &a.tag).cmp(&(&b.name, &b.tag)));
-        Ok(entries)
+        let mut images = Vec::new();
+        for image in inventory.images() {
+            let layout = inventory.layouts.iter().find(|l| l.key == image.layout);
+            let stored = image
+                .blobs
+                .iter()
+                .filter_map(|d| layout.and_then(|l| l.blobs.get(d)))
+                .map(|b| b.facts.len)
+                .sum();
+            images.push(ImageEntry {
+                name: image.layout.clone(),
+                tag: image.tag.clone(),
+                manifest: image.manifest.digest.clone(),
+                image_id: image.config.clone(),
+                size: inventory.image_allocated(image),
+                stored,
+                last_used: epoch_seconds(image.last_used),
+                broken: !image.missing.is_empty(),
+                vms: image
+                    .config
+                    .as_ref()
+                    .and_then(|id| by_id.get(id).cloned())
+                    .unwrap_or_default(),
+            });
+        }
+        images.sort_by(|a, b| (&a.name, &a.tag).cmp(&(&b.name, &b.tag)));
+        Ok(Listing {
+            images,
+            cache_bytes: inventory.allocated(),
+            vm_bytes: vms.iter().map(|v| v.size).sum(),
+            vms,
+        })
     }
 
-    /// VMs with an import record in `vmdir`, by image id, with their libvirt state.
-    /// Also returns the hypervisor's domains (`None` when it cannot be reached).
-    #[allow(clippy::type_complexity)]
-    fn imported_vms(&self) -> Result<(BTreeMap<Digest, Vec<VmState>>, Option<Vec<DomainSummary>>)> {
-        let mut map: BTreeMap<Digest, Vec<VmState>> = BTreeMap::new();
+    /// VMs with an import record in `vmdir`, with their libvirt state (`unknown`
+    /// when the hypervisor cannot be reached).
+    fn imported_vm_states(&self) -> Vec<VmState> {
         let domains = self
             .registry
             .connect(&self.connect)
             .ok()
             .and_then(|h| h.list_domains().ok());
+        let mut out = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.vmdir) else {
-            return Ok((map, domains));
+            return out;
         };
         for entry in entries.flatten() {
-            let Some(marker) = Marker::read(&entry.path()) else {
+            let dir = entry.path();
+            let Some(marker) = Marker::read(&dir) else {
                 continue;
             };
+            if !marker.defined {
+                continue;
+            }
             let state = domains
                 .as_ref()
                 .map_or("unknown", |d| state_of(d, &marker.vm_name));
-            map.entry(marker.config.clone()).or_default().push(VmState {
-                name: marker.vm_name.clone(),
+            out.push(VmState {
+                size: allocated_tree(&dir, &mut HashSet::new()),
+                last_used: usage::vm_last_use(&dir).map_or(0, epoch_seconds),
+                name: marker.vm_name,
                 state: state.into(),
+                image: marker.image,
+                image_id: marker.config,
             });
         }
-        for vms in map.values_mut() {
-            vms.sort_by(|a, b| a.name.cmp(&b.name));
-        }
-        Ok((map, domains))
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// The access JSON of an image, or `None` when it has none. A missing image or
@@ -145,4 +171,167 @@ impl Engine {
             None => Ok(None),
         }
     }
+
+    /// `sarde inspect`: one image's files, pieces and metadata, and the VMs and
+    /// clones that use it.
+    pub fn inspect(&self, image: &ImageLocation) -> Result<Inspection> {
+        let layout = self.layout(image)?;
+        let loaded = load_image(&layout, image)?;
+        let manifest_bytes = layout.read_blob(&loaded.manifest_descriptor)?;
+        let manifest: sarde_api::oci::ImageManifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| EngineError::Refused(format!("{}: manifest: {e}", image.name)))?;
+        let config: serde_json::Value = layout
+            .read_blob(&manifest.config)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let files = match &loaded.content {
+            Content::Native(native) => native
+                .files
+                .iter()
+                .map(|f| {
+                    let codecs: std::collections::BTreeSet<String> = f
+                        .pieces
+                        .iter()
+                        .map(|p| p.suffix.clone().unwrap_or_else(|| "raw".into()))
+                        .map(|s| s.trim_start_matches('+').to_string())
+                        .collect();
+                    FileInfo {
+                        name: f.spec.name.clone(),
+                        role: format!("{:?}", f.spec.role).to_lowercase(),
+                        format: f.spec.format.clone(),
+                        backing: f.spec.backing.clone(),
+                        virtual_size: Some(f.spec.size),
+                        data_size: Some(f.pieces.iter().map(|p| p.size).sum()),
+                        stored_size: f.pieces.iter().map(|p| p.blob_size).sum(),
+                        pieces: f.pieces.len(),
+                        codec: codecs.into_iter().collect::<Vec<_>>().join(","),
+                    }
+                })
+                .collect(),
+            Content::V1(v1) => v1
+                .files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| FileInfo {
+                    name: f
+                        .pieces
+                        .first()
+                        .and_then(|p| p.annotation(sarde_api::oci::media_types::ANNOTATION_TITLE))
+                        .map_or_else(|| format!("file {}", i + 1), str::to_string),
+                    role: "disk".into(),
+                    format: "qcow2".into(),
+                    backing: None,
+                    virtual_size: None,
+                    data_size: None,
+                    stored_size: f.compressed_size(),
+                    pieces: f.pieces.len(),
+                    codec: "gzip".into(),
+                })
+                .collect(),
+        };
+        let vms: Vec<VmState> = self
+            .imported_vm_states()
+            .into_iter()
+            .filter(|v| v.image_id == loaded.config_digest)
+            .collect();
+        let mut clones = Vec::new();
+        if !vms.is_empty() {
+            if let Ok(hv) = self.registry.connect(&self.connect) {
+                if let Ok(items) = self.vm_items(hv.as_ref()) {
+                    for item in items
+                        .iter()
+                        .filter(|i| vms.iter().any(|v| v.name == i.name))
+                    {
+                        if let Some(users) = item
+                            .in_use
+                            .as_deref()
+                            .and_then(|u| u.strip_prefix("clones use its disks: "))
+                        {
+                            clones.extend(users.split(", ").map(|c| CloneInfo {
+                                name: c.to_string(),
+                                source: item.name.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Inspection {
+            image: image.name.clone(),
+            manifest: loaded.manifest_descriptor.digest.clone(),
+            image_id: loaded.config_digest.clone(),
+            format: match loaded.content {
+                Content::Native(_) => "native",
+                Content::V1(_) => "v1",
+            }
+            .into(),
+            created: config
+                .get("created")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            architecture: config
+                .get("architecture")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            os: config
+                .get("os")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            annotations: manifest.annotations.clone(),
+            files,
+            vms,
+            clones,
+        })
+    }
+}
+
+/// What `sarde inspect` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    pub image: String,
+    pub manifest: Digest,
+    pub image_id: Digest,
+    /// `native` or `v1`.
+    pub format: String,
+    pub created: Option<String>,
+    pub architecture: Option<String>,
+    pub os: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+    pub files: Vec<FileInfo>,
+    pub vms: Vec<VmState>,
+    pub clones: Vec<CloneInfo>,
+}
+
+/// One file of an image.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileInfo {
+    pub name: String,
+    /// `disk` or `nvram`.
+    pub role: String,
+    pub format: String,
+    /// The file it is an overlay on, by name within the image.
+    pub backing: Option<String>,
+    /// The size of the file (its virtual size for raw, its length for qcow2);
+    /// unknown for v1 images.
+    pub virtual_size: Option<u64>,
+    /// Bytes of its stored pieces once decompressed (zero pieces are not stored).
+    pub data_size: Option<u64>,
+    /// Compressed bytes in the image.
+    pub stored_size: u64,
+    pub pieces: usize,
+    pub codec: String,
+}
+
+/// A clone whose disks are overlays on a VM of the image.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneInfo {
+    pub name: String,
+    pub source: String,
+}
+
+fn epoch_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

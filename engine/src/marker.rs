@@ -75,6 +75,10 @@ pub struct Marker {
     /// of an interrupted import and may be removed.
     #[serde(default)]
     pub defined: bool,
+    /// The program that imported it for its own use (the executor's base VMs), so
+    /// it can remove what it made and nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_by: Option<String>,
 }
 
 impl Marker {

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use sarde_api::transport::TransportOptions;
 use sarde_api::{ImageReference, Transport};
 use sarde_transfer::{
-    BlobGate, FetchRequest, Fetched, Progress, PushRequest, PushTarget, Pushed, TransferError,
-    TransferOptions,
+    BlobGate, FetchRequest, Fetched, Progress, PushRequest, PushTarget, Pushed, ResolvedImage,
+    TransferError, TransferOptions,
 };
 use sarde_transport_oci_dir::Layout;
 use thiserror::Error;
 
 use crate::import::{ImportOutcome, ImportRequest, Incoming};
+use crate::lifecycle::SpaceNeed;
 use crate::{Engine, EngineError, ImageLocation};
 
 /// The default transport scheme.
@@ -188,6 +189,8 @@ impl Engine {
                 name: target.to_string(),
             });
         }
+        // The image stays while its blobs are read and sent.
+        let _lease = self.lease_image("push", &location, false)?;
         let request = PushRequest {
             layout: location.layout,
             reference: location.reference,
@@ -202,8 +205,14 @@ impl Engine {
         &self,
         source: &RemoteReference,
         image: &ImageReference,
+        command: &str,
     ) -> Result<FetchRequest, RemoteError> {
+        let location = ImageLocation::cached(&self.ocidir, image);
+        let lease = self
+            .lease_image(command, &location, true)?
+            .expect("a cached image's layout is inside the cache");
         Ok(FetchRequest {
+            lease: Arc::new(lease),
             source: self.open_remote(source)?,
             repository: source.image.repository().to_string(),
             reference: source.image.reference_for_registry(),
@@ -221,8 +230,65 @@ impl Engine {
         image: &ImageReference,
         progress: &dyn Progress,
     ) -> Result<Fetched, RemoteError> {
-        let request = self.fetch_request(source, image)?;
-        Ok(request.run(&self.remote.transfer, progress).await?)
+        let request = self.fetch_request(source, image, "fetch")?;
+        let options = &self.remote.transfer;
+        let started = std::time::Instant::now();
+        let resolved = request.resolve(options).await?;
+        let location = ImageLocation::cached(&self.ocidir, image);
+        let fetched = if resolved.up_to_date {
+            let mut summary = resolved.up_to_date_summary();
+            summary.seconds = started.elapsed().as_secs_f64();
+            progress.event(&sarde_transfer::Event::Finish {
+                image: &request.image,
+            });
+            Fetched {
+                manifest: resolved.descriptor(),
+                summary,
+                up_to_date: true,
+            }
+        } else {
+            let need = SpaceNeed {
+                cache: self.missing_blob_bytes(&request.layout, &resolved),
+                vms: 0,
+            };
+            let engine = self.clone();
+            let keep = location.clone();
+            tokio::task::spawn_blocking(move || engine.make_room(need, &keep))
+                .await
+                .map_err(|e| RemoteError::Refused(format!("the reclaim task failed: {e}")))??;
+            let mut summary = sarde_transfer::Summary {
+                bytes_received: resolved.manifest_bytes,
+                ..Default::default()
+            };
+            summary.add(
+                &request
+                    .fetch_blobs(&resolved, options, progress, None)
+                    .await?,
+            );
+            request.commit(&resolved)?;
+            progress.event(&sarde_transfer::Event::Finish {
+                image: &request.image,
+            });
+            summary.seconds = started.elapsed().as_secs_f64();
+            Fetched {
+                manifest: resolved.descriptor(),
+                summary,
+                up_to_date: false,
+            }
+        };
+        self.record_image_use(&location, &fetched.manifest.digest);
+        Ok(fetched)
+    }
+
+    /// Bytes of the image's blobs the layout does not hold yet.
+    fn missing_blob_bytes(&self, layout: &std::path::Path, resolved: &ResolvedImage) -> u64 {
+        let layout = Layout::open(layout).ok();
+        resolved
+            .blobs
+            .iter()
+            .filter(|b| !layout.as_ref().is_some_and(|l| l.has_blob(b)))
+            .map(|b| b.size)
+            .sum()
     }
 
     /// Fetches and imports; when the image is not cached yet, pieces are written
@@ -236,11 +302,12 @@ impl Engine {
     ) -> Result<Pulled, RemoteError> {
         let started = std::time::Instant::now();
         let options = &self.remote.transfer;
-        let request = self.fetch_request(source, image)?;
+        let request = self.fetch_request(source, image, "pull")?;
         let resolved = request.resolve(options).await?;
         import.image = ImageLocation::cached(&self.ocidir, image);
         let engine = self.clone();
         if resolved.up_to_date {
+            self.record_image_use(&import.image, &resolved.manifest.digest);
             let outcome = tokio::task::spawn_blocking(move || engine.import(&import))
                 .await
                 .map_err(|e| RemoteError::Refused(format!("the import task failed: {e}")))??;
@@ -256,6 +323,15 @@ impl Engine {
             });
         }
         Layout::create(&request.layout)?;
+        let need = SpaceNeed {
+            cache: self.missing_blob_bytes(&request.layout, &resolved),
+            vms: self.disk_bytes_to_write(&resolved.manifest.bytes, &import),
+        };
+        let keep = import.image.clone();
+        tokio::task::spawn_blocking(move || engine.make_room(need, &keep))
+            .await
+            .map_err(|e| RemoteError::Refused(format!("the reclaim task failed: {e}")))??;
+        let engine = self.clone();
         let gate = Arc::new(BlobGate::new());
         import.incoming = Some(Incoming {
             manifest: resolved.descriptor(),
@@ -289,6 +365,10 @@ impl Engine {
         };
         let mut summary = summary;
         summary.seconds = started.elapsed().as_secs_f64();
+        self.record_image_use(
+            &ImageLocation::cached(&self.ocidir, image),
+            &resolved.manifest.digest,
+        );
         Ok(Pulled {
             fetched: Fetched {
                 manifest: resolved.descriptor(),

@@ -73,6 +73,12 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub concurrency: usize,
     pub retries: u32,
+    /// Bytes the cache and the VMs may take on this host.
+    pub space_budget: Option<u64>,
+    /// Reclaim space before a pull or import needs it.
+    pub auto_prune: bool,
+    /// Nothing used more recently is removed automatically.
+    pub prune_min_age: Duration,
 }
 
 /// Every key this executor reads.
@@ -99,6 +105,9 @@ pub const KEYS: &[&str] = &[
     "state-dir",
     "concurrency",
     "retries",
+    "space-budget",
+    "auto-prune",
+    "prune-min-age",
     "omit-backingstore",
     "verbosity",
 ];
@@ -309,6 +318,21 @@ impl Settings {
                 ));
             }
         };
+        let space_budget = get("space-budget")
+            .map(|s| s.parse::<sarde_api::size::ByteSize>())
+            .transpose()
+            .map_err(|e| bad("space-budget", e))?
+            .map(|b| b.0);
+        let auto_prune = get("auto-prune")
+            .map(sarde_api::age::parse_switch)
+            .transpose()
+            .map_err(|e| bad("auto-prune", e))?
+            .unwrap_or(true);
+        let prune_min_age = get("prune-min-age")
+            .map(|s| s.parse::<sarde_api::age::Age>())
+            .transpose()
+            .map_err(|e| bad("prune-min-age", e))?
+            .map_or(Duration::from_secs(3600), |a| a.0);
         let port = number("port", 22.0)?;
         if !(1.0..=65535.0).contains(&port) || port.fract() != 0.0 {
             return Err(bad("port", format!("{port} is not a TCP port")));
@@ -334,6 +358,9 @@ impl Settings {
             state_dir: get("state-dir").map(path).unwrap_or(state_default),
             concurrency: (number("concurrency", 4.0)? as usize).max(1),
             retries: number("retries", 5.0)? as u32,
+            space_budget,
+            auto_prune,
+            prune_min_age,
         })
     }
 

@@ -14,3 +14,7 @@ pub mod config;
 pub mod ssh;
 pub mod stages;
 pub mod state;
+
+/// How the executor names itself in the import records of the base VMs it makes,
+/// so it removes those and nothing else.
+pub const EXECUTOR_NAME: &str = "gitlab-sardinecake-executor";

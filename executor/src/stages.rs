@@ -205,7 +205,7 @@ pub async fn prepare(
         "Getting image {image_text} ({:?} pull policy)…",
         settings.pull_policy
     );
-    let source_vm = source_vm(engine, settings, &image).await?;
+    let mut source_vm = source_vm(engine, settings, &image).await?;
     times.pull = t.elapsed().as_secs_f64();
 
     let overlay_dirs = overlay_dirs(hv.as_ref(), settings, &source_vm)?;
@@ -223,16 +223,34 @@ pub async fn prepare(
 
     let t = Instant::now();
     eprintln!("Cloning {source_vm} as {vm} and booting it…");
-    engine
-        .clone_vm(&CloneRequest {
-            source: source_vm.clone(),
+    let clone = |source: &str| {
+        engine.clone_vm(&CloneRequest {
+            source: source.to_string(),
             name: Some(vm.clone()),
             clonedir: settings.clonedir.clone(),
             mac: None,
             start: CloneStart::Ephemeral,
         })
-        .map_err(system)?;
+    };
+    if let Err(e) = clone(&source_vm) {
+        // Another job's cleanup may have removed this version as superseded
+        // between our pull and our clone: get the image again, once.
+        if hv.exists(&source_vm).map_err(system)? {
+            return Err(system(e));
+        }
+        eprintln!(
+            "{source_vm} was removed meanwhile (a newer version arrived); getting {image_text} again…"
+        );
+        source_vm = self::source_vm(engine, settings, &image).await?;
+        state.source_vm = source_vm.clone();
+        state.overlay_dirs = self::overlay_dirs(hv.as_ref(), settings, &source_vm)?;
+        state
+            .write(&settings.state_dir)
+            .map_err(|e| system(format!("writing the job state: {e}")))?;
+        clone(&source_vm).map_err(system)?;
+    }
     times.clone = t.elapsed().as_secs_f64();
+    remove_superseded(engine, &image).await;
 
     let deadline = started.max(t) + settings.timeout;
     let t = Instant::now();
@@ -294,6 +312,7 @@ async fn source_vm(
         replace: false,
         allow_unsafe_xml: false,
         incoming: None,
+        imported_by: Some(crate::EXECUTOR_NAME.to_string()),
     };
     let cached = engine
         .layout(&location)
@@ -444,10 +463,16 @@ pub async fn run(
 
 /// `cleanup`: the clone, its overlays, the job state and the VM slot go; harmless
 /// when nothing is left.
-pub fn cleanup(engine: &Engine, settings: &Settings, job: &Job) -> Result<Vec<String>, StageError> {
+pub async fn cleanup(
+    engine: &Engine,
+    settings: &Settings,
+    job: &Job,
+) -> Result<Vec<String>, StageError> {
     let vm = job.vm_name()?;
-    let mut dirs = JobState::read(&settings.state_dir, &vm)
-        .map(|s| s.overlay_dirs)
+    let state = JobState::read(&settings.state_dir, &vm).ok();
+    let mut dirs = state
+        .as_ref()
+        .map(|s| s.overlay_dirs.clone())
         .unwrap_or_default();
     if let Some(d) = &settings.clonedir {
         dirs.push(d.clone());
@@ -455,7 +480,35 @@ pub fn cleanup(engine: &Engine, settings: &Settings, job: &Job) -> Result<Vec<St
     let done = engine.remove_clone(&vm, &dirs).map_err(system)?;
     JobState::remove(&settings.state_dir, &vm);
     release_slot(&settings.state_dir, &vm);
+    // This job's base VM may be an older version nobody uses any more.
+    if let Some(image) = state.and_then(|s| s.image.parse::<ImageReference>().ok()) {
+        remove_superseded(engine, &image).await;
+    }
     Ok(done)
+}
+
+/// Removes the base VMs of older versions of `image` that this executor imported
+/// and no clone uses any more (best effort: a failure only delays the removal).
+async fn remove_superseded(engine: &Engine, image: &ImageReference) {
+    let engine = engine.clone();
+    let image = image.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let location = ImageLocation::cached(&engine.ocidir, &image);
+        let current = engine.image_id(&location)?;
+        engine.remove_superseded_vms(&location.name, &current, crate::EXECUTOR_NAME)
+    })
+    .await;
+    match result {
+        Ok(Ok(removed)) => {
+            for name in removed {
+                eprintln!(
+                    "Removed {name}: an older version of the image that no job uses any more"
+                );
+            }
+        }
+        Ok(Err(e)) => tracing::warn!("removing older base VMs: {e}"),
+        Err(e) => tracing::warn!("removing older base VMs: {e}"),
+    }
 }
 
 /// Flags of the binary as configuration keys.

@@ -43,6 +43,8 @@ pub struct Policy {
     pub keep_images: Vec<(String, String)>,
     /// VMs never removed.
     pub keep_vms: Vec<String>,
+    /// Images removed on request (`sarde rm`): `(layout, tag or digest)`.
+    pub remove: Vec<(String, String)>,
 }
 
 impl Policy {
@@ -57,6 +59,7 @@ impl Policy {
             include_vms: false,
             keep_images: Vec::new(),
             keep_vms: Vec::new(),
+            remove: Vec::new(),
         }
     }
 }
@@ -93,6 +96,8 @@ pub enum Reason {
     SpaceBudget,
     /// Least recently used, to make room for what is being pulled.
     Reclaim,
+    /// Named by `sarde rm`.
+    Requested,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -251,7 +256,9 @@ pub fn plan(inventory: &CacheInventory, vms: &[VmItem], policy: &Policy) -> Plan
             if !planner.removable(image) {
                 continue;
             }
-            if !image.missing.is_empty() {
+            if matches_any(&policy.remove, image) {
+                planner.remove_image(li, ii, Reason::Requested);
+            } else if !image.missing.is_empty() {
                 planner.remove_image(li, ii, Reason::Broken);
             } else if let Some(age) = policy.older_than {
                 if older(policy.now, image.last_used, age) {
@@ -369,6 +376,15 @@ enum Candidate {
     Vm(usize),
 }
 
+/// Whether one of `(layout, tag or digest)` names this entry.
+fn matches_any(names: &[(String, String)], image: &CachedImage) -> bool {
+    names.iter().any(|(layout, reference)| {
+        *layout == image.layout
+            && (Some(reference.as_str()) == image.tag.as_deref()
+                || *reference == image.manifest.digest.to_string())
+    })
+}
+
 fn older(now: SystemTime, used: SystemTime, age: Duration) -> bool {
     now.duration_since(used).is_ok_and(|d| d >= age)
 }
@@ -376,12 +392,7 @@ fn older(now: SystemTime, used: SystemTime, age: Duration) -> bool {
 impl<'a> Planner<'a> {
     /// Not leased and not kept.
     fn removable(&self, image: &CachedImage) -> bool {
-        !image.leased
-            && !self.policy.keep_images.iter().any(|(layout, reference)| {
-                *layout == image.layout
-                    && (Some(reference.as_str()) == image.tag.as_deref()
-                        || *reference == image.manifest.digest.to_string())
-            })
+        !image.leased && !matches_any(&self.policy.keep_images, image)
     }
 
     fn vm_removable(&self, vm: &VmItem) -> bool {

@@ -10,6 +10,7 @@
 //! - shared types: [`reference::ImageReference`], [`digest::Digest`], the OCI
 //!   [`oci`] descriptors, manifests, index, config and media types.
 
+pub mod age;
 pub mod codec;
 pub mod digest;
 pub mod hypervisor;
@@ -17,6 +18,7 @@ pub mod oci;
 pub mod plugin;
 pub mod reference;
 pub mod registry;
+pub mod size;
 pub mod transport;
 pub mod writeback;
 

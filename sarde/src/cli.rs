@@ -57,6 +57,12 @@ pub enum Command {
     List(Box<ListArgs>),
     /// Print the access JSON (users, services) stored with an image
     Getconfig(Box<GetconfigArgs>),
+    /// Show one image: its files with virtual and stored sizes, pieces, codec, metadata, and the VMs and clones that use it
+    Inspect(Box<InspectArgs>),
+    /// Remove images from the local cache (and blobs no other tag uses), or with --vm, VMs sarde imported
+    Rm(Box<RmArgs>),
+    /// Free space: garbage always; images (and with --vms, VMs) unused for a while or beyond a space budget
+    Prune(Box<PruneArgs>),
     /// List every registered codec, transport and hypervisor and where it comes from
     Plugins(PluginsArgs),
     /// Print the effective configuration and where each value came from
@@ -79,6 +85,9 @@ impl Command {
             Command::Logout(_) => Some("logout"),
             Command::List(_) => Some("list"),
             Command::Getconfig(_) => Some("getconfig"),
+            Command::Inspect(_) => Some("inspect"),
+            Command::Rm(_) => Some("rm"),
+            Command::Prune(_) => Some("prune"),
             Command::Plugins(_) => Some("plugins"),
             Command::Config(args) => args.for_command.as_deref(),
             Command::Completions(_) => None,
@@ -158,6 +167,7 @@ impl ImportFlags {
             replace: self.replace,
             allow_unsafe_xml: self.allow_unsafe_xml,
             incoming: None,
+            imported_by: None,
         }
     }
 }
@@ -313,6 +323,56 @@ pub struct GetconfigArgs {
     pub settings: SettingsFlags,
     /// Image name[:tag|@digest]
     pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// IMAGE is a directory (an OCI layout) with an optional :TAG, not a name in the cache
+    #[arg(long)]
+    pub raw: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Image name[:tag|@digest]
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The names are VMs that sarde imported: undefine them and delete their files
+    #[arg(long)]
+    pub vm: bool,
+    /// Output format (json: one object)
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Images (name[:tag|@digest]) or, with --vm, VM names
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Also remove images (and with --vms, VMs) not used for this long (e.g. 7d, 12h)
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: Option<sarde_cli::config::Age>,
+    /// Remove the least recently used until the cache (with --vms: cache and VMs) fits in SIZE (e.g. 100GiB)
+    #[arg(long, value_name = "SIZE")]
+    pub space_budget: Option<sarde_cli::config::ByteSize>,
+    /// VMs that sarde imported are candidates too, and count towards the budget
+    #[arg(long)]
+    pub vms: bool,
+    /// Print what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format (json: one object)
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use sarde_api::oci::Descriptor;
 use sarde_api::transport::RawManifest;
 use sarde_api::{Digest, Transport};
+use sarde_lifecycle::Lease;
 use sarde_transport_oci_dir::{Layout, OciDir};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
@@ -42,6 +43,9 @@ pub struct FetchRequest {
     pub tag: Option<String>,
     /// The image's name in messages.
     pub image: String,
+    /// The command's lease on the cache: the blobs of the image are claimed in it
+    /// before they are looked for, so a concurrent prune never takes one.
+    pub lease: Arc<Lease>,
 }
 
 /// A manifest and everything it references, read from the source.
@@ -228,6 +232,16 @@ impl FetchRequest {
     ) -> Result<Summary, TransferError> {
         let started = Instant::now();
         let layout = Layout::create(&self.layout)?;
+        let claimed = resolved
+            .blobs
+            .iter()
+            .map(|b| &b.digest)
+            .chain(resolved.children.iter().map(|c| &c.digest))
+            .chain([&resolved.manifest.digest]);
+        self.lease
+            .protect_layout(&layout)
+            .and_then(|()| self.lease.protect_blobs(&layout, claimed))
+            .map_err(|e| TransferError::Aborted(format!("taking a lease on the cache: {e}")))?;
         let total: u64 = resolved.blobs.iter().map(|b| b.size).sum();
         progress.event(&Event::Start {
             image: &self.image,

@@ -82,7 +82,8 @@ pub struct Summary {
 }
 
 impl Summary {
-    fn add(&mut self, other: &Summary) {
+    /// Adds what another transfer moved.
+    pub fn add(&mut self, other: &Summary) {
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
         self.bytes_skipped += other.bytes_skipped;

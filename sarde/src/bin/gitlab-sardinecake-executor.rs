@@ -19,6 +19,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use sarde_cli::builtin;
 use sarde_cli::config::{Settings as SardeSettings, home_dir, running_as_root};
 use sarde_engine::Engine;
+use sarde_engine::lifecycle::LifecycleSettings;
 use sarde_engine::remote::Remote;
 use sarde_executor::config::{Files, Settings, config_files};
 use sarde_executor::stages::{self, Job, StageError};
@@ -134,6 +135,11 @@ fn engine(settings: &Settings) -> Result<Engine> {
             },
             credentials: Vec::new(),
         },
+        lifecycle: LifecycleSettings {
+            space_budget: settings.space_budget,
+            auto_prune: settings.auto_prune,
+            prune_min_age: settings.prune_min_age,
+        },
     })
 }
 
@@ -200,11 +206,13 @@ fn run(cli: &Cli, job: &Job) -> Result<ExitCode> {
         Stage::Run { script, stage } => {
             runtime.block_on(until_terminated(stages::run(&settings, job, script, stage)))
         }
-        Stage::Cleanup => stages::cleanup(&engine, &settings, job).map(|done| {
-            for line in done {
-                tracing::info!("{line}");
-            }
-        }),
+        Stage::Cleanup => runtime
+            .block_on(stages::cleanup(&engine, &settings, job))
+            .map(|done| {
+                for line in done {
+                    tracing::info!("{line}");
+                }
+            }),
     };
     // Dropping the runtime would wait for blocking tasks (an import) to finish.
     runtime.shutdown_background();

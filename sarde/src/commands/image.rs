@@ -9,9 +9,11 @@ use anyhow::{Context, Result};
 use sarde_api::ImageReference;
 use sarde_cli::config::Config;
 use sarde_engine::export::ExportRequest;
+use sarde_engine::lifecycle::LifecycleSettings;
 use sarde_engine::remote::Remote;
 use sarde_engine::{Engine, ImageLocation};
 use sarde_format::Format;
+use sarde_lifecycle::space::{human_age, human_bytes};
 use sarde_transfer::TransferOptions;
 use sarde_transport_oci_dir::OciDir;
 
@@ -37,10 +39,15 @@ pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
             },
             credentials: Vec::new(),
         },
+        lifecycle: LifecycleSettings {
+            space_budget: s.space_budget.map(|b| b.0),
+            auto_prune: s.auto_prune,
+            prune_min_age: s.prune_min_age.0,
+        },
     })
 }
 
-fn location(config: &Config, raw: bool, image: &str) -> Result<ImageLocation> {
+pub(crate) fn location(config: &Config, raw: bool, image: &str) -> Result<ImageLocation> {
     if raw {
         return Ok(ImageLocation::raw(image));
     }
@@ -126,12 +133,14 @@ pub fn import(cli: &Cli, config: &Config, args: &ImportArgs) -> Result<ExitCode>
 
 pub fn list(cli: &Cli, config: &Config, args: &ListArgs) -> Result<ExitCode> {
     let engine = engine(cli, config)?;
-    let entries = engine.list().context("listing the local images")?;
+    let listing = engine.list().context("listing the local images")?;
     let mut out = std::io::stdout().lock();
     match args.format {
-        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?,
+        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&listing)?)?,
         OutputFormat::Text => {
-            let rows: Vec<[String; 5]> = entries
+            let now = std::time::SystemTime::now();
+            let rows: Vec<[String; 5]> = listing
+                .images
                 .iter()
                 .map(|e| {
                     let id = e
@@ -142,26 +151,49 @@ pub fn list(cli: &Cli, config: &Config, args: &ListArgs) -> Result<ExitCode> {
                     let vms = e
                         .vms
                         .iter()
-                        .map(|v| format!("{} ({})", v.name, v.state))
+                        .map(|v| format!("{} ({}, {})", v.name, v.state, human_bytes(v.size)))
                         .collect::<Vec<_>>()
                         .join(", ");
-                    [
-                        format!("{}:{}", e.name, e.tag),
-                        id,
-                        e.manifest.hex()[..12].to_string(),
-                        human_size(e.size),
-                        vms,
-                    ]
+                    let name = match &e.tag {
+                        Some(tag) => format!("{}:{tag}", e.name),
+                        None => format!("{}@{}", e.name, e.manifest),
+                    };
+                    let size = if e.broken {
+                        format!("{} (broken)", human_bytes(e.size))
+                    } else {
+                        human_bytes(e.size)
+                    };
+                    [name, id, size, ago(now, e.last_used), vms]
                 })
                 .collect();
             print_table(
                 &mut out,
-                ["IMAGE", "IMAGE ID", "MANIFEST", "SIZE", "VMS"],
+                ["IMAGE", "IMAGE ID", "SIZE", "LAST USED", "VMS"],
                 &rows,
+            )?;
+            writeln!(
+                out,
+                "cache {} (blobs shared by several images counted once), {} VM(s) {}, total {}",
+                human_bytes(listing.cache_bytes),
+                listing.vms.len(),
+                human_bytes(listing.vm_bytes),
+                human_bytes(listing.cache_bytes + listing.vm_bytes)
             )?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `3d 4h ago` for seconds since the epoch; `never` for 0.
+pub(crate) fn ago(now: std::time::SystemTime, seconds: u64) -> String {
+    if seconds == 0 {
+        return "never".into();
+    }
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    match now.duration_since(then) {
+        Ok(age) => format!("{} ago", human_age(age)),
+        Err(_) => "just now".into(),
+    }
 }
 
 pub fn getconfig(cli: &Cli, config: &Config, args: &GetconfigArgs) -> Result<ExitCode> {
@@ -181,19 +213,4 @@ pub fn getconfig(cli: &Cli, config: &Config, args: &GetconfigArgs) -> Result<Exi
         None => writeln!(out, "{{}}")?,
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

@@ -2,6 +2,7 @@
 //! libraries, print the result.
 
 mod image;
+mod lifecycle;
 mod login;
 mod progress;
 mod remote;
@@ -35,6 +36,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Login(args) => args.settings.to_flag_values(),
         Command::Logout(args) => args.settings.to_flag_values(),
         Command::Getconfig(args) => args.settings.to_flag_values(),
+        Command::Inspect(args) => args.settings.to_flag_values(),
+        Command::Rm(args) => args.settings.to_flag_values(),
+        Command::Prune(args) => args.settings.to_flag_values(),
         _ => FlagValues::default(),
     };
     let env = Environment::from_process();
@@ -58,6 +62,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Login(args) => login::login(&cli, &config, args),
         Command::Logout(args) => login::logout(args),
         Command::Getconfig(args) => image::getconfig(&cli, &config, args),
+        Command::Inspect(args) => lifecycle::inspect(&cli, &config, args),
+        Command::Rm(args) => lifecycle::rm(&cli, &config, args),
+        Command::Prune(args) => lifecycle::prune(&cli, &config, args),
         Command::Plugins(args) => plugins(&cli, &config, args),
         Command::Config(args) => show_config(&config, &env, args),
         Command::Completions(_) => unreachable!("handled above"),

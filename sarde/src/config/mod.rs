@@ -5,7 +5,6 @@
 //! Keys are the long option names (`chunksize`, `plugin-dir`). Every value keeps
 //! its origin, which `sarde config` shows and error messages name.
 
-pub mod size;
 pub mod sources;
 
 use std::collections::BTreeMap;
@@ -18,7 +17,8 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Provider, Source};
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use size::ByteSize;
+pub use sarde_api::age::Age;
+pub use sarde_api::size::ByteSize;
 pub use sources::{DEFAULT_SECTION, FileError};
 
 /// The effective settings of one subcommand.
@@ -73,6 +73,21 @@ pub struct Settings {
     /// Extra plugin libraries to load.
     #[serde(default, deserialize_with = "lenient::path_list")]
     pub plugin: Vec<PathBuf>,
+    /// Bytes the cache and the imported VMs may take together; fetch, pull and
+    /// import reclaim the least recently used first to stay under it.
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_from_str",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub space_budget: Option<ByteSize>,
+    /// Reclaim space before fetch, pull and import when they need it.
+    #[serde(deserialize_with = "lenient::switch")]
+    pub auto_prune: bool,
+    /// Nothing used more recently is removed automatically or for a budget, and
+    /// partial downloads are kept this long for a later run to resume.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub prune_min_age: Age,
     /// Verbosity from the config file (the Python tool's `verbose` / `quiet` keys);
     /// `-v` and `-q` add to these.
     #[serde(deserialize_with = "lenient::from_str")]
@@ -97,6 +112,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "certs-dir",
     "plugin-dir",
     "plugin",
+    "space-budget",
+    "auto-prune",
+    "prune-min-age",
     "verbose",
     "quiet",
 ];
@@ -174,6 +192,9 @@ impl Settings {
             certs_dir,
             plugin_dir,
             plugin: Vec::new(),
+            space_budget: None,
+            auto_prune: true,
+            prune_min_age: Age(std::time::Duration::from_secs(3600)),
             verbose: 0,
             quiet: 0,
         }
@@ -370,6 +391,10 @@ impl Config {
                 let field = sources::normalise_key(key);
                 let shown = match (key, &value[&field]) {
                     (&"chunksize", _) => self.settings.chunksize.to_string(),
+                    (&"space-budget", serde_json::Value::Number(_)) => self
+                        .settings
+                        .space_budget
+                        .map_or_else(String::new, |b| b.to_string()),
                     (_, serde_json::Value::String(s)) => s.clone(),
                     (_, serde_json::Value::Null) => "(unset)".into(),
                     (_, serde_json::Value::Array(items)) => items
@@ -556,6 +581,12 @@ mod lenient {
         T::from_str(text.trim())
             .map(Some)
             .map_err(|e| serde::de::Error::custom(format!("{text:?} is not valid: {e}")))
+    }
+
+    /// A yes/no value: `true`/`false`, `yes`/`no`, `on`/`off`, `1`/`0`.
+    pub fn switch<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        let text = d.deserialize_any(AnyAsText)?;
+        sarde_api::age::parse_switch(&text).map_err(serde::de::Error::custom)
     }
 
     /// Words separated by commas or white space, or a list.

@@ -230,6 +230,7 @@ impl Engine {
                 continue;
             }
             let freed = allocated_tree(&entry.path(), &mut HashSet::new());
+            plan.bytes_before += freed;
             plan.bytes_freed += freed;
             plan.staging.push(PlannedFile {
                 path: entry.path(),

@@ -164,7 +164,7 @@ fn backing_chains_anywhere_import_into_one_directory() {
     // `list` shows the image and the VM imported under an explicit name.
     let listed = ok(sarde(home.path()).args(["list", "--format", "json"]));
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    let entry = &v[0];
+    let entry = &v["images"][0];
     assert_eq!(entry["name"], "localhost/e2e/chain");
     assert_eq!(entry["tag"], "1");
     assert_eq!(entry["vms"][0]["name"], new.as_str());
@@ -191,7 +191,7 @@ fn backing_chains_anywhere_import_into_one_directory() {
     ]));
     let listed = ok(sarde(home.path()).args(["list", "--format", "json"]));
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    let chains = v
+    let chains = v["images"]
         .as_array()
         .unwrap()
         .iter()
@@ -217,7 +217,7 @@ fn export_is_deterministic_and_refuses_a_running_vm() {
     assert_eq!(a, b, "same VM, same image id");
     let listed = ok(sarde(home.path()).args(["list", "--format", "json"]));
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(v[0]["manifest"], v[1]["manifest"]);
+    assert_eq!(v["images"][0]["manifest"], v["images"][1]["manifest"]);
 
     // Other OCI tools read the image: skopeo inspects the layout.
     let layout = home.path().join("OCI/localhost/e2e/det");

@@ -145,7 +145,8 @@ fn listed(home: &Path, image: &str) -> bool {
     let (name, tag) = image.rsplit_once(':').unwrap();
     let out = ok(sarde(home).args(["list", "--format", "json"]));
     let list: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    list.as_array()
+    list["images"]
+        .as_array()
         .unwrap()
         .iter()
         .any(|i| i["name"] == name && i["tag"] == tag)

@@ -210,13 +210,12 @@ impl Leases {
                     out.dead.push(path);
                     continue;
                 }
-                match fs::read(&path)
+                // Unreadable: removed by its owner in between, so it ended.
+                if let Some(record) = fs::read(&path)
                     .ok()
                     .and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).ok())
                 {
-                    Some(record) => out.live.push(record),
-                    // Removed by its owner in between: it ended.
-                    None => {}
+                    out.live.push(record);
                 }
             } else if name.ends_with(".lock") {
                 let record = path.with_extension("json");

@@ -133,26 +133,41 @@ fn parse_image(
     })
 }
 
-/// Holds an exclusive lock on `<vmdir>/.<name>.lock` for the import of one VM name;
-/// the lock goes with the file when this is dropped.
-struct NameLock {
+/// Holds the lock on `<vmdir>/.<name>.lock`: exclusive for the import (and the
+/// removal) of one VM name, shared by clones of it. The lock goes with the file
+/// when this is dropped.
+pub(crate) struct NameLock {
     _file: File,
 }
 
 impl NameLock {
     fn acquire(vmdir: &Path, name: &str) -> Result<NameLock> {
+        Self::take(vmdir, name, libc::LOCK_EX)
+    }
+
+    /// The lock shared, waiting for an import of the name to finish.
+    pub(crate) fn shared(vmdir: &Path, name: &str) -> Result<NameLock> {
+        Self::take(vmdir, name, libc::LOCK_SH)
+    }
+
+    fn take(vmdir: &Path, name: &str, mode: libc::c_int) -> Result<NameLock> {
         let path = vmdir.join(format!(".{name}.lock"));
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(EngineError::io(&path, "creating the import lock"))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
-            return Err(EngineError::io(&path, "locking")(io::Error::last_os_error()));
+            .map_err(EngineError::io(&path, "creating the VM name lock"))?;
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), mode) } == 0 {
+                return Ok(NameLock { _file: file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(EngineError::io(&path, "locking")(e));
+            }
         }
-        Ok(NameLock { _file: file })
     }
 }
 

@@ -20,7 +20,7 @@ use sarde_lifecycle::{CacheInventory, Lease, Plan, Policy, Swept, VmItem, layout
 use sarde_transport_oci_dir::Layout;
 use serde::Serialize;
 
-use crate::import::ImportRequest;
+use crate::import::{ImportRequest, NameLock};
 use crate::marker::Marker;
 use crate::{Engine, EngineError, ImageLocation, Result};
 use sarde_api::oci::ImageManifest;
@@ -625,6 +625,10 @@ fn disk_users(
                 }
             }
         }
+        // libvirt's record of a running domain's chains: all there is when the
+        // top files were unlinked (the executor's ephemeral clones) and the chain
+        // above cannot be read from them.
+        files.extend(sarde_domain::backing_store_files(&xml).unwrap_or_default());
         out.push((domain.name.clone(), files));
     }
     out
@@ -652,30 +656,14 @@ fn clones_of(users: &[(String, Vec<PathBuf>)], name: &str, dir: &Path) -> Vec<St
 impl Engine {
     /// Holds the name lock of an imported VM shared (clones of it), waiting for an
     /// import of it to finish; `None` for VMs sarde did not import.
-    pub(crate) fn share_vm_lock(&self, name: &str) -> Result<Option<File>> {
+    pub(crate) fn share_vm_lock(&self, name: &str) -> Result<Option<NameLock>> {
         if name.contains('/')
             || name.starts_with('.')
             || Marker::read(&self.vmdir.join(name)).is_none()
         {
             return Ok(None);
         }
-        let path = self.vmdir.join(format!(".{name}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(EngineError::io(&path, "opening the VM's lock"))?;
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH) } == 0 {
-                return Ok(Some(file));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(EngineError::io(&path, "locking the VM")(e));
-            }
-        }
+        NameLock::shared(&self.vmdir, name).map(Some)
     }
 }
 

@@ -271,7 +271,11 @@ fn write_blob_stores_verifiable_content_once() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     assert_eq!(layout.write_blob(data).unwrap(), (digest.clone(), size));
     let after = fs::metadata(layout.blob_path(&digest)).unwrap();
-    assert_eq!(before.ino(), after.ino(), "an existing blob is not rewritten");
+    assert_eq!(
+        before.ino(),
+        after.ino(),
+        "an existing blob is not rewritten"
+    );
     // Its times are refreshed: a collector spares blobs a live writer reused.
     assert!(after.modified().unwrap() > before.modified().unwrap());
     assert_eq!(blob_dir_entries(&layout), [digest.hex().to_string()]);

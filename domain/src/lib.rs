@@ -228,6 +228,27 @@ pub fn file_disk_sources(xml: &str) -> Result<Vec<DiskSource>, DomainError> {
         .collect())
 }
 
+/// The files of the file disks' `<backingStore>` chains, outermost first, as
+/// libvirt records them in a running domain's XML. For a clone whose overlays
+/// were unlinked once QEMU held them open, these are the only way from the domain
+/// to the files it still reads.
+pub fn backing_store_files(xml: &str) -> Result<Vec<PathBuf>, DomainError> {
+    let doc = parse_domain(xml)?;
+    let mut out = Vec::new();
+    for disk in disks(doc.root()).filter(|d| disk_kind(d) == "file") {
+        let mut store = disk.child("backingStore");
+        while let Some(s) = store {
+            if s.attr("type").unwrap_or("file") == "file" {
+                if let Some(file) = s.child("source").and_then(|src| src.attr("file")) {
+                    out.push(PathBuf::from(file));
+                }
+            }
+            store = s.child("backingStore");
+        }
+    }
+    Ok(out)
+}
+
 /// Hands out the file names inside an image: one per host path, unique, in
 /// document order, so the same XML always gives the same names.
 #[derive(Default)]

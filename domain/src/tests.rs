@@ -1166,3 +1166,24 @@ fn a_clone_gets_overlays_a_new_name_and_mac_and_shares_read_only_disks() {
     let e = prepare_clone(DEBIAN, &missing).unwrap_err().to_string();
     assert!(e.contains("vdb"), "{e}");
 }
+
+#[test]
+fn backing_store_files_follow_the_live_chains() {
+    assert_eq!(
+        backing_store_files(MIXED).unwrap(),
+        vec![PathBuf::from("/srv/base.qcow2")]
+    );
+    let live = "<domain><name>c</name><devices><disk type='file' device='disk'>\
+        <source file='/c/top.qcow2' index='1'/>\
+        <backingStore type='file' index='2'><format type='qcow2'/><source file='/v/mid.qcow2'/>\
+        <backingStore type='file' index='3'><format type='qcow2'/><source file='/v/base.qcow2'/><backingStore/></backingStore>\
+        </backingStore><target dev='vda'/></disk></devices></domain>";
+    assert_eq!(
+        backing_store_files(live).unwrap(),
+        vec![
+            PathBuf::from("/v/mid.qcow2"),
+            PathBuf::from("/v/base.qcow2")
+        ]
+    );
+    assert!(backing_store_files(DEBIAN).unwrap().is_empty());
+}

@@ -165,9 +165,26 @@ impl GuestImage {
     /// Defines domain `name` on an existing disk (a copy or an overlay of
     /// [`GuestImage::disk`], or a disk a test imported), with [`mac_for`]`(name)`.
     pub fn define_disk(&self, name: &str, disk: &Path) -> GuestVm {
+        self.define_disks(name, disk, &[])
+    }
+
+    /// Like [`GuestImage::define_disk`], with `extra` qcow2 files attached after the
+    /// boot disk as `vdb`, `vdc`, … (data disks the guest leaves alone).
+    pub fn define_disks(&self, name: &str, disk: &Path, extra: &[&Path]) -> GuestVm {
         let disk = std::path::absolute(disk).expect("absolute disk path");
         let mac = mac_for(name);
-        let xml = self.domain_xml(name, &disk, &mac);
+        let mut xml = self.domain_xml(name, &disk, &mac);
+        let mut disks = String::new();
+        for (i, file) in extra.iter().enumerate() {
+            let file = std::path::absolute(file).expect("absolute disk path");
+            disks.push_str(&format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vd{}' bus='virtio'/></disk>",
+                file.display(),
+                (b'b' + i as u8) as char
+            ));
+        }
+        let end = xml.find("</disk>").expect("the template has a disk") + "</disk>".len();
+        xml.insert_str(end, &disks);
         let file = disk.with_file_name(format!("{name}.xml"));
         std::fs::write(&file, xml).expect("write domain XML");
         run(

@@ -35,8 +35,10 @@ const CHANGE_MIB: u64 = 2;
 /// Pieces small enough that a change of [`CHANGE_MIB`] touches few of them (the
 /// 64 MiB default would make every version one new blob per disk).
 const CHUNKSIZE: &str = "1MiB";
-/// The budget, in bytes of one imported version (cache plus VM directory).
-const BUDGET_VERSIONS: f64 = 3.5;
+/// The budget, in bytes of one imported version (cache plus VM directory): about
+/// three versions, tight enough that the automatic reclaim must run before the
+/// twelfth (the cache grows by each version's own blobs until then).
+const BUDGET_VERSIONS: f64 = 2.6;
 
 /// The publisher's source VM, the registry and the executor's directories.
 struct Host {
@@ -457,6 +459,8 @@ fn a_runner_host_follows_twelve_versions_within_its_space_budget() {
     let job = |version: usize| format!("{}-{version}", std::process::id());
     let mut budget = None;
     let mut published: Vec<Vec<String>> = Vec::new();
+    // Whether the cache ever shrank: the automatic reclaim ran.
+    let (mut cache_before, mut reclaimed) = (0, false);
     println!("disk use per step (du of the executor's cache and VM directory):");
     for version in 1..=VERSIONS {
         let t = Instant::now();
@@ -532,6 +536,8 @@ fn a_runner_host_follows_twelve_versions_within_its_space_budget() {
         }
 
         let used = host.disk_use();
+        reclaimed |= used.cache < cache_before;
+        cache_before = used.cache;
         let listing = host.listing();
         let peak = [peak_prepare, peak_cleanup, used]
             .into_iter()
@@ -572,6 +578,11 @@ fn a_runner_host_follows_twelve_versions_within_its_space_budget() {
         host.assert_chains_intact(version);
         host.assert_downloaded_once(version, &blobs);
     }
+
+    assert!(
+        reclaimed,
+        "the cache never shrank: the budget never made the executor reclaim space"
+    );
 
     // Only the base VMs of the two running jobs are left: the executor removed
     // every older one itself, as soon as no job used it.

@@ -287,7 +287,7 @@ impl Engine {
                     Content::V1(v1) => v1.files.iter().map(|f| f.compressed_size()).sum(),
                 },
             };
-            self.make_room(need, &request.image)?;
+            self.make_room(need, &request.image, Some(&name))?;
         }
 
         // A staging directory left by an interrupted import of the same image is

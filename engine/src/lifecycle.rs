@@ -90,23 +90,42 @@ impl Engine {
         if !image.layout.starts_with(self.ocidir.root()) {
             return Ok(None);
         }
-        let layout = if writes {
-            Layout::create(&image.layout)?
-        } else {
-            match Layout::open(&image.layout) {
-                Ok(layout) => layout,
-                // Nothing there to protect; the command reports the missing image.
-                Err(_) => return Ok(None),
+        let taken = (|| {
+            let layout = if writes {
+                Layout::create(&image.layout)?
+            } else {
+                match Layout::open(&image.layout) {
+                    Ok(layout) => layout,
+                    // Nothing there to protect; the command reports the missing image.
+                    Err(_) => return Ok(None),
+                }
+            };
+            let lease = Lease::take(self.ocidir.root(), command)?;
+            if writes {
+                lease.protect_layout(&layout)?;
             }
-        };
-        let lease = Lease::take(self.ocidir.root(), command).map_err(lifecycle_error)?;
-        if writes {
-            lease.protect_layout(&layout).map_err(lifecycle_error)?;
+            lease.protect_image(&layout, &image.reference)?;
+            // The blobs of the manifest the tag names now, by digest: they stay
+            // even if the tag moves on while the command still reads them.
+            if let Ok(manifest) = layout.resolve(&image.reference) {
+                let blobs = sarde_lifecycle::inventory::image_blobs(&layout, &manifest);
+                lease.protect_blobs(&layout, &blobs)?;
+            }
+            Ok::<_, sarde_lifecycle::LifecycleError>(Some(lease))
+        })();
+        match taken {
+            Ok(lease) => Ok(lease),
+            // A cache this user may only read: it cannot prune it from here either,
+            // and reading without a lease is the best that can be done.
+            Err(e) if !writes && is_permission_error(&e) => {
+                tracing::warn!(
+                    "{}: no lease on the cache ({e}); a prune by another user could remove the image meanwhile",
+                    image.name
+                );
+                Ok(None)
+            }
+            Err(e) => Err(lifecycle_error(e)),
         }
-        lease
-            .protect_image(&layout, &image.reference)
-            .map_err(lifecycle_error)?;
-        Ok(Some(lease))
     }
 
     /// Records that an image of the cache was used now (best effort).
@@ -198,8 +217,7 @@ impl Engine {
             keep_vms: Vec::new(),
             remove: Vec::new(),
         };
-        let mut plan = sarde_lifecycle::plan::plan(&inventory, &vms, &policy);
-        self.plan_staging(&mut plan);
+        let plan = sarde_lifecycle::plan::plan(&inventory, &vms, &self.dead_staging(), &policy);
         if request.dry_run {
             return Ok(PruneReport {
                 dry_run: true,
@@ -216,30 +234,33 @@ impl Engine {
     }
 
     /// Staging directories of imports whose process is gone (nobody holds the
-    /// name lock).
-    fn plan_staging(&self, plan: &mut Plan) {
+    /// name lock), and directories of VM removals that were cut short.
+    fn dead_staging(&self) -> Vec<PlannedFile> {
+        let mut out = Vec::new();
         let Ok(entries) = fs::read_dir(&self.vmdir) else {
-            return;
+            return out;
         };
         for entry in entries.flatten() {
             let file_name = entry.file_name();
-            let Some(name) = file_name.to_str().and_then(|n| n.strip_prefix(".staging-")) else {
+            let Some(file_name) = file_name.to_str() else {
                 continue;
             };
-            if name_lock_held(&self.vmdir, name) {
+            if let Some(name) = file_name.strip_prefix(".staging-") {
+                if name_lock_held(&self.vmdir, name) {
+                    continue;
+                }
+            } else if !file_name.starts_with(TRASH_PREFIX) {
                 continue;
             }
-            let freed = allocated_tree(&entry.path(), &mut HashSet::new());
-            plan.bytes_before += freed;
-            plan.bytes_freed += freed;
-            plan.staging.push(PlannedFile {
+            out.push(PlannedFile {
+                freed: allocated_tree(&entry.path(), &mut HashSet::new()),
                 path: entry.path(),
-                freed,
                 reason: Reason::DeadProcess,
                 layout: None,
             });
         }
-        plan.staging.sort_by(|a, b| a.path.cmp(&b.path));
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
     }
 
     fn sweep(&self, plan: &Plan, hv: &dyn Hypervisor) -> Result<Swept> {
@@ -251,14 +272,10 @@ impl Engine {
         let mut swept = sarde_lifecycle::sweep::sweep(self.ocidir.root(), plan, &mut remove)
             .map_err(lifecycle_error)?;
         for staging in &plan.staging {
-            let Some(name) = staging
-                .path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix(".staging-"))
-            else {
+            let Some(file_name) = staging.path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
+            let name = file_name.strip_prefix(".staging-").unwrap_or(file_name);
             // Held while deleting, so an import cannot start resuming it meanwhile.
             let Some(_lock) = try_name_lock(&self.vmdir, name) else {
                 swept
@@ -295,17 +312,29 @@ impl Engine {
                 )));
             };
             if found.leased {
+                let users: Vec<String> = inventory
+                    .leases
+                    .live
+                    .iter()
+                    .filter(|l| {
+                        l.holds_image(&found.layout, found.tag.as_deref(), &found.manifest.digest)
+                    })
+                    .map(|l| format!("sarde {} (pid {})", l.command, l.pid))
+                    .collect();
                 return Err(EngineError::Refused(format!(
-                    "image {} is in use by a running sarde command; try again when it has finished",
-                    image.name
+                    "image {} is in use by {}; try again when that has finished",
+                    image.name,
+                    users.join(", ")
                 )));
             }
             wanted.push((key, image.reference.clone()));
         }
         let mut policy = Policy::garbage_only(SystemTime::now(), self.lifecycle.prune_min_age);
         policy.remove = wanted.clone();
-        let mut plan = sarde_lifecycle::plan::plan(&inventory, &[], &policy);
-        // Only what the removal itself frees: other garbage is prune's.
+        let mut plan = sarde_lifecycle::plan::plan(&inventory, &[], &[], &policy);
+        // Only what the removal itself frees: other garbage (broken tags too) is
+        // prune's.
+        plan.images.retain(|i| i.reason == Reason::Requested);
         let touched: HashSet<&str> = wanted.iter().map(|(k, _)| k.as_str()).collect();
         plan.blobs.retain(|b| touched.contains(b.layout.as_str()));
         plan.temps.clear();
@@ -321,9 +350,17 @@ impl Engine {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| removed.contains(n))
         });
+        plan.staging.clear();
         let mut no_vms = |_: &PlannedVm| Ok(false);
-        sarde_lifecycle::sweep::sweep(self.ocidir.root(), &plan, &mut no_vms)
-            .map_err(lifecycle_error)
+        let swept = sarde_lifecycle::sweep::sweep(self.ocidir.root(), &plan, &mut no_vms)
+            .map_err(lifecycle_error)?;
+        if swept.images.len() < plan.images.len() {
+            return Err(EngineError::Refused(format!(
+                "not removed, in use by now: {}; try again when that has finished",
+                swept.spared.join("; ")
+            )));
+        }
+        Ok(swept)
     }
 
     /// `sarde rm --vm NAME`: undefines a VM sarde imported and deletes its
@@ -377,7 +414,14 @@ impl Engine {
         if hv.exists(name)? {
             hv.undefine(name)?;
         }
-        fs::remove_dir_all(&dir).map_err(EngineError::io(&dir, "removing the VM's files"))?;
+        // Out of the way in one step, then deleted: a removal killed half way
+        // leaves a `.trash-` directory that the next prune deletes, never a VM
+        // directory without its import record.
+        let trash = self
+            .vmdir
+            .join(format!("{TRASH_PREFIX}{name}-{}", std::process::id()));
+        fs::rename(&dir, &trash).map_err(EngineError::io(&dir, "moving the VM's files away"))?;
+        fs::remove_dir_all(&trash).map_err(EngineError::io(&trash, "removing the VM's files"))?;
         tracing::info!(
             "removed VM {name} (from {}), {}",
             marker.image,
@@ -389,13 +433,13 @@ impl Engine {
     /// Bytes of disk an import of this manifest writes (the stored pieces'
     /// decompressed sizes); 0 when the VM it would create is there already.
     pub(crate) fn disk_bytes_to_write(&self, manifest: &[u8], import: &ImportRequest) -> u64 {
-        let Ok(manifest) = serde_json::from_slice::<ImageManifest>(manifest) else {
+        let (Ok(parsed), Some(name)) = (
+            serde_json::from_slice::<ImageManifest>(manifest),
+            self.import_name(manifest, import),
+        ) else {
             return 0;
         };
-        let name = import
-            .name
-            .clone()
-            .unwrap_or_else(|| manifest.config.digest.to_string());
+        let manifest = parsed;
         if Marker::read(&self.vmdir.join(&name))
             .is_some_and(|m| m.defined && m.config == manifest.config.digest)
         {
@@ -413,12 +457,29 @@ impl Engine {
         }
     }
 
+    /// The name an import of this manifest gives its VM: the one asked for, else
+    /// the image id.
+    pub(crate) fn import_name(&self, manifest: &[u8], import: &ImportRequest) -> Option<String> {
+        match &import.name {
+            Some(name) => Some(name.clone()),
+            None => serde_json::from_slice::<ImageManifest>(manifest)
+                .ok()
+                .map(|m| m.config.digest.to_string()),
+        }
+    }
+
     /// Makes room for an operation about to write `need` bytes: compares with the
     /// free space of the cache's and the VM directory's file systems and with
     /// `space-budget`, and reclaims only the shortfall, least recently used first,
-    /// never `keep` and nothing in use. Fails before anything is written when the
-    /// space cannot be found.
-    pub fn make_room(&self, need: SpaceNeed, keep: &ImageLocation) -> Result<Option<Swept>> {
+    /// never `keep` (the image being pulled), never `keep_vm` (the VM it will
+    /// reuse) and nothing in use. Fails before anything is written or removed when
+    /// the space cannot be found.
+    pub fn make_room(
+        &self,
+        need: SpaceNeed,
+        keep: &ImageLocation,
+        keep_vm: Option<&str>,
+    ) -> Result<Option<Swept>> {
         let root = self.ocidir.root();
         let cache_free = free_space(root).map_err(lifecycle_error)?;
         let vm_free = free_space(&self.vmdir).map_err(lifecycle_error)?;
@@ -437,15 +498,6 @@ impl Engine {
         if missing == 0 && budget.is_none() {
             return Ok(None);
         }
-        let hv = self.registry.connect(&self.connect)?;
-        let inventory = CacheInventory::scan(root).map_err(lifecycle_error)?;
-        let vms = self.vm_items(hv.as_ref())?;
-        let used = inventory.allocated() + vms.iter().map(|v| v.allocated).sum::<u64>();
-        let budget_left = budget.map(|b| b.saturating_sub(need.cache + need.vms));
-        let over_budget = budget_left.is_some_and(|b| used > b);
-        if missing == 0 && !over_budget {
-            return Ok(None);
-        }
         if !self.lifecycle.auto_prune {
             if missing > 0 {
                 return Err(no_room(
@@ -457,13 +509,55 @@ impl Engine {
                 ));
             }
             tracing::warn!(
-                "the cache and VMs take {} of the space budget's {}; auto-prune is off: run `sarde prune --vms --space-budget …`",
-                human_bytes(used),
+                "auto-prune is off: the space budget of {} is not enforced; run `sarde prune --vms --space-budget …`",
                 human_bytes(budget.unwrap_or(0))
             );
             return Ok(None);
         }
-        let keep_key = layout_key(root, &keep.layout);
+        match self.reclaim(need, missing, keep, keep_vm) {
+            Ok(swept) => {
+                let cache_free = free_space(root).map_err(lifecycle_error)?;
+                let vm_free = free_space(&self.vmdir).map_err(lifecycle_error)?;
+                if shortfall(cache_free, vm_free) > 0 {
+                    return Err(no_room(
+                        need,
+                        cache_free,
+                        vm_free,
+                        same_fs,
+                        "everything else is in use or used within prune-min-age",
+                    ));
+                }
+                Ok(swept)
+            }
+            Err(e) if missing > 0 => Err(e),
+            // Only over budget: the operation itself fits, so a reclaim that
+            // failed (libvirt down, a damaged layout) must not stop it.
+            Err(e) => {
+                tracing::warn!("keeping to the space budget failed: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The reclaim of [`Engine::make_room`]: plans, and sweeps only when the plan
+    /// frees at least `missing` bytes.
+    fn reclaim(
+        &self,
+        need: SpaceNeed,
+        missing: u64,
+        keep: &ImageLocation,
+        keep_vm: Option<&str>,
+    ) -> Result<Option<Swept>> {
+        let root = self.ocidir.root();
+        let budget = self.lifecycle.space_budget;
+        let hv = self.registry.connect(&self.connect)?;
+        let inventory = CacheInventory::scan(root).map_err(lifecycle_error)?;
+        let vms = self.vm_items(hv.as_ref())?;
+        let used = inventory.allocated() + vms.iter().map(|v| v.allocated).sum::<u64>();
+        let budget_left = budget.map(|b| b.saturating_sub(need.cache + need.vms));
+        if missing == 0 && budget_left.is_none_or(|b| used <= b) {
+            return Ok(None);
+        }
         let policy = Policy {
             now: SystemTime::now(),
             older_than: None,
@@ -471,36 +565,37 @@ impl Engine {
             min_age: self.lifecycle.prune_min_age,
             reclaim: missing,
             include_vms: true,
-            keep_images: vec![(keep_key, keep.reference.clone())],
-            keep_vms: Vec::new(),
+            keep_images: vec![(layout_key(root, &keep.layout), keep.reference.clone())],
+            keep_vms: keep_vm.map(str::to_string).into_iter().collect(),
             remove: Vec::new(),
         };
-        let plan = sarde_lifecycle::plan::plan(&inventory, &vms, &policy);
-        let swept = if plan.is_empty() {
-            Swept::default()
-        } else {
-            let swept = self.sweep(&plan, hv.as_ref())?;
-            tracing::info!(
-                "made room for {}: removed {} image(s), {} VM(s), {} blob(s), {} freed",
-                keep.name,
-                swept.images.len(),
-                swept.vms.len(),
-                swept.blobs,
-                human_bytes(swept.bytes_freed)
-            );
-            swept
-        };
-        let cache_free = free_space(root).map_err(lifecycle_error)?;
-        let vm_free = free_space(&self.vmdir).map_err(lifecycle_error)?;
-        if shortfall(cache_free, vm_free) > 0 {
+        let plan = sarde_lifecycle::plan::plan(&inventory, &vms, &self.dead_staging(), &policy);
+        if plan.bytes_freed < missing {
+            let cache_free = free_space(root).map_err(lifecycle_error)?;
+            let vm_free = free_space(&self.vmdir).map_err(lifecycle_error)?;
             return Err(no_room(
                 need,
                 cache_free,
                 vm_free,
-                same_fs,
-                "everything else is in use or used within prune-min-age",
+                device_of(root) == device_of(&self.vmdir),
+                &format!(
+                    "only {} could be reclaimed: everything else is in use or used within prune-min-age",
+                    human_bytes(plan.bytes_freed)
+                ),
             ));
         }
+        if plan.is_empty() {
+            return Ok(Some(Swept::default()));
+        }
+        let swept = self.sweep(&plan, hv.as_ref())?;
+        tracing::info!(
+            "made room for {}: removed {} image(s), {} VM(s), {} blob(s), {} freed",
+            keep.name,
+            swept.images.len(),
+            swept.vms.len(),
+            swept.blobs,
+            human_bytes(swept.bytes_freed)
+        );
         if let Some(outcome) = plan.budget.as_ref().filter(|b| b.over_budget) {
             tracing::warn!(
                 "after this {} the cache and VMs will take about {}, over the space budget of {}: what remains is in use ({}) or used within prune-min-age ({})",
@@ -667,17 +762,36 @@ impl Engine {
     }
 }
 
+/// Prefix of VM directories being removed.
+const TRASH_PREFIX: &str = ".trash-";
+
+fn is_permission_error(e: &sarde_lifecycle::LifecycleError) -> bool {
+    let io = match e {
+        sarde_lifecycle::LifecycleError::Io { source, .. } => Some(source),
+        sarde_lifecycle::LifecycleError::Layout(sarde_transport_oci_dir::LayoutError::Io {
+            source,
+            ..
+        }) => Some(source),
+        _ => None,
+    };
+    io.is_some_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+        )
+    })
+}
+
 /// The import lock of a VM name (`<vmdir>/.<name>.lock`), taken without waiting.
 fn try_name_lock(vmdir: &Path, name: &str) -> Option<File> {
     let path = vmdir.join(format!(".{name}.lock"));
-    let file = match File::options().write(true).open(&path) {
-        Ok(file) => file,
-        // Never imported here under this name: nobody can hold it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return File::open(vmdir).ok();
-        }
-        Err(_) => return None,
-    };
+    // Created when missing, so an import or clone starting now meets this lock.
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ok()?;
     // SAFETY: flock on a descriptor we own.
     (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
 }

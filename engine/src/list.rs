@@ -91,6 +91,14 @@ impl Engine {
         for vm in &vms {
             by_id.entry(&vm.image_id).or_default().push(vm.clone());
         }
+        // VMs the Python tool imported carry no record; its default name is the
+        // image id, so a domain of that name is the image's VM.
+        let domains = self
+            .registry
+            .connect(&self.connect)
+            .ok()
+            .and_then(|h| h.list_domains().ok())
+            .unwrap_or_default();
         let mut images = Vec::new();
         for image in inventory.images() {
             let layout = inventory.layouts.iter().find(|l| l.key == image.layout);
@@ -113,6 +121,20 @@ impl Engine {
                     .config
                     .as_ref()
                     .and_then(|id| by_id.get(id).cloned())
+                    .or_else(|| {
+                        let id = image.config.as_ref()?;
+                        let name = id.to_string();
+                        domains.iter().any(|d| d.name == name).then(|| {
+                            vec![VmState {
+                                state: state_of(&domains, &name).into(),
+                                name,
+                                size: 0,
+                                last_used: 0,
+                                image: image.name(),
+                                image_id: id.clone(),
+                            }]
+                        })
+                    })
                     .unwrap_or_default(),
             });
         }

@@ -207,10 +207,14 @@ impl Engine {
         image: &ImageReference,
         command: &str,
     ) -> Result<FetchRequest, RemoteError> {
+        // The layout is made only once the source answered: a name that does not
+        // exist leaves no empty repository behind.
         let location = ImageLocation::cached(&self.ocidir, image);
-        let lease = self
-            .lease_image(command, &location, true)?
-            .expect("a cached image's layout is inside the cache");
+        let lease = match self.lease_image(command, &location, false)? {
+            Some(lease) => lease,
+            None => sarde_lifecycle::Lease::take(self.ocidir.root(), command)
+                .map_err(crate::lifecycle::lifecycle_error)?,
+        };
         Ok(FetchRequest {
             lease: Arc::new(lease),
             source: self.open_remote(source)?,
@@ -248,12 +252,12 @@ impl Engine {
             }
         } else {
             let need = SpaceNeed {
-                cache: self.missing_blob_bytes(&request.layout, &resolved),
+                cache: self.claim_blobs(&request, &resolved)?,
                 vms: 0,
             };
             let engine = self.clone();
             let keep = location.clone();
-            tokio::task::spawn_blocking(move || engine.make_room(need, &keep))
+            tokio::task::spawn_blocking(move || engine.make_room(need, &keep, None))
                 .await
                 .map_err(|e| RemoteError::Refused(format!("the reclaim task failed: {e}")))??;
             let mut summary = sarde_transfer::Summary {
@@ -280,15 +284,39 @@ impl Engine {
         Ok(fetched)
     }
 
-    /// Bytes of the image's blobs the layout does not hold yet.
-    fn missing_blob_bytes(&self, layout: &std::path::Path, resolved: &ResolvedImage) -> u64 {
-        let layout = Layout::open(layout).ok();
-        resolved
+    /// Claims every blob of a resolved image in the fetch's lease (so no reclaim
+    /// or prune takes one from now on, shared ones included) and returns the bytes
+    /// of those no repository of the cache holds yet: what the fetch will write.
+    fn claim_blobs(
+        &self,
+        request: &FetchRequest,
+        resolved: &ResolvedImage,
+    ) -> Result<u64, RemoteError> {
+        let layout = Layout::create(&request.layout)?;
+        let digests = resolved
             .blobs
             .iter()
-            .filter(|b| !layout.as_ref().is_some_and(|l| l.has_blob(b)))
+            .map(|b| &b.digest)
+            .chain(resolved.children.iter().map(|c| &c.digest))
+            .chain([&resolved.manifest.digest]);
+        request
+            .lease
+            .protect_layout(&layout)
+            .and_then(|()| request.lease.protect_blobs(&layout, digests))
+            .map_err(crate::lifecycle::lifecycle_error)?;
+        let layouts: Vec<Layout> = self
+            .ocidir
+            .repositories()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| Layout::open(&r.path).ok())
+            .collect();
+        Ok(resolved
+            .blobs
+            .iter()
+            .filter(|b| !layouts.iter().any(|l| l.has_blob(b)))
             .map(|b| b.size)
-            .sum()
+            .sum())
     }
 
     /// Fetches and imports; when the image is not cached yet, pieces are written
@@ -322,13 +350,13 @@ impl Engine {
                 import: outcome,
             });
         }
-        Layout::create(&request.layout)?;
         let need = SpaceNeed {
-            cache: self.missing_blob_bytes(&request.layout, &resolved),
+            cache: self.claim_blobs(&request, &resolved)?,
             vms: self.disk_bytes_to_write(&resolved.manifest.bytes, &import),
         };
         let keep = import.image.clone();
-        tokio::task::spawn_blocking(move || engine.make_room(need, &keep))
+        let keep_vm = self.import_name(&resolved.manifest.bytes, &import);
+        tokio::task::spawn_blocking(move || engine.make_room(need, &keep, keep_vm.as_deref()))
             .await
             .map_err(|e| RemoteError::Refused(format!("the reclaim task failed: {e}")))??;
         let engine = self.clone();

@@ -113,7 +113,12 @@ impl CacheInventory {
                     continue;
                 }
             };
-            layouts.push(scan_layout(root, &layout, &leases)?);
+            // A damaged layout is skipped, not a reason to stop: prune and the
+            // automatic reclaim still serve the rest of the cache.
+            match scan_layout(root, &layout, &leases) {
+                Ok(scanned) => layouts.push(scanned),
+                Err(e) => tracing::warn!("skipping {}: {e}", repo.path.display()),
+            }
         }
         Ok(CacheInventory {
             root: root.to_path_buf(),
@@ -173,6 +178,9 @@ pub(crate) fn scan_layout(
     leases: &Leases,
 ) -> Result<LayoutInventory> {
     let key = layout_key(root, layout.path());
+    // The index before the blobs: writers store blobs before the tags that name
+    // them, so a tag read first finds its blobs listed, never looks broken.
+    let index = layout.index()?;
     let mut blobs = BTreeMap::new();
     let mut temps = Vec::new();
     collect_temps(layout.path(), &mut temps);
@@ -209,7 +217,7 @@ pub(crate) fn scan_layout(
     }
     let usage_dir = usage_dir(root);
     let mut images = Vec::new();
-    for entry in layout.index()?.manifests {
+    for entry in index.manifests {
         let tag = entry
             .annotation(media_types::ANNOTATION_REF_NAME)
             .map(str::to_string);
@@ -259,13 +267,21 @@ fn walk(
         image.missing.push(descriptor.digest.clone());
         return;
     }
-    let is_manifest = matches!(
-        descriptor.media_type.as_str(),
-        media_types::IMAGE_MANIFEST
-            | media_types::IMAGE_INDEX
-            | media_types::DOCKER_MANIFEST
-            | media_types::DOCKER_MANIFEST_LIST
-    );
+    // An index entry is a manifest whatever its media type says (importers parse
+    // it anyway); below it, the media types tell.
+    let is_manifest = depth == 0
+        || matches!(
+            descriptor
+                .media_type
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim(),
+            media_types::IMAGE_MANIFEST
+                | media_types::IMAGE_INDEX
+                | media_types::DOCKER_MANIFEST
+                | media_types::DOCKER_MANIFEST_LIST
+        );
     if !is_manifest || depth > MAX_NESTING || descriptor.size > MAX_IN_MEMORY_BLOB {
         return;
     }
@@ -306,6 +322,52 @@ fn walk(
     for child in list("manifests") {
         walk(layout, stored, &child, depth + 1, metadata_only, image);
     }
+}
+
+/// Every blob an image names — the manifest, its config and layers, child
+/// manifests of an index and theirs — as far as they can be read from `layout`.
+pub fn image_blobs(layout: &Layout, manifest: &Descriptor) -> BTreeSet<Digest> {
+    let mut out = BTreeSet::new();
+    let mut pending = vec![(manifest.clone(), 0usize)];
+    while let Some((descriptor, depth)) = pending.pop() {
+        if !out.insert(descriptor.digest.clone()) {
+            continue;
+        }
+        let is_manifest = depth == 0
+            || matches!(
+                descriptor
+                    .media_type
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim(),
+                media_types::IMAGE_MANIFEST
+                    | media_types::IMAGE_INDEX
+                    | media_types::DOCKER_MANIFEST
+                    | media_types::DOCKER_MANIFEST_LIST
+            );
+        if !is_manifest || depth > MAX_NESTING || descriptor.size > MAX_IN_MEMORY_BLOB {
+            continue;
+        }
+        let Ok(bytes) = layout.read_blob(&descriptor) else {
+            continue;
+        };
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        let named = value.get("config").cloned().into_iter().chain(
+            ["layers", "manifests"].into_iter().flat_map(|key| {
+                value
+                    .get(key)
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default()
+            }),
+        );
+        for child in named.filter_map(|v| serde_json::from_value::<Descriptor>(v).ok()) {
+            pending.push((child, depth + 1));
+        }
+    }
+    out
 }
 
 fn collect_temps(dir: &Path, out: &mut Vec<(PathBuf, FileFacts)>) {

@@ -218,12 +218,14 @@ impl Leases {
                     out.live.push(record);
                 }
             } else if name.ends_with(".lock") {
+                // Between its creation and its flock, and before its first record,
+                // a lease's lock file stands alone: only an old one is dead.
                 let record = path.with_extension("json");
-                if !record.exists() && try_lock_existing(&path).is_some() {
+                if !record.exists() && stale(&path) && try_lock_existing(&path).is_some() {
                     out.dead.push(path);
                 }
-            } else if name.starts_with(".tmp-") && try_lock_existing(&path).is_some() {
-                // A record write cut short; temporary files are never locked.
+            } else if name.starts_with(".tmp-") && stale(&path) {
+                // A record write cut short long ago; one being written is young.
                 out.dead.push(path);
             }
         }
@@ -254,6 +256,17 @@ impl Leases {
             .iter()
             .any(|l| l.holds_image(layout, tag, manifest))
     }
+}
+
+/// Lease files younger than this may belong to a lease being created.
+const LEASE_FILE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn stale(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= LEASE_FILE_GRACE)
 }
 
 /// Removes the files of a dead lease, checking again that nobody holds it.

@@ -214,12 +214,19 @@ struct Planner<'a> {
     refs: Vec<HashMap<&'a Digest, usize>>,
     removed: Vec<Vec<bool>>,
     blob_planned: BTreeSet<(usize, &'a Digest)>,
+    young_orphans: BTreeSet<(usize, &'a Digest)>,
     links: Links,
     plan: Plan,
 }
 
 /// Plans a prune of the cache and, with `include_vms` or a reclaim, of `vms`.
-pub fn plan(inventory: &CacheInventory, vms: &[VmItem], policy: &Policy) -> Plan {
+/// `staging` are the staging directories of dead imports, which the engine finds.
+pub fn plan(
+    inventory: &CacheInventory,
+    vms: &[VmItem],
+    staging: &[PlannedFile],
+    policy: &Policy,
+) -> Plan {
     let leases = &inventory.leases;
     let mut planner = Planner {
         inventory,
@@ -232,6 +239,7 @@ pub fn plan(inventory: &CacheInventory, vms: &[VmItem], policy: &Policy) -> Plan
             .map(|l| vec![false; l.images.len()])
             .collect(),
         blob_planned: BTreeSet::new(),
+        young_orphans: BTreeSet::new(),
         links: Links::default(),
         plan: Plan::default(),
     };
@@ -246,6 +254,16 @@ pub fn plan(inventory: &CacheInventory, vms: &[VmItem], policy: &Policy) -> Plan
         for image in &layout.images {
             for d in &image.blobs {
                 *planner.refs[li].entry(d).or_default() += 1;
+            }
+        }
+        // Blobs no entry named before this plan: a writer without a lease (the
+        // Python tool, an older sarde) may be about to tag them, so they wait
+        // prune-min-age. Blobs this plan frees were an image's: no such wait.
+        for (digest, blob) in &layout.blobs {
+            if !planner.refs[li].contains_key(digest)
+                && !older(policy.now, blob.facts.modified, policy.min_age)
+            {
+                planner.young_orphans.insert((li, digest));
             }
         }
     }
@@ -277,6 +295,7 @@ pub fn plan(inventory: &CacheInventory, vms: &[VmItem], policy: &Policy) -> Plan
         }
     }
     planner.collect_garbage();
+    planner.collect_files(staging);
 
     // Least recently used first, to meet the budget or the reclaim.
     let budget = policy.space_budget;
@@ -328,7 +347,7 @@ pub fn plan(inventory: &CacheInventory, vms: &[VmItem], policy: &Policy) -> Plan
             }
         }
     }
-    planner.collect_other_garbage();
+    planner.collect_records();
     if policy.reclaim > 0 {
         planner.plan.reclaim_wanted = Some(policy.reclaim);
     }
@@ -445,6 +464,7 @@ impl<'a> Planner<'a> {
             };
             if self.refs[li].get(digest).copied().unwrap_or(0) > 0
                 || self.blob_planned.contains(&(li, digest))
+                || self.young_orphans.contains(&(li, digest))
                 || protected(self.leases, layout, digest, &blob.facts)
             {
                 continue;
@@ -465,12 +485,19 @@ impl<'a> Planner<'a> {
     }
 
     /// Temporary files, partial downloads, usage records, dead leases.
-    fn collect_other_garbage(&mut self) {
+    /// Temporary files, partial downloads and staging directories: before any
+    /// image is chosen for the budget, since freeing them may be enough.
+    fn collect_files(&mut self, staging: &[PlannedFile]) {
         for layout in &self.inventory.layouts {
             if self.leases.writes_layout(&layout.key) {
                 continue;
             }
             for (path, facts) in &layout.temps {
+                // A writer without a lease (the Python tool, an older sarde) gets
+                // prune-min-age to finish.
+                if !older(self.policy.now, facts.modified, self.policy.min_age) {
+                    continue;
+                }
                 let freed = self.links.remove(facts);
                 self.plan.bytes_freed += freed;
                 self.plan.temps.push(PlannedFile {
@@ -495,6 +522,15 @@ impl<'a> Planner<'a> {
                 layout: None,
             });
         }
+        for dir in staging {
+            self.plan.bytes_before += dir.freed;
+            self.plan.bytes_freed += dir.freed;
+            self.plan.staging.push(dir.clone());
+        }
+    }
+
+    /// Records of removed images and files of dead leases.
+    fn collect_records(&mut self) {
         let mut remaining: BTreeSet<String> = BTreeSet::new();
         for (li, layout) in self.inventory.layouts.iter().enumerate() {
             for (ii, image) in layout.images.iter().enumerate() {

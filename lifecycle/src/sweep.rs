@@ -13,9 +13,9 @@ use sarde_api::Digest;
 use sarde_transport_oci_dir::Layout;
 use serde::Serialize;
 
-use crate::inventory::{LayoutInventory, partial_lock};
+use crate::inventory::partial_lock;
 use crate::lease::{Leases, remove_dead};
-use crate::plan::{Plan, PlannedVm, protected};
+use crate::plan::{Plan, PlannedVm, Reason, protected};
 use crate::space::FileFacts;
 use crate::{Result, try_lock_existing};
 
@@ -98,6 +98,15 @@ fn sweep_layout(root: &Path, key: &str, plan: &Plan, swept: &mut Swept) -> Resul
     let leases = Leases::read(root);
     let planned: Vec<_> = plan.images.iter().filter(|i| i.layout == key).collect();
     if !planned.is_empty() {
+        // Seen again under the lock: an entry planned as broken may have been a
+        // tag written between the plan's two reads; it is whole now and stays.
+        let fresh = crate::inventory::scan_layout(root, &layout, &leases)?;
+        let complete = |entry: &sarde_api::oci::Descriptor| {
+            fresh
+                .images
+                .iter()
+                .any(|i| i.same_entry(entry) && i.missing.is_empty())
+        };
         let mut removed = Vec::new();
         layout.retain_entries(|entry| {
             let tag = entry.annotation(sarde_api::oci::media_types::ANNOTATION_REF_NAME);
@@ -105,15 +114,22 @@ fn sweep_layout(root: &Path, key: &str, plan: &Plan, swept: &mut Swept) -> Resul
                 .iter()
                 .find(|p| p.manifest == entry.digest && p.tag.as_deref() == tag);
             match chosen {
-                Some(p) if !leases.holds_image(key, tag, &entry.digest) => {
-                    removed.push(p.name.clone());
-                    false
-                }
-                Some(p) => {
+                Some(p) if leases.holds_image(key, tag, &entry.digest) => {
                     swept
                         .spared
                         .push(format!("{}: a running command uses it", p.name));
                     true
+                }
+                Some(p) if p.reason == Reason::Broken && complete(entry) => {
+                    swept.spared.push(format!(
+                        "{}: complete after all (written meanwhile)",
+                        p.name
+                    ));
+                    true
+                }
+                Some(p) => {
+                    removed.push(p.name.clone());
+                    false
                 }
                 None => true,
             }
@@ -121,7 +137,7 @@ fn sweep_layout(root: &Path, key: &str, plan: &Plan, swept: &mut Swept) -> Resul
         swept.images.extend(removed);
     }
     // The index as it is now, and what its entries use.
-    let now = crate::inventory::CacheInventory::scan_one(root, &layout, &leases)?;
+    let now = crate::inventory::scan_layout(root, &layout, &leases)?;
     let used: BTreeSet<&Digest> = now.images.iter().flat_map(|i| i.blobs.iter()).collect();
     for blob in plan.blobs.iter().filter(|b| b.layout == key) {
         let Some(stored) = now.blobs.get(&blob.digest) else {
@@ -162,15 +178,4 @@ fn sweep_layout(root: &Path, key: &str, plan: &Plan, swept: &mut Swept) -> Resul
         }
     }
     Ok(())
-}
-
-impl crate::inventory::CacheInventory {
-    /// One layout scanned again (under its lock, during a sweep).
-    pub(crate) fn scan_one(
-        root: &Path,
-        layout: &Layout,
-        leases: &Leases,
-    ) -> Result<LayoutInventory> {
-        crate::inventory::scan_layout(root, layout, leases)
-    }
 }

@@ -43,9 +43,16 @@ pub fn record_vm_use(dir: &Path) -> Result<()> {
     touch(&dir.join(VM_USE_FILE), b"")
 }
 
-/// When the VM in `dir` was last used: its record, else its import record's time.
+/// When the VM in `dir` was last used: the latest of its record and its files'
+/// changes (a VM booted with `virsh`, or clones' overlays next to its disks, count
+/// as use too).
 pub fn vm_last_use(dir: &Path) -> Option<SystemTime> {
-    modified(&dir.join(VM_USE_FILE)).or_else(|| modified(&dir.join(".sarde-image.json")))
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max()
 }
 
 pub(crate) fn modified(path: &Path) -> Option<SystemTime> {

@@ -100,6 +100,12 @@ fn garbage_is_collected_and_nothing_a_tag_uses() {
     // A temporary blob of a killed writer, an abandoned and a fresh partial download.
     let temp = layout.path().join("blobs/sha256/.tmp-killed");
     fs::write(&temp, data(5, 100)).unwrap();
+    // Both from a process killed long ago: a writer holding no lease gets
+    // prune-min-age, and a young orphan is spared (checked below).
+    let two_hours_ago = SystemTime::now() - 2 * HOUR;
+    set_mtime(&temp, two_hours_ago);
+    set_mtime(&layout.blob_path(&orphan), two_hours_ago);
+    let (young, _) = layout.write_blob(&data(8, 4000)).unwrap();
     let partials = root.join(".sarde/partial");
     fs::create_dir_all(&partials).unwrap();
     let old_partial = partials.join(format!("sha256-{}", "a".repeat(64)));
@@ -111,7 +117,7 @@ fn garbage_is_collected_and_nothing_a_tag_uses() {
     usage::record_image_use(root, "r.example/team/gone", &orphan).unwrap();
 
     let inventory = CacheInventory::scan(root).unwrap();
-    let planned = plan::plan(&inventory, &[], &policy(SystemTime::now()));
+    let planned = plan::plan(&inventory, &[], &[], &policy(SystemTime::now()));
     let names: Vec<_> = planned
         .images
         .iter()
@@ -127,6 +133,10 @@ fn garbage_is_collected_and_nothing_a_tag_uses() {
     assert!(blobs.contains(&broken.digest), "{blobs:?}");
     assert!(!blobs.contains(&Digest::sha256_of(&shared)), "{blobs:?}");
     assert!(!blobs.contains(&kept.digest));
+    assert!(
+        !blobs.contains(&young),
+        "a young orphan may be a lease-less writer's"
+    );
     assert_eq!(planned.temps.len(), 1);
     assert_eq!(planned.partials.len(), 1, "only the abandoned partial");
     assert_eq!(planned.partials[0].path, old_partial);
@@ -139,9 +149,19 @@ fn garbage_is_collected_and_nothing_a_tag_uses() {
     assert!(!temp.exists() && !old_partial.exists() && new_partial.exists());
     assert_every_tag_complete(root);
     assert_eq!(layout.resolve("1").unwrap().digest, kept.digest);
-    // Nothing is left to do.
+    // Nothing is left to do but the young orphan, once it is old.
+    set_mtime(&layout.blob_path(&young), two_hours_ago);
     let again = plan::plan(
         &CacheInventory::scan(root).unwrap(),
+        &[],
+        &[],
+        &policy(SystemTime::now()),
+    );
+    assert_eq!(again.blobs.len(), 1, "{again:?}");
+    sweep(root, &again, &mut |_| Ok(false)).unwrap();
+    let again = plan::plan(
+        &CacheInventory::scan(root).unwrap(),
+        &[],
         &[],
         &policy(SystemTime::now()),
     );
@@ -187,7 +207,7 @@ fn a_budget_removes_least_recently_used_first_and_counts_shared_blobs_once() {
     // own layer is freed (the base stays, a2 uses it).
     let mut p = policy(now);
     p.space_budget = Some(total - 40_000);
-    let planned = plan::plan(&inventory, &[], &p);
+    let planned = plan::plan(&inventory, &[], &[], &p);
     let names: Vec<_> = planned.images.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(names, vec!["h/a:1"]);
     assert!(
@@ -205,7 +225,7 @@ fn a_budget_removes_least_recently_used_first_and_counts_shared_blobs_once() {
     let inventory = CacheInventory::scan(root).unwrap();
     let mut p = policy(now);
     p.space_budget = Some(0);
-    let planned = plan::plan(&inventory, &[], &p);
+    let planned = plan::plan(&inventory, &[], &[], &p);
     let names: Vec<_> = planned.images.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(
         names,
@@ -254,12 +274,12 @@ fn older_than_and_vms_and_reclaim() {
 
     let mut p = policy(now);
     p.older_than = Some(24 * HOUR);
-    let planned = plan::plan(&inventory, &vms, &p);
+    let planned = plan::plan(&inventory, &vms, &[], &p);
     assert_eq!(planned.images.len(), 1);
     assert_eq!(planned.images[0].name, "h/x:old");
     assert!(planned.vms.is_empty(), "VMs only with include_vms");
     p.include_vms = true;
-    let planned = plan::plan(&inventory, &vms, &p);
+    let planned = plan::plan(&inventory, &vms, &[], &p);
     let vm_names: Vec<_> = planned.vms.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(vm_names, vec!["idle"], "never a VM in use");
 
@@ -268,7 +288,7 @@ fn older_than_and_vms_and_reclaim() {
     let mut p = policy(now);
     p.reclaim = 1000;
     p.keep_images = vec![("h/x".into(), "old".into())];
-    let planned = plan::plan(&inventory, &vms, &p);
+    let planned = plan::plan(&inventory, &vms, &[], &p);
     let removed: Vec<_> = planned
         .images
         .iter()
@@ -307,7 +327,7 @@ fn leases_protect_images_new_blobs_and_claimed_blobs() {
 
     let mut p = policy(now);
     p.older_than = Some(HOUR);
-    let planned = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &p);
+    let planned = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &[], &p);
     assert!(
         planned.images.is_empty(),
         "a leased image stays: {:?}",
@@ -332,9 +352,12 @@ fn leases_protect_images_new_blobs_and_claimed_blobs() {
     assert_eq!(swept.spared.len(), 1, "{:?}", swept.spared);
     assert!(layout.blob_path(&stale).exists());
 
-    // Once the commands have ended, the same prune takes what is garbage.
+    // Once the commands have ended (long ago), the same prune takes what is garbage.
     drop((export, fetch, late));
-    let planned = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &p);
+    for entry in fs::read_dir(layout.path().join("blobs/sha256")).unwrap() {
+        set_mtime(&entry.unwrap().path(), old);
+    }
+    let planned = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &[], &p);
     let names: Vec<_> = planned.images.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(names, vec!["h/l:1"]);
     assert_eq!(planned.temps.len(), 1);
@@ -367,8 +390,8 @@ fn a_dry_run_plans_exactly_what_the_sweep_then_removes() {
     }
     let mut p = policy(now);
     p.space_budget = Some(200_000);
-    let dry = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &p);
-    let real = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &p);
+    let dry = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &[], &p);
+    let real = plan::plan(&CacheInventory::scan(root).unwrap(), &[], &[], &p);
     let key = |plan: &plan::Plan| {
         (
             plan.images
@@ -399,4 +422,31 @@ fn a_dry_run_plans_exactly_what_the_sweep_then_removes() {
         after <= 200_000 || real.budget.as_ref().unwrap().over_budget,
         "{after}"
     );
+}
+
+#[test]
+fn a_tag_planned_as_broken_that_is_whole_by_the_sweep_stays() {
+    // A writer stores blobs, then tags; a plan that read the index before the
+    // blob listing caught up must not untag what is whole by the time it sweeps.
+    let cache = tempfile::tempdir().unwrap();
+    let root = cache.path();
+    let layout = Layout::create(root.join("h/w")).unwrap();
+    let layer = data(40, 3000);
+    let tagged = image(&layout, "1", &[&layer]);
+    let layer_digest = Digest::sha256_of(&layer);
+    fs::remove_file(layout.blob_path(&layer_digest)).unwrap();
+    let planned = plan::plan(
+        &CacheInventory::scan(root).unwrap(),
+        &[],
+        &[],
+        &policy(SystemTime::now()),
+    );
+    assert_eq!(planned.images.len(), 1);
+    assert_eq!(planned.images[0].reason, Reason::Broken);
+    layout.write_blob(&layer).unwrap();
+    let swept = sweep(root, &planned, &mut |_| Ok(false)).unwrap();
+    assert!(swept.images.is_empty(), "{swept:?}");
+    assert!(swept.spared[0].contains("complete"), "{swept:?}");
+    assert_eq!(layout.resolve("1").unwrap().digest, tagged.digest);
+    assert_every_tag_complete(root);
 }

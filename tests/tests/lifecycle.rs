@@ -260,6 +260,9 @@ fn prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said() {
         "the export wrote no temporary blob"
     );
     kill9(&mut export);
+    for temp in files_named(&layout, ".tmp-") {
+        backdate(&temp);
+    }
     let mut fetch = spawn(sarde(h).args(["fetch", "--insecure", "--concurrency", "1", &image]));
     let partial = h.join("OCI/.sarde/partial");
     assert!(
@@ -270,9 +273,12 @@ fn prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said() {
     );
     kill9(&mut fetch);
     ok(sarde(h).args(["fetch", "--insecure", &image]));
-    // An orphan blob: a partial download from a run that never finished.
+    // An orphan blob, left by a writer that held no lease long ago (younger ones
+    // wait prune-min-age: such a writer may be about to tag them).
     let orphan_layout = h.join(format!("OCI/{addr}/prune/big/blobs/sha256"));
-    std::fs::write(orphan_layout.join("0".repeat(64)), b"nobody's blob").unwrap();
+    let orphan = orphan_layout.join("0".repeat(64));
+    std::fs::write(&orphan, b"nobody's blob").unwrap();
+    backdate(&orphan);
     let name = vm::unique("sarde-prune-imp");
     let mut import = spawn(sarde(h).args(["import", "--threads", "1", "-n", &name, &image]));
     assert!(
@@ -293,12 +299,7 @@ fn prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said() {
     std::fs::write(&young, b"a download in progress elsewhere").unwrap();
     let old = partial.join(format!("sha256-{}", "f".repeat(64)));
     std::fs::write(&old, b"an abandoned download").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&old)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
-        .unwrap();
+    backdate(&old);
 
     let dry = json(&ok(sarde(h).args([
         "prune",
@@ -350,6 +351,16 @@ fn prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said() {
         &source.disk
     ));
     let _ = &source.work;
+}
+
+/// Makes a file look two hours old (older than the default prune-min-age).
+fn backdate(path: &Path) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+        .unwrap();
 }
 
 /// Undefines a domain when dropped.

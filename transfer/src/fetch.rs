@@ -238,8 +238,10 @@ impl FetchRequest {
             .map(|b| &b.digest)
             .chain(resolved.children.iter().map(|c| &c.digest))
             .chain([&resolved.manifest.digest]);
+        let reference = self.tag.as_deref().unwrap_or(&self.reference);
         self.lease
             .protect_layout(&layout)
+            .and_then(|()| self.lease.protect_image(&layout, reference))
             .and_then(|()| self.lease.protect_blobs(&layout, claimed))
             .map_err(|e| TransferError::Aborted(format!("taking a lease on the cache: {e}")))?;
         let total: u64 = resolved.blobs.iter().map(|b| b.size).sum();

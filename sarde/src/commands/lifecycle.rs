@@ -176,11 +176,47 @@ fn reason(r: Reason) -> &'static str {
 
 fn print_prune(out: &mut impl Write, report: &PruneReport, config: &Config) -> Result<()> {
     let plan = &report.plan;
-    let verb = if report.dry_run {
-        "would remove"
+    match &report.swept {
+        None => print_plan(out, plan)?,
+        Some(swept) => print_swept(out, plan, swept)?,
+    }
+    let freed = report
+        .swept
+        .as_ref()
+        .map_or(plan.bytes_freed, |s| s.bytes_freed);
+    let scope = if plan.vms.is_empty() && plan.budget.is_none() {
+        "the cache"
     } else {
-        "removed"
+        "cache and VMs"
     };
+    writeln!(
+        out,
+        "{} {}: {scope} took {}",
+        if report.dry_run {
+            "would free"
+        } else {
+            "freed"
+        },
+        human_bytes(freed),
+        human_bytes(plan.bytes_before)
+    )?;
+    if let Some(budget) = plan.budget.as_ref().filter(|b| b.over_budget) {
+        writeln!(
+            out,
+            "still over the space budget of {}: {} remain, of which {} in use and {} used within prune-min-age ({})",
+            human_bytes(budget.budget),
+            human_bytes(budget.bytes_after),
+            human_bytes(budget.kept_in_use),
+            human_bytes(budget.kept_recent),
+            config.settings.prune_min_age
+        )?;
+    }
+    Ok(())
+}
+
+/// What a dry run would remove, item by item (blobs per repository).
+fn print_plan(out: &mut impl Write, plan: &sarde_lifecycle::Plan) -> Result<()> {
+    let verb = "would remove";
     for image in &plan.images {
         writeln!(
             out,
@@ -227,41 +263,53 @@ fn print_prune(out: &mut impl Write, report: &PruneReport, config: &Config) -> R
             )?;
         }
     }
-    let freed = report
-        .swept
-        .as_ref()
-        .map_or(plan.bytes_freed, |s| s.bytes_freed);
-    let scope = if plan.vms.is_empty() && report.plan.budget.is_none() {
-        "the cache"
-    } else {
-        "cache and VMs"
-    };
-    writeln!(
-        out,
-        "{} {}: {scope} took {}",
-        if report.dry_run {
-            "would free"
-        } else {
-            "freed"
-        },
-        human_bytes(freed),
-        human_bytes(plan.bytes_before)
-    )?;
-    if let Some(swept) = &report.swept {
-        for spared in &swept.spared {
-            writeln!(out, "kept (in use by now): {spared}")?;
-        }
-    }
-    if let Some(budget) = plan.budget.as_ref().filter(|b| b.over_budget) {
+    Ok(())
+}
+
+/// What a prune removed: the planned items that were still garbage when their
+/// turn came, and those found in use by then.
+fn print_swept(
+    out: &mut impl Write,
+    plan: &sarde_lifecycle::Plan,
+    swept: &sarde_lifecycle::Swept,
+) -> Result<()> {
+    for image in plan
+        .images
+        .iter()
+        .filter(|i| swept.images.contains(&i.name))
+    {
         writeln!(
             out,
-            "still over the space budget of {}: {} remain, of which {} in use and {} used within prune-min-age ({})",
-            human_bytes(budget.budget),
-            human_bytes(budget.bytes_after),
-            human_bytes(budget.kept_in_use),
-            human_bytes(budget.kept_recent),
-            config.settings.prune_min_age
+            "removed image {} ({})",
+            image.name,
+            reason(image.reason)
         )?;
+    }
+    for vm in plan.vms.iter().filter(|v| swept.vms.contains(&v.name)) {
+        writeln!(
+            out,
+            "removed VM {} from {}, {} ({})",
+            vm.name,
+            vm.image,
+            human_bytes(vm.freed),
+            reason(vm.reason)
+        )?;
+    }
+    for (count, what) in [
+        (swept.blobs, "blob(s) no image uses"),
+        (swept.temps, "temporary file(s) of processes that are gone"),
+        (swept.partials, "abandoned partial download(s)"),
+        (
+            swept.staging,
+            "staging director(y/ies) of imports that are gone",
+        ),
+    ] {
+        if count > 0 {
+            writeln!(out, "removed {count} {what}")?;
+        }
+    }
+    for spared in &swept.spared {
+        writeln!(out, "kept (in use by now): {spared}")?;
     }
     Ok(())
 }

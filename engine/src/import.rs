@@ -155,6 +155,8 @@ impl NameLock {
         let file = File::options()
             .create(true)
             .truncate(false)
+            // Readable too: a shared lock on NFS needs it.
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(EngineError::io(&path, "creating the VM name lock"))?;

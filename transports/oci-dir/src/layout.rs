@@ -508,6 +508,9 @@ impl Layout {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
+            // Readable too: where flock is emulated with POSIX locks (NFS), a
+            // shared lock needs a descriptor open for reading.
+            .read(true)
             .write(true)
             // A planted symbolic link must not make us create files elsewhere.
             .custom_flags(libc::O_NOFOLLOW)

@@ -14,6 +14,7 @@ use sarde_transport_oci_dir::Layout;
 use serde::Serialize;
 
 use crate::inventory::partial_lock;
+use crate::usage::image_key;
 use crate::lease::{Leases, remove_dead};
 use crate::plan::{Plan, PlannedVm, Reason, protected};
 use crate::space::FileFacts;
@@ -46,8 +47,9 @@ pub fn sweep(
     layouts.extend(plan.images.iter().map(|i| i.layout.as_str()));
     layouts.extend(plan.blobs.iter().map(|b| b.layout.as_str()));
     layouts.extend(plan.temps.iter().filter_map(|t| t.layout.as_deref()));
+    let mut kept = BTreeSet::new();
     for key in layouts {
-        sweep_layout(root, key, plan, &mut swept)?;
+        sweep_layout(root, key, plan, &mut swept, &mut kept)?;
     }
     for partial in &plan.partials {
         let lock = partial_lock(root, &partial.path);
@@ -78,6 +80,14 @@ pub fn sweep(
         }
     }
     for path in &plan.usage_records {
+        // A spared image keeps its last use.
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| kept.contains(n))
+        {
+            continue;
+        }
         let _ = fs::remove_file(path);
     }
     for path in &plan.dead_leases {
@@ -86,7 +96,13 @@ pub fn sweep(
     Ok(swept)
 }
 
-fn sweep_layout(root: &Path, key: &str, plan: &Plan, swept: &mut Swept) -> Result<()> {
+fn sweep_layout(
+    root: &Path,
+    key: &str,
+    plan: &Plan,
+    swept: &mut Swept,
+    kept: &mut BTreeSet<String>,
+) -> Result<()> {
     let path = root.join(key);
     let layout = match Layout::open(&path) {
         Ok(layout) => layout,
@@ -115,12 +131,14 @@ fn sweep_layout(root: &Path, key: &str, plan: &Plan, swept: &mut Swept) -> Resul
                 .find(|p| p.manifest == entry.digest && p.tag.as_deref() == tag);
             match chosen {
                 Some(p) if leases.holds_image(key, tag, &entry.digest) => {
+                    kept.insert(image_key(key, &p.manifest));
                     swept
                         .spared
                         .push(format!("{}: a running command uses it", p.name));
                     true
                 }
                 Some(p) if p.reason == Reason::Broken && complete(entry) => {
+                    kept.insert(image_key(key, &p.manifest));
                     swept.spared.push(format!(
                         "{}: complete after all (written meanwhile)",
                         p.name

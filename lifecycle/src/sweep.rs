@@ -14,10 +14,10 @@ use sarde_transport_oci_dir::Layout;
 use serde::Serialize;
 
 use crate::inventory::partial_lock;
-use crate::usage::image_key;
 use crate::lease::{Leases, remove_dead};
 use crate::plan::{Plan, PlannedVm, Reason, protected};
 use crate::space::FileFacts;
+use crate::usage::image_key;
 use crate::{Result, try_lock_existing};
 
 /// What a sweep removed.

@@ -114,6 +114,34 @@ pub fn succeeded(status: i32) -> bool {
     libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
 }
 
+/// A command run with its standard output and error in files (so reading a pipe
+/// is not part of its time): wall time, wait status and peak RSS.
+pub struct TimedRun {
+    pub seconds: f64,
+    pub status: i32,
+    pub peak_rss_mib: f64,
+}
+
+/// Runs `cmd` with stdin closed and stdout, stderr into `out` and `err`, waits
+/// with wait4 for its resource usage.
+pub fn run_timed(cmd: &mut Command, out: &Path, err: &Path) -> Result<TimedRun> {
+    let start = std::time::Instant::now();
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(out)?)
+        .stderr(std::fs::File::create(err)?)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (status, peak_rss_mib) = wait_with_peak_rss(&child)?;
+    let seconds = start.elapsed().as_secs_f64();
+    drop(child);
+    Ok(TimedRun {
+        seconds,
+        status,
+        peak_rss_mib,
+    })
+}
+
 /// A raw file like a real disk's content: text, binaries, random data and zeros in
 /// 1 MiB blocks, deterministic.
 pub fn write_raw(path: &Path, mib: u64) -> Result<()> {

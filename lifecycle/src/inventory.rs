@@ -267,22 +267,7 @@ fn walk(
         image.missing.push(descriptor.digest.clone());
         return;
     }
-    // An index entry is a manifest whatever its media type says (importers parse
-    // it anyway); below it, the media types tell.
-    let is_manifest = depth == 0
-        || matches!(
-            descriptor
-                .media_type
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .trim(),
-            media_types::IMAGE_MANIFEST
-                | media_types::IMAGE_INDEX
-                | media_types::DOCKER_MANIFEST
-                | media_types::DOCKER_MANIFEST_LIST
-        );
-    if !is_manifest || depth > MAX_NESTING || descriptor.size > MAX_IN_MEMORY_BLOB {
+    if !worth_reading(descriptor, depth) {
         return;
     }
     let Ok(bytes) = layout.read_blob(descriptor) else {
@@ -324,6 +309,22 @@ fn walk(
     }
 }
 
+/// Whether a blob at this depth below an index entry is a manifest to read: an
+/// index entry is one whatever its media type says (importers parse it anyway);
+/// below it, the media types tell. Nesting and size are bounded.
+fn worth_reading(descriptor: &Descriptor, depth: usize) -> bool {
+    let essence = descriptor.media_type.split(';').next().unwrap_or_default();
+    let is_manifest = depth == 0
+        || matches!(
+            essence.trim(),
+            media_types::IMAGE_MANIFEST
+                | media_types::IMAGE_INDEX
+                | media_types::DOCKER_MANIFEST
+                | media_types::DOCKER_MANIFEST_LIST
+        );
+    is_manifest && depth <= MAX_NESTING && descriptor.size <= MAX_IN_MEMORY_BLOB
+}
+
 /// Every blob an image names — the manifest, its config and layers, child
 /// manifests of an index and theirs — as far as they can be read from `layout`.
 pub fn image_blobs(layout: &Layout, manifest: &Descriptor) -> BTreeSet<Digest> {
@@ -333,20 +334,7 @@ pub fn image_blobs(layout: &Layout, manifest: &Descriptor) -> BTreeSet<Digest> {
         if !out.insert(descriptor.digest.clone()) {
             continue;
         }
-        let is_manifest = depth == 0
-            || matches!(
-                descriptor
-                    .media_type
-                    .split(';')
-                    .next()
-                    .unwrap_or_default()
-                    .trim(),
-                media_types::IMAGE_MANIFEST
-                    | media_types::IMAGE_INDEX
-                    | media_types::DOCKER_MANIFEST
-                    | media_types::DOCKER_MANIFEST_LIST
-            );
-        if !is_manifest || depth > MAX_NESTING || descriptor.size > MAX_IN_MEMORY_BLOB {
+        if !worth_reading(&descriptor, depth) {
             continue;
         }
         let Ok(bytes) = layout.read_blob(&descriptor) else {

@@ -21,9 +21,8 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -31,7 +30,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use sarde_api::Digest;
 use sarde_api::oci::{Descriptor, ImageManifest, media_types};
-use sarde_bench::vm::{fill_random, succeeded, wait_with_peak_rss, xorshift};
+use sarde_bench::vm::{TimedRun, fill_random, run_timed, succeeded, xorshift};
 use sarde_transport_oci_dir::Layout;
 use serde_json::Value;
 
@@ -361,16 +360,11 @@ fn blob_content(seed: u64) -> Vec<u8> {
 fn measure(dir: &Path, label: &str, cmd: &mut Command) -> Result<(f64, String)> {
     let out_path = dir.join("out/stdout");
     let err_path = dir.join("out/stderr");
-    let start = Instant::now();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path)?)
-        .stderr(File::create(&err_path)?)
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let (status, peak_rss_mib) = wait_with_peak_rss(&child)?;
-    let seconds = start.elapsed().as_secs_f64();
-    drop(child);
+    let TimedRun {
+        seconds,
+        status,
+        peak_rss_mib,
+    } = run_timed(cmd, &out_path, &err_path)?;
     if !succeeded(status) {
         let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
         bail!("{cmd:?} failed with wait status {status:#x}:\n{stderr}");

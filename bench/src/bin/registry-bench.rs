@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sarde_bench::vm::{
-    define_vm, drop_caches, fill_random, succeeded, undefine, wait_with_peak_rss, write_raw,
+    TimedRun, define_vm, drop_caches, fill_random, run_timed, succeeded, undefine, write_raw,
 };
 use serde_json::Value;
 
@@ -218,16 +218,11 @@ impl Runner {
             // SAFETY: sync has no preconditions.
             unsafe { libc::sync() };
         }
-        let start = Instant::now();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(File::create(&out_path)?)
-            .stderr(File::create(&err_path)?)
-            .spawn()
-            .with_context(|| format!("starting {cmd:?}"))?;
-        let (status, peak_rss_mib) = wait_with_peak_rss(&child)?;
-        let seconds = start.elapsed().as_secs_f64();
-        drop(child);
+        let TimedRun {
+            seconds,
+            status,
+            peak_rss_mib,
+        } = run_timed(cmd, &out_path, &err_path)?;
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         if !succeeded(status) {
             let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();

@@ -3,6 +3,7 @@
 
 pub mod guest;
 pub mod registry;
+pub mod runner;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

@@ -11,12 +11,10 @@ use std::time::{Duration, Instant};
 
 use sarde_e2e::guest::{self, GuestImage};
 use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::runner::{self, BUILD_FAILURE, SYSTEM_FAILURE, assert_ok, text};
 use sarde_e2e::vm::{self, TestVm};
-use sarde_e2e::{executor_bin, ok, sarde};
+use sarde_e2e::{ok, sarde};
 use serde_json::Value;
-
-const BUILD_FAILURE: i32 = 77;
-const SYSTEM_FAILURE: i32 = 78;
 
 /// The stages gitlab-runner runs, in order, for a passing job.
 const STAGES: &[&str] = &[
@@ -110,28 +108,12 @@ impl Drop for Setup {
 impl Setup {
     /// The executor as gitlab-runner starts it for job `job`.
     fn executor(&self, job: &str, image: &str) -> Command {
-        let mut cmd = Command::new(executor_bin());
-        cmd.env("GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES", &self.config)
-            .env("CUSTOM_ENV_CI_JOB_IMAGE", image)
-            .env("CUSTOM_ENV_CI_JOB_ID", job)
-            .env("CUSTOM_ENV_CI_PROJECT_NAME", "sarde-e2e")
-            .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
-            .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
-            .env("TMPDIR", self.work.path())
-            .env_remove("BUILD_EXIT_CODE_FILE")
-            .env_remove("SARDE_LOG");
-        cmd
+        runner::executor(&self.config, job, image, self.work.path())
     }
 
     /// A generated stage script, as the runner writes one per stage.
     fn script(&self, job: &str, stage: &str, body: &str) -> PathBuf {
-        let path = self.work.path().join(format!("script-{job}-{stage}"));
-        std::fs::write(
-            &path,
-            format!("#!/usr/bin/env bash\nset -e\nset +o noclobber\n{body}\n"),
-        )
-        .unwrap();
-        path
+        runner::stage_script(self.work.path(), job, stage, body)
     }
 
     fn run_stage(&self, job: &str, stage: &str, body: &str, exit_file: Option<&Path>) -> Output {
@@ -170,28 +152,9 @@ impl Setup {
     }
 }
 
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn assert_ok(what: &str, out: &Output) {
-    let (stdout, stderr) = text(out);
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
-        out.status
-    );
-}
-
-/// Parses `prepare`'s timing line: image, clone, boot, SSH seconds.
+/// `prepare`'s timing line: image, clone, boot, SSH seconds.
 fn timings(stderr: &str) -> Option<String> {
-    stderr
-        .lines()
-        .find(|l| l.contains("is ready: image"))
-        .map(str::to_string)
+    runner::ready_line(stderr)
 }
 
 #[test]

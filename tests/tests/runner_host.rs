@@ -19,12 +19,10 @@ use std::time::{Duration, Instant};
 
 use sarde_e2e::guest::{self, GuestImage};
 use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::runner::{self, assert_ok, text};
 use sarde_e2e::vm;
-use sarde_e2e::{executor_bin, ok, sarde};
+use sarde_e2e::{ok, sarde};
 use serde_json::Value;
-
-const BUILD_FAILURE: i32 = 77;
-const SYSTEM_FAILURE: i32 = 78;
 
 /// Versions published, one job each.
 const VERSIONS: usize = 12;
@@ -219,17 +217,7 @@ impl Host {
 
     /// The executor as gitlab-runner starts it for job `job`.
     fn executor(&self, job: &str) -> Command {
-        let mut cmd = Command::new(executor_bin());
-        cmd.env("GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES", &self.config)
-            .env("CUSTOM_ENV_CI_JOB_IMAGE", &self.image)
-            .env("CUSTOM_ENV_CI_JOB_ID", job)
-            .env("CUSTOM_ENV_CI_PROJECT_NAME", "sarde-e2e")
-            .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
-            .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
-            .env("TMPDIR", self.work.path())
-            .env_remove("BUILD_EXIT_CODE_FILE")
-            .env_remove("SARDE_LOG");
-        cmd
+        runner::executor(&self.config, job, &self.image, self.work.path())
     }
 
     fn prepare(&self, job: &str, version: usize) -> Output {
@@ -240,12 +228,7 @@ impl Host {
 
     /// The job's script as the runner hands it to one stage.
     fn run_stage(&self, job: &str, stage: &str, body: &str) -> Output {
-        let script = self.work.path().join(format!("script-{job}-{stage}"));
-        std::fs::write(
-            &script,
-            format!("#!/usr/bin/env bash\nset -e\nset +o noclobber\n{body}\n"),
-        )
-        .unwrap();
+        let script = runner::stage_script(self.work.path(), job, stage, body);
         self.executor(job)
             .arg("run")
             .arg(&script)
@@ -425,29 +408,9 @@ fn open_file(name: &str, source: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name}: QEMU does not hold {source} open"))
 }
 
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn assert_ok(what: &str, out: &Output) {
-    let (stdout, stderr) = text(out);
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
-        out.status
-    );
-}
-
 /// `prepare`'s timing line.
 fn timings(stderr: &str) -> String {
-    stderr
-        .lines()
-        .find(|l| l.contains("is ready: image"))
-        .unwrap_or_default()
-        .to_string()
+    runner::ready_line(stderr).unwrap_or_default()
 }
 
 #[test]

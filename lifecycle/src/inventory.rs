@@ -66,6 +66,9 @@ pub struct CachedImage {
     pub last_used: SystemTime,
     /// A live lease names it.
     pub leased: bool,
+    /// One of its manifests could not be read or parsed: what it names is
+    /// unknown, so nothing unreferenced in its repository is collected.
+    pub opaque: bool,
 }
 
 impl CachedImage {
@@ -231,6 +234,7 @@ pub(crate) fn scan_layout(
             config: None,
             blobs: BTreeSet::new(),
             missing: Vec::new(),
+            opaque: false,
         };
         walk(layout, &blobs, &entry, 0, metadata_only, &mut image);
         image.last_used = modified(&usage_dir.join(image_key(&key, &entry.digest)))
@@ -270,31 +274,23 @@ fn walk(
     if !worth_reading(descriptor, depth) {
         return;
     }
-    let Ok(bytes) = layout.read_blob(descriptor) else {
-        image.missing.push(descriptor.digest.clone());
+    // A manifest that cannot be read or understood names blobs nobody can tell:
+    // its repository's unreferenced blobs are then left alone.
+    let Some(named) = layout
+        .read_blob(descriptor)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Named>(&bytes).ok())
+    else {
+        image.opaque = true;
         return;
     };
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-        return;
-    };
-    let list = |key: &str| -> Vec<Descriptor> {
-        value
-            .get(key)
-            .cloned()
-            .and_then(|v| serde_json::from_value::<Vec<Descriptor>>(v).ok())
-            .unwrap_or_default()
-    };
-    if let Some(config) = value
-        .get("config")
-        .cloned()
-        .and_then(|v| serde_json::from_value::<Descriptor>(v).ok())
-    {
+    if let Some(config) = named.config {
         if depth == 0 {
             image.config = Some(config.digest.clone());
         }
         walk(layout, stored, &config, depth + 1, metadata_only, image);
     }
-    for layer in list("layers") {
+    for layer in named.layers {
         let is_disk = sarde_format::native::piece_kind(&layer.media_type).is_some()
             || layer.media_type.starts_with(media_types::V1_DISK_GZIP);
         if metadata_only && is_disk {
@@ -304,9 +300,20 @@ fn walk(
         }
         walk(layout, stored, &layer, depth + 1, metadata_only, image);
     }
-    for child in list("manifests") {
+    for child in named.manifests {
         walk(layout, stored, &child, depth + 1, metadata_only, image);
     }
+}
+
+/// What a manifest or an index names (other fields are not needed here).
+#[derive(serde::Deserialize)]
+struct Named {
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
 }
 
 /// Whether a blob at this depth below an index entry is a manifest to read: an
@@ -340,20 +347,15 @@ pub fn image_blobs(layout: &Layout, manifest: &Descriptor) -> BTreeSet<Digest> {
         let Ok(bytes) = layout.read_blob(&descriptor) else {
             continue;
         };
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        let Ok(named) = serde_json::from_slice::<Named>(&bytes) else {
             continue;
         };
-        let named = value.get("config").cloned().into_iter().chain(
-            ["layers", "manifests"].into_iter().flat_map(|key| {
-                value
-                    .get(key)
-                    .and_then(|v| v.as_array().cloned())
-                    .unwrap_or_default()
-            }),
-        );
-        for child in named.filter_map(|v| serde_json::from_value::<Descriptor>(v).ok()) {
-            pending.push((child, depth + 1));
-        }
+        let children = named
+            .config
+            .into_iter()
+            .chain(named.layers)
+            .chain(named.manifests);
+        pending.extend(children.map(|child| (child, depth + 1)));
     }
     out
 }

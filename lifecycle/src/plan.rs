@@ -458,6 +458,9 @@ impl<'a> Planner<'a> {
     /// no lease protects.
     fn collect_blobs(&mut self, li: usize, digests: impl Iterator<Item = &'a Digest>) {
         let layout = &self.inventory.layouts[li];
+        if layout.images.iter().any(|i| i.opaque) {
+            return;
+        }
         for digest in digests {
             let Some(blob) = layout.blobs.get(digest) else {
                 continue;

@@ -157,11 +157,12 @@ fn sweep_layout(
     // The index as it is now, and what its entries use.
     let now = crate::inventory::scan_layout(root, &layout, &leases)?;
     let used: BTreeSet<&Digest> = now.images.iter().flat_map(|i| i.blobs.iter()).collect();
+    let opaque = now.images.iter().any(|i| i.opaque);
     for blob in plan.blobs.iter().filter(|b| b.layout == key) {
         let Some(stored) = now.blobs.get(&blob.digest) else {
             continue;
         };
-        if used.contains(&blob.digest) {
+        if used.contains(&blob.digest) || opaque {
             swept
                 .spared
                 .push(format!("{key}: {}: an image uses it again", blob.digest));

@@ -450,3 +450,25 @@ fn a_tag_planned_as_broken_that_is_whole_by_the_sweep_stays() {
     assert_eq!(layout.resolve("1").unwrap().digest, tagged.digest);
     assert_every_tag_complete(root);
 }
+
+#[test]
+fn a_manifest_that_cannot_be_understood_keeps_its_repository_s_blobs() {
+    let cache = tempfile::tempdir().unwrap();
+    let root = cache.path();
+    let layout = Layout::create(root.join("h/o")).unwrap();
+    let (layer, _) = layout.write_blob(&data(50, 2000)).unwrap();
+    // Stored and tagged, but not JSON: which blobs it needs is unknown.
+    let odd = layout
+        .put_manifest(b"not a manifest", media_types::IMAGE_MANIFEST)
+        .unwrap();
+    layout.set_tag("odd", &odd).unwrap();
+    set_mtime(&layout.blob_path(&layer), SystemTime::now() - 2 * HOUR);
+    let planned = plan::plan(
+        &CacheInventory::scan(root).unwrap(),
+        &[],
+        &[],
+        &policy(SystemTime::now()),
+    );
+    assert!(planned.blobs.is_empty(), "{planned:?}");
+    assert!(planned.images.is_empty(), "{planned:?}");
+}

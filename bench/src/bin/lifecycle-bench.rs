@@ -169,6 +169,9 @@ fn bench(args: &Args, sarde: &Path, dir: &Path) -> Result<()> {
             .env("SARDE_OCIDIR", &oci)
             .env("SARDE_VMDIR", dir.join("VMs"))
             .env("SARDE_CONNECT", "test:///default")
+            // The orphans were just written: without this, prune would give them
+            // prune-min-age (a writer holding no lease may be about to tag them).
+            .env("SARDE_PRUNE_MIN_AGE", "0")
             .args(sub);
         c
     };

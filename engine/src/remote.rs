@@ -239,49 +239,33 @@ impl Engine {
         let started = std::time::Instant::now();
         let resolved = request.resolve(options).await?;
         let location = ImageLocation::cached(&self.ocidir, image);
-        let fetched = if resolved.up_to_date {
-            let mut summary = resolved.up_to_date_summary();
-            summary.seconds = started.elapsed().as_secs_f64();
-            progress.event(&sarde_transfer::Event::Finish {
-                image: &request.image,
-            });
-            Fetched {
-                manifest: resolved.descriptor(),
-                summary,
-                up_to_date: true,
-            }
-        } else {
+        if !resolved.up_to_date {
             let need = SpaceNeed {
                 cache: self.claim_blobs(&request, &resolved)?,
                 vms: 0,
             };
-            let engine = self.clone();
-            let keep = location.clone();
-            tokio::task::spawn_blocking(move || engine.make_room(need, &keep, None))
-                .await
-                .map_err(|e| RemoteError::Refused(format!("the reclaim task failed: {e}")))??;
-            let mut summary = sarde_transfer::Summary {
-                bytes_received: resolved.manifest_bytes,
-                ..Default::default()
-            };
-            summary.add(
-                &request
-                    .fetch_blobs(&resolved, options, progress, None)
-                    .await?,
-            );
-            request.commit(&resolved)?;
-            progress.event(&sarde_transfer::Event::Finish {
-                image: &request.image,
-            });
-            summary.seconds = started.elapsed().as_secs_f64();
-            Fetched {
-                manifest: resolved.descriptor(),
-                summary,
-                up_to_date: false,
-            }
-        };
+            self.make_room_off_thread(need, location.clone(), None)
+                .await?;
+        }
+        let fetched = request
+            .finish(&resolved, options, progress, started)
+            .await?;
         self.record_image_use(&location, &fetched.manifest.digest);
         Ok(fetched)
+    }
+
+    /// [`Engine::make_room`] on a blocking thread (it reads the whole cache).
+    async fn make_room_off_thread(
+        &self,
+        need: SpaceNeed,
+        keep: ImageLocation,
+        keep_vm: Option<String>,
+    ) -> Result<(), RemoteError> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.make_room(need, &keep, keep_vm.as_deref()))
+            .await
+            .map_err(|e| RemoteError::Refused(format!("the reclaim task failed: {e}")))??;
+        Ok(())
     }
 
     /// Claims every blob of a resolved image in the fetch's lease (so no reclaim
@@ -354,12 +338,9 @@ impl Engine {
             cache: self.claim_blobs(&request, &resolved)?,
             vms: self.disk_bytes_to_write(&resolved.manifest.bytes, &import),
         };
-        let keep = import.image.clone();
         let keep_vm = self.import_name(&resolved.manifest.bytes, &import);
-        tokio::task::spawn_blocking(move || engine.make_room(need, &keep, keep_vm.as_deref()))
-            .await
-            .map_err(|e| RemoteError::Refused(format!("the reclaim task failed: {e}")))??;
-        let engine = self.clone();
+        self.make_room_off_thread(need, import.image.clone(), keep_vm)
+            .await?;
         let gate = Arc::new(BlobGate::new());
         import.incoming = Some(Incoming {
             manifest: resolved.descriptor(),

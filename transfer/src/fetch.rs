@@ -100,6 +100,19 @@ impl FetchRequest {
     ) -> Result<Fetched, TransferError> {
         let started = Instant::now();
         let resolved = self.resolve(options).await?;
+        self.finish(&resolved, options, progress, started).await
+    }
+
+    /// The rest of [`FetchRequest::run`] once the image is resolved (a caller
+    /// may make room in between): downloads what is missing and writes the
+    /// manifests and the tag, unless the layout is up to date.
+    pub async fn finish(
+        &self,
+        resolved: &ResolvedImage,
+        options: &TransferOptions,
+        progress: &dyn Progress,
+        started: Instant,
+    ) -> Result<Fetched, TransferError> {
         let mut summary = if resolved.up_to_date {
             resolved.up_to_date_summary()
         } else {
@@ -107,8 +120,8 @@ impl FetchRequest {
                 bytes_received: resolved.manifest_bytes,
                 ..Summary::default()
             };
-            summary.add(&self.fetch_blobs(&resolved, options, progress, None).await?);
-            self.commit(&resolved)?;
+            summary.add(&self.fetch_blobs(resolved, options, progress, None).await?);
+            self.commit(resolved)?;
             summary
         };
         progress.event(&Event::Finish { image: &self.image });

@@ -465,7 +465,7 @@ impl Engine {
             .flat_map(|f| &f.pieces)
             .map(|p| p.size)
             .sum();
-        let available = free_space(staging)?;
+        let available = sarde_lifecycle::space::free_space(staging)?;
         if needed > available {
             return Err(EngineError::Refused(format!(
                 "the image needs {needed} bytes of disk in {}, only {available} are free",
@@ -834,21 +834,6 @@ fn check_header(
         }
     }
     Ok(())
-}
-
-/// Bytes an unprivileged writer may still use on the file system of `dir`.
-fn free_space(dir: &Path) -> Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| EngineError::Refused(format!("{} contains a NUL byte", dir.display())))?;
-    // SAFETY: statvfs fills the struct for a NUL-terminated path we own.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(EngineError::io(dir, "reading free space")(
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// sha256 of `size` bytes of `path` at `offset`.

@@ -124,7 +124,7 @@ impl Engine {
                 );
                 Ok(None)
             }
-            Err(e) => Err(lifecycle_error(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -200,7 +200,7 @@ impl Engine {
     /// `sarde prune`.
     pub fn prune(&self, request: &PruneRequest) -> Result<PruneReport> {
         let hv = self.registry.connect(&self.connect)?;
-        let inventory = CacheInventory::scan(self.ocidir.root()).map_err(lifecycle_error)?;
+        let inventory = CacheInventory::scan(self.ocidir.root())?;
         let vms = if request.include_vms {
             self.vm_items(hv.as_ref())?
         } else {
@@ -269,8 +269,7 @@ impl Engine {
                 .map(|_| true)
                 .map_err(|e| e.to_string())
         };
-        let mut swept = sarde_lifecycle::sweep::sweep(self.ocidir.root(), plan, &mut remove)
-            .map_err(lifecycle_error)?;
+        let mut swept = sarde_lifecycle::sweep::sweep(self.ocidir.root(), plan, &mut remove)?;
         for staging in &plan.staging {
             let Some(file_name) = staging.path.file_name().and_then(|n| n.to_str()) else {
                 continue;
@@ -295,7 +294,7 @@ impl Engine {
     /// remaining entry of their layouts uses. Refused for an image a running
     /// command uses.
     pub fn remove_images(&self, images: &[ImageLocation]) -> Result<Swept> {
-        let inventory = CacheInventory::scan(self.ocidir.root()).map_err(lifecycle_error)?;
+        let inventory = CacheInventory::scan(self.ocidir.root())?;
         let mut wanted = Vec::new();
         for image in images {
             let key = layout_key(self.ocidir.root(), &image.layout);
@@ -352,8 +351,7 @@ impl Engine {
         });
         plan.staging.clear();
         let mut no_vms = |_: &PlannedVm| Ok(false);
-        let swept = sarde_lifecycle::sweep::sweep(self.ocidir.root(), &plan, &mut no_vms)
-            .map_err(lifecycle_error)?;
+        let swept = sarde_lifecycle::sweep::sweep(self.ocidir.root(), &plan, &mut no_vms)?;
         if swept.images.len() < plan.images.len() {
             return Err(EngineError::Refused(format!(
                 "not removed, in use by now: {}; try again when that has finished",
@@ -481,8 +479,8 @@ impl Engine {
         keep_vm: Option<&str>,
     ) -> Result<Option<Swept>> {
         let root = self.ocidir.root();
-        let cache_free = free_space(root).map_err(lifecycle_error)?;
-        let vm_free = free_space(&self.vmdir).map_err(lifecycle_error)?;
+        let cache_free = free_space(root)?;
+        let vm_free = free_space(&self.vmdir)?;
         let same_fs = device_of(root) == device_of(&self.vmdir);
         let shortfall = |cache_free: u64, vm_free: u64| {
             if same_fs {
@@ -516,8 +514,8 @@ impl Engine {
         }
         match self.reclaim(need, missing, keep, keep_vm) {
             Ok(swept) => {
-                let cache_free = free_space(root).map_err(lifecycle_error)?;
-                let vm_free = free_space(&self.vmdir).map_err(lifecycle_error)?;
+                let cache_free = free_space(root)?;
+                let vm_free = free_space(&self.vmdir)?;
                 if shortfall(cache_free, vm_free) > 0 {
                     return Err(no_room(
                         need,
@@ -551,7 +549,7 @@ impl Engine {
         let root = self.ocidir.root();
         let budget = self.lifecycle.space_budget;
         let hv = self.registry.connect(&self.connect)?;
-        let inventory = CacheInventory::scan(root).map_err(lifecycle_error)?;
+        let inventory = CacheInventory::scan(root)?;
         let vms = self.vm_items(hv.as_ref())?;
         let used = inventory.allocated() + vms.iter().map(|v| v.allocated).sum::<u64>();
         let budget_left = budget.map(|b| b.saturating_sub(need.cache + need.vms));
@@ -571,8 +569,8 @@ impl Engine {
         };
         let plan = sarde_lifecycle::plan::plan(&inventory, &vms, &self.dead_staging(), &policy);
         if plan.bytes_freed < missing {
-            let cache_free = free_space(root).map_err(lifecycle_error)?;
-            let vm_free = free_space(&self.vmdir).map_err(lifecycle_error)?;
+            let cache_free = free_space(root)?;
+            let vm_free = free_space(&self.vmdir)?;
             return Err(no_room(
                 need,
                 cache_free,
@@ -656,18 +654,20 @@ impl Engine {
     }
 }
 
-pub(crate) fn lifecycle_error(e: sarde_lifecycle::LifecycleError) -> EngineError {
-    match e {
-        sarde_lifecycle::LifecycleError::Layout(e) => EngineError::Layout(e),
-        sarde_lifecycle::LifecycleError::Io {
-            path,
-            context,
-            source,
-        } => EngineError::Io {
-            path,
-            context: context.to_string(),
-            source,
-        },
+impl From<sarde_lifecycle::LifecycleError> for EngineError {
+    fn from(e: sarde_lifecycle::LifecycleError) -> Self {
+        match e {
+            sarde_lifecycle::LifecycleError::Layout(e) => EngineError::Layout(e),
+            sarde_lifecycle::LifecycleError::Io {
+                path,
+                context,
+                source,
+            } => EngineError::Io {
+                path,
+                context: context.to_string(),
+                source,
+            },
+        }
     }
 }
 

@@ -84,8 +84,7 @@ pub struct Listing {
 impl Engine {
     /// Every image in the cache with the VMs imported from it, and the totals.
     pub fn list(&self) -> Result<Listing> {
-        let inventory =
-            CacheInventory::scan(self.ocidir.root()).map_err(crate::lifecycle::lifecycle_error)?;
+        let inventory = CacheInventory::scan(self.ocidir.root())?;
         let vms = self.imported_vm_states();
         let mut by_id: BTreeMap<&Digest, Vec<VmState>> = BTreeMap::new();
         for vm in &vms {

@@ -213,7 +213,7 @@ impl Engine {
         let lease = match self.lease_image(command, &location, false)? {
             Some(lease) => lease,
             None => sarde_lifecycle::Lease::take(self.ocidir.root(), command)
-                .map_err(crate::lifecycle::lifecycle_error)?,
+                .map_err(EngineError::from)?,
         };
         Ok(FetchRequest {
             lease: Arc::new(lease),
@@ -287,7 +287,7 @@ impl Engine {
             .lease
             .protect_layout(&layout)
             .and_then(|()| request.lease.protect_blobs(&layout, digests))
-            .map_err(crate::lifecycle::lifecycle_error)?;
+            .map_err(EngineError::from)?;
         let layouts: Vec<Layout> = self
             .ocidir
             .repositories()

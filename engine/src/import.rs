@@ -150,8 +150,15 @@ impl NameLock {
         Self::take(vmdir, name, libc::LOCK_SH)
     }
 
+    /// The lock exclusive if nobody holds it now (a removal of the VM); `None`
+    /// when an import or clone of it runs, or the lock cannot be opened.
+    pub(crate) fn try_exclusive(vmdir: &Path, name: &str) -> Option<NameLock> {
+        Self::take(vmdir, name, libc::LOCK_EX | libc::LOCK_NB).ok()
+    }
+
     fn take(vmdir: &Path, name: &str, mode: libc::c_int) -> Result<NameLock> {
         let path = vmdir.join(format!(".{name}.lock"));
+        // Created when missing, so an import or clone starting now meets this lock.
         let file = File::options()
             .create(true)
             .truncate(false)

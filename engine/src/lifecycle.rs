@@ -7,8 +7,7 @@
 //! clone of it is under way).
 
 use std::collections::HashSet;
-use std::fs::{self, File};
-use std::os::fd::AsRawFd;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -150,24 +149,29 @@ impl Engine {
         }
     }
 
+    /// The directories of the VMs sarde imported (defined, named after their VM)
+    /// with their import records, in name order.
+    pub(crate) fn imported_vm_dirs(&self) -> Vec<(PathBuf, Marker)> {
+        let Ok(entries) = fs::read_dir(&self.vmdir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(PathBuf, Marker)> = entries
+            .flatten()
+            .filter_map(|e| Some((e.path(), Marker::read(&e.path())?)))
+            .filter(|(dir, marker)| {
+                marker.defined && dir.file_name().and_then(|n| n.to_str()) == Some(&marker.vm_name)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The VMs sarde imported, with their size, last use and whatever keeps them.
     pub fn vm_items(&self, hv: &dyn Hypervisor) -> Result<Vec<VmItem>> {
         let domains = hv.list_domains()?;
         let mut users: Option<Vec<(String, Vec<PathBuf>)>> = None;
         let mut out = Vec::new();
-        let Ok(entries) = fs::read_dir(&self.vmdir) else {
-            return Ok(out);
-        };
-        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        dirs.sort();
-        for dir in dirs {
-            let Some(marker) = Marker::read(&dir) else {
-                continue;
-            };
-            if !marker.defined || dir.file_name().and_then(|n| n.to_str()) != Some(&marker.vm_name)
-            {
-                continue;
-            }
+        for (dir, marker) in self.imported_vm_dirs() {
             let name = marker.vm_name.clone();
             let state = domains.iter().find(|d| d.name == name).map(|d| d.state);
             let mut in_use = match state {
@@ -276,7 +280,7 @@ impl Engine {
             };
             let name = file_name.strip_prefix(".staging-").unwrap_or(file_name);
             // Held while deleting, so an import cannot start resuming it meanwhile.
-            let Some(_lock) = try_name_lock(&self.vmdir, name) else {
+            let Some(_lock) = NameLock::try_exclusive(&self.vmdir, name) else {
                 swept
                     .spared
                     .push(format!("{}: an import resumed it", staging.path.display()));
@@ -380,7 +384,7 @@ impl Engine {
                 )));
             }
         };
-        let Some(_lock) = try_name_lock(&self.vmdir, name) else {
+        let Some(_lock) = NameLock::try_exclusive(&self.vmdir, name) else {
             return Err(EngineError::Refused(format!(
                 "VM {name:?} is being imported or cloned right now; try again when that has finished"
             )));
@@ -624,15 +628,8 @@ impl Engine {
     ) -> Result<Vec<String>> {
         let hv = self.registry.connect(&self.connect)?;
         let mut removed = Vec::new();
-        let Ok(entries) = fs::read_dir(&self.vmdir) else {
-            return Ok(removed);
-        };
-        for entry in entries.flatten() {
-            let Some(marker) = Marker::read(&entry.path()) else {
-                continue;
-            };
-            let superseded = marker.defined
-                && marker.image == image
+        for (_, marker) in self.imported_vm_dirs() {
+            let superseded = marker.image == image
                 && marker.config != *current
                 && marker.imported_by.as_deref() == Some(owner);
             if !superseded {
@@ -697,7 +694,7 @@ fn no_room(
 }
 
 /// Every other domain's disk files with their backing chains.
-fn disk_users(
+pub(crate) fn disk_users(
     hv: &dyn Hypervisor,
     domains: &[sarde_api::hypervisor::DomainSummary],
 ) -> Vec<(String, Vec<PathBuf>)> {
@@ -730,7 +727,7 @@ fn disk_users(
 }
 
 /// Domains other than `name` whose disks use a file in `dir`.
-fn clones_of(users: &[(String, Vec<PathBuf>)], name: &str, dir: &Path) -> Vec<String> {
+pub(crate) fn clones_of(users: &[(String, Vec<PathBuf>)], name: &str, dir: &Path) -> Vec<String> {
     let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mut clones: Vec<String> = users
         .iter()
@@ -782,20 +779,7 @@ fn is_permission_error(e: &sarde_lifecycle::LifecycleError) -> bool {
     })
 }
 
-/// The import lock of a VM name (`<vmdir>/.<name>.lock`), taken without waiting.
-fn try_name_lock(vmdir: &Path, name: &str) -> Option<File> {
-    let path = vmdir.join(format!(".{name}.lock"));
-    // Created when missing, so an import or clone starting now meets this lock.
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .ok()?;
-    // SAFETY: flock on a descriptor we own.
-    (unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(file)
-}
-
+/// Whether an import, clone or removal of the VM `name` holds its name lock.
 fn name_lock_held(vmdir: &Path, name: &str) -> bool {
-    try_name_lock(vmdir, name).is_none()
+    NameLock::try_exclusive(vmdir, name).is_none()
 }

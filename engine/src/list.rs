@@ -13,7 +13,7 @@ use sarde_lifecycle::usage;
 use serde::Serialize;
 
 use crate::import::{Content, load_image};
-use crate::marker::Marker;
+use crate::lifecycle::{clones_of, disk_users};
 use crate::{Engine, EngineError, ImageLocation, Result};
 
 /// The state `list` shows for the domain `name`.
@@ -85,19 +85,15 @@ impl Engine {
     /// Every image in the cache with the VMs imported from it, and the totals.
     pub fn list(&self) -> Result<Listing> {
         let inventory = CacheInventory::scan(self.ocidir.root())?;
-        let vms = self.imported_vm_states();
+        let domains = self.domains();
+        let vms = self.imported_vm_states(domains.as_deref());
         let mut by_id: BTreeMap<&Digest, Vec<VmState>> = BTreeMap::new();
         for vm in &vms {
             by_id.entry(&vm.image_id).or_default().push(vm.clone());
         }
         // VMs the Python tool imported carry no record; its default name is the
         // image id, so a domain of that name is the image's VM.
-        let domains = self
-            .registry
-            .connect(&self.connect)
-            .ok()
-            .and_then(|h| h.list_domains().ok())
-            .unwrap_or_default();
+        let domains = domains.unwrap_or_default();
         let mut images = Vec::new();
         for image in inventory.images() {
             let layout = inventory.layouts.iter().find(|l| l.key == image.layout);
@@ -148,38 +144,28 @@ impl Engine {
 
     /// VMs with an import record in `vmdir`, with their libvirt state (`unknown`
     /// when the hypervisor cannot be reached).
-    fn imported_vm_states(&self) -> Vec<VmState> {
-        let domains = self
-            .registry
-            .connect(&self.connect)
-            .ok()
-            .and_then(|h| h.list_domains().ok());
-        let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.vmdir) else {
-            return out;
-        };
-        for entry in entries.flatten() {
-            let dir = entry.path();
-            let Some(marker) = Marker::read(&dir) else {
-                continue;
-            };
-            if !marker.defined {
-                continue;
-            }
-            let state = domains
-                .as_ref()
-                .map_or("unknown", |d| state_of(d, &marker.vm_name));
-            out.push(VmState {
+    fn imported_vm_states(&self, domains: Option<&[DomainSummary]>) -> Vec<VmState> {
+        self.imported_vm_dirs()
+            .into_iter()
+            .map(|(dir, marker)| VmState {
                 size: allocated_tree(&dir, &mut HashSet::new()),
                 last_used: usage::vm_last_use(&dir).map_or(0, epoch_seconds),
+                state: domains
+                    .map_or("unknown", |d| state_of(d, &marker.vm_name))
+                    .into(),
                 name: marker.vm_name,
-                state: state.into(),
                 image: marker.image,
                 image_id: marker.config,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+            })
+            .collect()
+    }
+
+    /// The hypervisor's domains; `None` when it cannot be reached.
+    fn domains(&self) -> Option<Vec<DomainSummary>> {
+        self.registry
+            .connect(&self.connect)
+            .ok()
+            .and_then(|h| h.list_domains().ok())
     }
 
     /// The access JSON of an image, or `None` when it has none. A missing image or
@@ -252,30 +238,20 @@ impl Engine {
                 .collect(),
         };
         let vms: Vec<VmState> = self
-            .imported_vm_states()
+            .imported_vm_states(self.domains().as_deref())
             .into_iter()
             .filter(|v| v.image_id == loaded.config_digest)
             .collect();
         let mut clones = Vec::new();
-        if !vms.is_empty() {
-            if let Ok(hv) = self.registry.connect(&self.connect) {
-                if let Ok(items) = self.vm_items(hv.as_ref()) {
-                    for item in items
-                        .iter()
-                        .filter(|i| vms.iter().any(|v| v.name == i.name))
-                    {
-                        if let Some(users) = item
-                            .in_use
-                            .as_deref()
-                            .and_then(|u| u.strip_prefix("clones use its disks: "))
-                        {
-                            clones.extend(users.split(", ").map(|c| CloneInfo {
-                                name: c.to_string(),
-                                source: item.name.clone(),
-                            }));
-                        }
-                    }
-                }
+        if let (false, Ok(hv)) = (vms.is_empty(), self.registry.connect(&self.connect)) {
+            let domains = hv.list_domains().unwrap_or_default();
+            let users = disk_users(hv.as_ref(), &domains);
+            for vm in &vms {
+                let of_vm = clones_of(&users, &vm.name, &self.vmdir.join(&vm.name));
+                clones.extend(of_vm.into_iter().map(|name| CloneInfo {
+                    name,
+                    source: vm.name.clone(),
+                }));
             }
         }
         Ok(Inspection {

@@ -13,10 +13,11 @@ use sarde_engine::lifecycle::LifecycleSettings;
 use sarde_engine::remote::Remote;
 use sarde_engine::{Engine, ImageLocation};
 use sarde_format::Format;
-use sarde_lifecycle::space::{human_age, human_bytes};
+use sarde_lifecycle::space::human_age;
 use sarde_transfer::TransferOptions;
 use sarde_transport_oci_dir::OciDir;
 
+use super::progress::human;
 use super::{load_registry, print_table};
 use crate::cli::{Cli, ExportArgs, GetconfigArgs, ImageFormat, ImportArgs, ListArgs, OutputFormat};
 
@@ -151,7 +152,7 @@ pub fn list(cli: &Cli, config: &Config, args: &ListArgs) -> Result<ExitCode> {
                     let vms = e
                         .vms
                         .iter()
-                        .map(|v| format!("{} ({}, {})", v.name, v.state, human_bytes(v.size)))
+                        .map(|v| format!("{} ({}, {})", v.name, v.state, human(v.size)))
                         .collect::<Vec<_>>()
                         .join(", ");
                     let name = match &e.tag {
@@ -159,9 +160,9 @@ pub fn list(cli: &Cli, config: &Config, args: &ListArgs) -> Result<ExitCode> {
                         None => format!("{}@{}", e.name, e.manifest),
                     };
                     let size = if e.broken {
-                        format!("{} (broken)", human_bytes(e.size))
+                        format!("{} (broken)", human(e.size))
                     } else {
-                        human_bytes(e.size)
+                        human(e.size)
                     };
                     [name, id, size, ago(now, e.last_used), vms]
                 })
@@ -174,10 +175,10 @@ pub fn list(cli: &Cli, config: &Config, args: &ListArgs) -> Result<ExitCode> {
             writeln!(
                 out,
                 "cache {} (blobs shared by several images counted once), {} VM(s) {}, total {}",
-                human_bytes(listing.cache_bytes),
+                human(listing.cache_bytes),
                 listing.vms.len(),
-                human_bytes(listing.vm_bytes),
-                human_bytes(listing.cache_bytes + listing.vm_bytes)
+                human(listing.vm_bytes),
+                human(listing.cache_bytes + listing.vm_bytes)
             )?;
         }
     }

@@ -8,11 +8,12 @@ use anyhow::{Context, Result};
 use sarde_cli::config::Config;
 use sarde_engine::lifecycle::{PruneReport, PruneRequest};
 use sarde_lifecycle::plan::Reason;
-use sarde_lifecycle::space::human_bytes;
+
 use serde_json::json;
 
 use super::image::{engine, location};
 use super::print_table;
+use super::progress::human;
 use crate::cli::{Cli, InspectArgs, OutputFormat, PruneArgs, RmArgs};
 
 pub fn inspect(cli: &Cli, config: &Config, args: &InspectArgs) -> Result<ExitCode> {
@@ -47,7 +48,7 @@ pub fn inspect(cli: &Cli, config: &Config, args: &InspectArgs) -> Result<ExitCod
         writeln!(out, "annotation {key}={value}")?;
     }
     writeln!(out)?;
-    let size = |s: Option<u64>| s.map_or_else(unknown, human_bytes);
+    let size = |s: Option<u64>| s.map_or_else(unknown, human);
     let rows: Vec<[String; 8]> = i
         .files
         .iter()
@@ -58,7 +59,7 @@ pub fn inspect(cli: &Cli, config: &Config, args: &InspectArgs) -> Result<ExitCod
                 f.format.clone(),
                 size(f.virtual_size),
                 size(f.data_size),
-                human_bytes(f.stored_size),
+                human(f.stored_size),
                 f.pieces.to_string(),
                 format!(
                     "{}{}",
@@ -83,13 +84,7 @@ pub fn inspect(cli: &Cli, config: &Config, args: &InspectArgs) -> Result<ExitCod
         writeln!(out, "no VM imported from this image")?;
     }
     for vm in &i.vms {
-        writeln!(
-            out,
-            "VM {} ({}, {})",
-            vm.name,
-            vm.state,
-            human_bytes(vm.size)
-        )?;
+        writeln!(out, "VM {} ({}, {})", vm.name, vm.state, human(vm.size))?;
     }
     for clone in &i.clones {
         writeln!(out, "clone {} (of VM {})", clone.name, clone.source)?;
@@ -110,7 +105,7 @@ pub fn rm(cli: &Cli, config: &Config, args: &RmArgs) -> Result<ExitCode> {
             freed += bytes;
             removed.push(name.clone());
             if args.format == OutputFormat::Text {
-                writeln!(out, "removed VM {name} ({})", human_bytes(bytes))?;
+                writeln!(out, "removed VM {name} ({})", human(bytes))?;
             }
         }
         if args.format == OutputFormat::Json {
@@ -136,7 +131,7 @@ pub fn rm(cli: &Cli, config: &Config, args: &RmArgs) -> Result<ExitCode> {
                 out,
                 "{} blob(s) no other image uses removed, {} freed",
                 swept.blobs,
-                human_bytes(swept.bytes_freed)
+                human(swept.bytes_freed)
             )?;
         }
     }
@@ -197,17 +192,17 @@ fn print_prune(out: &mut impl Write, report: &PruneReport, config: &Config) -> R
         } else {
             "freed"
         },
-        human_bytes(freed),
-        human_bytes(plan.bytes_before)
+        human(freed),
+        human(plan.bytes_before)
     )?;
     if let Some(budget) = plan.budget.as_ref().filter(|b| b.over_budget) {
         writeln!(
             out,
             "still over the space budget of {}: {} remain, of which {} in use and {} used within prune-min-age ({})",
-            human_bytes(budget.budget),
-            human_bytes(budget.bytes_after),
-            human_bytes(budget.kept_in_use),
-            human_bytes(budget.kept_recent),
+            human(budget.budget),
+            human(budget.bytes_after),
+            human(budget.kept_in_use),
+            human(budget.kept_recent),
             config.settings.prune_min_age
         )?;
     }
@@ -231,7 +226,7 @@ fn print_plan(out: &mut impl Write, plan: &sarde_lifecycle::Plan) -> Result<()> 
             "{verb} VM {} from {}, {} ({})",
             vm.name,
             vm.image,
-            human_bytes(vm.freed),
+            human(vm.freed),
             reason(vm.reason)
         )?;
     }
@@ -245,7 +240,7 @@ fn print_plan(out: &mut impl Write, plan: &sarde_lifecycle::Plan) -> Result<()> 
         writeln!(
             out,
             "{verb} {count} blob(s) of {layout} no image uses, {}",
-            human_bytes(bytes)
+            human(bytes)
         )?;
     }
     for (what, files) in [
@@ -258,7 +253,7 @@ fn print_plan(out: &mut impl Write, plan: &sarde_lifecycle::Plan) -> Result<()> 
                 out,
                 "{verb} {what} {}, {} ({})",
                 f.path.display(),
-                human_bytes(f.freed),
+                human(f.freed),
                 reason(f.reason)
             )?;
         }
@@ -291,7 +286,7 @@ fn print_swept(
             "removed VM {} from {}, {} ({})",
             vm.name,
             vm.image,
-            human_bytes(vm.freed),
+            human(vm.freed),
             reason(vm.reason)
         )?;
     }

@@ -482,33 +482,15 @@ impl Engine {
         keep: &ImageLocation,
         keep_vm: Option<&str>,
     ) -> Result<Option<Swept>> {
-        let root = self.ocidir.root();
-        let cache_free = free_space(root)?;
-        let vm_free = free_space(&self.vmdir)?;
-        let same_fs = device_of(root) == device_of(&self.vmdir);
-        let shortfall = |cache_free: u64, vm_free: u64| {
-            if same_fs {
-                (need.cache + need.vms + HEADROOM).saturating_sub(cache_free)
-            } else {
-                (need.cache + HEADROOM)
-                    .saturating_sub(cache_free)
-                    .max((need.vms + HEADROOM).saturating_sub(vm_free))
-            }
-        };
-        let missing = shortfall(cache_free, vm_free);
+        let free = FreeSpace::measure(self)?;
+        let missing = free.shortfall(need);
         let budget = self.lifecycle.space_budget;
         if missing == 0 && budget.is_none() {
             return Ok(None);
         }
         if !self.lifecycle.auto_prune {
             if missing > 0 {
-                return Err(no_room(
-                    need,
-                    cache_free,
-                    vm_free,
-                    same_fs,
-                    "auto-prune is off",
-                ));
+                return Err(free.no_room(need, "auto-prune is off"));
             }
             tracing::warn!(
                 "auto-prune is off: the space budget of {} is not enforced; run `sarde prune --vms --space-budget …`",
@@ -516,16 +498,12 @@ impl Engine {
             );
             return Ok(None);
         }
-        match self.reclaim(need, missing, keep, keep_vm) {
+        match self.reclaim(need, free, keep, keep_vm) {
             Ok(swept) => {
-                let cache_free = free_space(root)?;
-                let vm_free = free_space(&self.vmdir)?;
-                if shortfall(cache_free, vm_free) > 0 {
-                    return Err(no_room(
+                let after = FreeSpace::measure(self)?;
+                if after.shortfall(need) > 0 {
+                    return Err(after.no_room(
                         need,
-                        cache_free,
-                        vm_free,
-                        same_fs,
                         "everything else is in use or used within prune-min-age",
                     ));
                 }
@@ -542,14 +520,15 @@ impl Engine {
     }
 
     /// The reclaim of [`Engine::make_room`]: plans, and sweeps only when the plan
-    /// frees at least `missing` bytes.
+    /// frees at least the shortfall `free` leaves.
     fn reclaim(
         &self,
         need: SpaceNeed,
-        missing: u64,
+        free: FreeSpace,
         keep: &ImageLocation,
         keep_vm: Option<&str>,
     ) -> Result<Option<Swept>> {
+        let missing = free.shortfall(need);
         let root = self.ocidir.root();
         let budget = self.lifecycle.space_budget;
         let hv = self.registry.connect(&self.connect)?;
@@ -573,13 +552,8 @@ impl Engine {
         };
         let plan = sarde_lifecycle::plan::plan(&inventory, &vms, &self.dead_staging(), &policy);
         if plan.bytes_freed < missing {
-            let cache_free = free_space(root)?;
-            let vm_free = free_space(&self.vmdir)?;
-            return Err(no_room(
+            return Err(free.no_room(
                 need,
-                cache_free,
-                vm_free,
-                device_of(root) == device_of(&self.vmdir),
                 &format!(
                     "only {} could be reclaimed: everything else is in use or used within prune-min-age",
                     human_bytes(plan.bytes_freed)
@@ -668,29 +642,53 @@ impl From<sarde_lifecycle::LifecycleError> for EngineError {
     }
 }
 
-fn no_room(
-    need: SpaceNeed,
-    cache_free: u64,
-    vm_free: u64,
+/// Free bytes of the cache's and the VM directory's file systems, measured once.
+#[derive(Debug, Clone, Copy)]
+struct FreeSpace {
+    cache: u64,
+    vms: u64,
     same_fs: bool,
-    why: &str,
-) -> EngineError {
-    let free = if same_fs {
-        format!("{} free", human_bytes(cache_free))
-    } else {
-        format!(
-            "{} free for the cache, {} for VMs",
-            human_bytes(cache_free),
-            human_bytes(vm_free)
-        )
-    };
-    EngineError::Refused(format!(
-        "not enough disk space: this needs {} ({} bytes of blobs, {} bytes of disks) plus {} headroom, {free}, and nothing more can be reclaimed ({why}); free space, or remove images and VMs with `sarde rm`",
-        human_bytes(need.cache + need.vms),
-        need.cache,
-        need.vms,
-        human_bytes(HEADROOM),
-    ))
+}
+
+impl FreeSpace {
+    fn measure(engine: &Engine) -> Result<FreeSpace> {
+        let root = engine.ocidir.root();
+        Ok(FreeSpace {
+            cache: free_space(root)?,
+            vms: free_space(&engine.vmdir)?,
+            same_fs: device_of(root) == device_of(&engine.vmdir),
+        })
+    }
+
+    /// Bytes missing for `need` plus headroom on the fuller side.
+    fn shortfall(&self, need: SpaceNeed) -> u64 {
+        if self.same_fs {
+            (need.cache + need.vms + HEADROOM).saturating_sub(self.cache)
+        } else {
+            (need.cache + HEADROOM)
+                .saturating_sub(self.cache)
+                .max((need.vms + HEADROOM).saturating_sub(self.vms))
+        }
+    }
+
+    fn no_room(&self, need: SpaceNeed, why: &str) -> EngineError {
+        let free = if self.same_fs {
+            format!("{} free", human_bytes(self.cache))
+        } else {
+            format!(
+                "{} free for the cache, {} for VMs",
+                human_bytes(self.cache),
+                human_bytes(self.vms)
+            )
+        };
+        EngineError::Refused(format!(
+            "not enough disk space: this needs {} ({} bytes of blobs, {} bytes of disks) plus {} headroom, {free}, and nothing more can be reclaimed ({why}); free space, or remove images and VMs with `sarde rm`",
+            human_bytes(need.cache + need.vms),
+            need.cache,
+            need.vms,
+            human_bytes(HEADROOM),
+        ))
+    }
 }
 
 /// Every other domain's disk files with their backing chains.

@@ -32,6 +32,8 @@ pub struct Remote {
     /// (the layout of `/etc/containers/certs.d` and `/etc/docker/certs.d`).
     pub certs_dirs: Vec<PathBuf>,
     pub transfer: TransferOptions,
+    /// How long requests may wait.
+    pub bounds: sarde_api::limits::TimeBounds,
     /// Credentials per registry (`host[:port]`) given by the caller (a CI job's);
     /// others are looked up by the transport.
     pub credentials: Vec<(String, sarde_api::transport::Credentials)>,
@@ -155,6 +157,7 @@ impl Engine {
                 .find(|(l, _)| *l == location)
                 .map(|(_, c)| c.clone()),
             concurrency: self.remote.transfer.concurrency,
+            bounds: self.remote.bounds,
         };
         if let Some(ca) = &options.ca_file {
             tracing::debug!("{location}: trusting the CA in {}", ca.display());

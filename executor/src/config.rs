@@ -73,6 +73,9 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub concurrency: usize,
     pub retries: u32,
+    pub retry_budget: u32,
+    /// How long requests to registries may wait.
+    pub time_bounds: sarde_api::limits::TimeBounds,
     /// Bytes the cache and the VMs may take on this host.
     pub space_budget: Option<u64>,
     /// Reclaim space before a pull or import needs it.
@@ -105,6 +108,11 @@ pub const KEYS: &[&str] = &[
     "state-dir",
     "concurrency",
     "retries",
+    "retry-budget",
+    "connect-timeout",
+    "idle-timeout",
+    "request-timeout",
+    "min-rate",
     "space-budget",
     "auto-prune",
     "prune-min-age",
@@ -333,6 +341,28 @@ impl Settings {
             .transpose()
             .map_err(|e| bad("prune-min-age", e))?
             .map_or(Duration::from_secs(3600), |a| a.0);
+        let defaults = sarde_api::limits::TimeBounds::default();
+        let duration = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
+            let value = get(key)
+                .map(|s| s.parse::<sarde_api::age::Age>())
+                .transpose()
+                .map_err(|e| bad(key, e))?
+                .map_or(default, |a| a.0);
+            if value.is_zero() {
+                return Err(bad(key, "must be longer than 0 s".to_string()));
+            }
+            Ok(value)
+        };
+        let time_bounds = sarde_api::limits::TimeBounds {
+            connect: duration("connect-timeout", defaults.connect)?,
+            idle: duration("idle-timeout", defaults.idle)?,
+            request: duration("request-timeout", defaults.request)?,
+            min_rate: get("min-rate")
+                .map(|s| s.parse::<sarde_api::size::ByteSize>())
+                .transpose()
+                .map_err(|e| bad("min-rate", e))?
+                .map_or(defaults.min_rate, |b| b.0),
+        };
         let port = number("port", 22.0)?;
         if !(1.0..=65535.0).contains(&port) || port.fract() != 0.0 {
             return Err(bad("port", format!("{port} is not a TCP port")));
@@ -358,6 +388,8 @@ impl Settings {
             state_dir: get("state-dir").map(path).unwrap_or(state_default),
             concurrency: (number("concurrency", 4.0)? as usize).max(1),
             retries: number("retries", 5.0)? as u32,
+            retry_budget: number("retry-budget", 50.0)? as u32,
+            time_bounds,
             space_budget,
             auto_prune,
             prune_min_age,

@@ -14,6 +14,7 @@ pub mod age;
 pub mod codec;
 pub mod digest;
 pub mod hypervisor;
+pub mod limits;
 pub mod oci;
 pub mod plugin;
 pub mod reference;

@@ -15,6 +15,7 @@ use thiserror::Error;
 use tokio::io::AsyncRead;
 
 use crate::digest::Digest;
+use crate::limits::TimeBounds;
 use crate::oci::Descriptor;
 
 /// A blob's bytes as they arrive.
@@ -95,6 +96,17 @@ pub struct TransportOptions {
     pub credentials: Option<Credentials>,
     /// Blob transfers at a time.
     pub concurrency: usize,
+    /// How long requests may wait; see [`TimeBounds`].
+    pub bounds: TimeBounds,
+}
+
+/// What an operation will do in a repository, declared before its first
+/// request (see [`Transport::will_access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Access {
+    Pull,
+    /// Pull and push.
+    Push,
 }
 
 /// A user name and secret for a registry.
@@ -175,6 +187,12 @@ pub trait Transport: Send + Sync {
     async fn check_credentials(&self) -> Result<(), TransportError> {
         Ok(())
     }
+
+    /// Announces that the current operation will access `repository` so: a
+    /// registry asks for one token covering every repository an operation needs
+    /// (a push's target and the sources it mounts from) instead of one per
+    /// request. Optional; requests work without it.
+    fn will_access(&self, _repository: &str, _access: Access) {}
 
     /// Makes a blob of another repository at the same location available in
     /// `repository` without copying bytes. `Ok(false)` when the transport can't,

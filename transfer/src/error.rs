@@ -41,6 +41,12 @@ pub enum TransferError {
     /// Another part of the same transfer failed first.
     #[error("{0}")]
     Aborted(String),
+    /// Transient failures went on after the command's retries were spent.
+    #[error("{last} (gave up: the {limit} retries of `retry-budget` are spent)")]
+    RetryBudgetSpent {
+        limit: u32,
+        last: Box<TransferError>,
+    },
 }
 
 impl TransferError {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
 use sarde_api::oci::Descriptor;
-use sarde_api::transport::RawManifest;
+use sarde_api::transport::{Access, RawManifest};
 use sarde_api::{Digest, Transport};
 use sarde_lifecycle::Lease;
 use sarde_transport_oci_dir::{Layout, OciDir};
@@ -140,6 +140,7 @@ impl FetchRequest {
     /// Reads the manifest (one request when the tag has not changed) and, for an
     /// index, its child manifests.
     pub async fn resolve(&self, options: &TransferOptions) -> Result<ResolvedImage, TransferError> {
+        self.source.will_access(&self.repository, Access::Pull);
         let manifest = self.get_manifest(&self.reference, options).await?;
         let mut manifest_bytes = manifest.bytes.len() as u64;
         let local = self.existing_layout();
@@ -401,6 +402,9 @@ impl FetchRequest {
                 {
                     Ok(()) => {}
                     Err(e) if e.is_transient() && attempt < options.retries => {
+                        if !options.retry_budget.take() {
+                            return Err(options.retry_budget.give_up(e));
+                        }
                         let wait = e.retry_after().unwrap_or_else(|| backoff(options, attempt));
                         let message = format!(
                             "{}: {e}; retrying in {:.1}s ({}/{})",

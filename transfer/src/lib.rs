@@ -13,8 +13,10 @@
 //!   half image.
 //! - One lock per blob, cache-wide: processes fetching the same image download
 //!   each blob once and all succeed.
-//! - Transient failures (network errors, 5xx, 429) are retried with exponential
-//!   backoff; everything else fails at once with the transport's error.
+//! - Transient failures (network errors, timeouts, 5xx, 429) are retried with
+//!   exponential backoff, `retries` times per request and at most
+//!   `retry_budget` times in all; everything else fails at once with the
+//!   transport's error.
 
 mod counters;
 mod error;
@@ -35,6 +37,7 @@ pub use fetch::{FetchRequest, Fetched, ResolvedImage};
 pub use gate::BlobGate;
 pub use progress::{Event, NoProgress, Progress};
 pub use push::{PushRequest, PushTarget, Pushed};
+pub use retry::RetryBudget;
 
 /// How transfers behave.
 #[derive(Debug, Clone)]
@@ -45,6 +48,10 @@ pub struct TransferOptions {
     pub retries: u32,
     /// The first backoff; doubled per attempt, capped at [`MAX_BACKOFF`].
     pub backoff: Duration,
+    /// Retries in all, shared by every request made with these options (and
+    /// their clones): a registry failing everything ends a command after this
+    /// many, however many blobs it has.
+    pub retry_budget: RetryBudget,
 }
 
 /// The longest wait between two attempts.
@@ -56,6 +63,7 @@ impl Default for TransferOptions {
             concurrency: 4,
             retries: 5,
             backoff: Duration::from_millis(500),
+            retry_budget: RetryBudget::new(50),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! anything is requested or written.
 
 use sarde_api::digest::Algorithm;
+use sarde_api::limits::{MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE};
 use sarde_api::oci::{Descriptor, media_types};
 use sarde_api::transport::RawManifest;
 use serde::Deserialize;
@@ -36,6 +37,12 @@ pub(crate) fn references(image: &str, manifest: &RawManifest) -> Result<Refs, Tr
         digest: manifest.digest.to_string(),
         message,
     };
+    if manifest.bytes.len() as u64 > MAX_MANIFEST_SIZE {
+        return Err(refused(format!(
+            "{} bytes, more than the {MAX_MANIFEST_SIZE} sarde reads for a manifest",
+            manifest.bytes.len()
+        )));
+    }
     let shape: Shape = serde_json::from_slice(&manifest.bytes)
         .map_err(|e| refused(format!("not a manifest: {e}")))?;
     let is_index = matches!(
@@ -74,7 +81,22 @@ pub(crate) fn references(image: &str, manifest: &RawManifest) -> Result<Refs, Tr
             refs.len()
         )));
     }
-    for d in &refs {
+    for (i, d) in refs.iter().enumerate() {
+        // What is read into memory later (configs, JSON and XML metadata, child
+        // manifests) is refused here, before a byte of it is downloaded.
+        let limit = if children {
+            is_manifest(&d.media_type).then_some(MAX_MANIFEST_SIZE)
+        } else {
+            let metadata =
+                i == 0 || d.media_type.ends_with("+json") || d.media_type.ends_with("+xml");
+            metadata.then_some(MAX_CONFIG_SIZE)
+        };
+        if let Some(limit) = limit.filter(|limit| d.size > *limit) {
+            return Err(refused(format!(
+                "{} ({}) announces {} bytes, more than the {limit} sarde reads into memory for it",
+                d.digest, d.media_type, d.size
+            )));
+        }
         if d.digest.algorithm() != Algorithm::Sha256 {
             return Err(refused(format!(
                 "{} uses {}, sarde stores sha256 blobs only",

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
 use sarde_api::oci::Descriptor;
-use sarde_api::transport::RawManifest;
+use sarde_api::transport::{Access, RawManifest};
 use sarde_api::{Transport, TransportError};
 use sarde_transport_oci_dir::Layout;
 
@@ -165,6 +165,16 @@ impl PushRequest {
             blobs: image.blobs.len(),
             bytes: total,
         });
+        let sources: Vec<&str> = mount_from
+            .iter()
+            .filter(|(l, r)| *l == location && *r != target.repository)
+            .map(|(_, r)| r.as_str())
+            .collect();
+        // One token for the target and every mount source.
+        t.will_access(&target.repository, Access::Push);
+        for from in &sources {
+            t.will_access(from, Access::Pull);
+        }
         // A manifest the repository has implies it has every blob it names.
         let digest = image.manifest.digest.to_string();
         let (present, _) = retrying(options, &target.name, |_| async {
@@ -185,11 +195,6 @@ impl PushRequest {
                 counters.skip(blob, false, progress.as_ref());
             }
         } else {
-            let sources: Vec<&str> = mount_from
-                .iter()
-                .filter(|(l, r)| *l == location && *r != target.repository)
-                .map(|(_, r)| r.as_str())
-                .collect();
             futures_util::stream::iter(image.blobs.iter())
                 .map(|blob| {
                     let sources = &sources;

@@ -3,9 +3,48 @@
 //! said no).
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{MAX_BACKOFF, TransferError, TransferOptions};
+
+/// Retries one command may spend over all its requests (`retry-budget`).
+#[derive(Debug, Clone)]
+pub struct RetryBudget {
+    limit: u32,
+    spent: Arc<AtomicU32>,
+}
+
+impl RetryBudget {
+    pub fn new(limit: u32) -> RetryBudget {
+        RetryBudget {
+            limit,
+            spent: Arc::default(),
+        }
+    }
+
+    /// Takes one retry; false when none is left.
+    pub fn take(&self) -> bool {
+        self.spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |spent| {
+                (spent < self.limit).then_some(spent + 1)
+            })
+            .is_ok()
+    }
+
+    /// `error`, marked as the last straw when the budget is why it is final.
+    pub(crate) fn give_up(&self, error: TransferError) -> TransferError {
+        if error.is_transient() {
+            TransferError::RetryBudgetSpent {
+                limit: self.limit,
+                last: Box::new(error),
+            }
+        } else {
+            error
+        }
+    }
+}
 
 /// Runs `attempt` until it succeeds, fails for good, or the retries are used up.
 /// `attempt` gets the attempt number (0 first). Returns the result and how many
@@ -24,6 +63,9 @@ where
         match attempt(n).await {
             Ok(v) => return (Ok(v), n as usize),
             Err(e) if e.is_transient() && n < options.retries => {
+                if !options.retry_budget.take() {
+                    return (Err(options.retry_budget.give_up(e)), n as usize);
+                }
                 let wait = e.retry_after().unwrap_or_else(|| backoff(options, n));
                 tracing::warn!(
                     "{what}: {e}; retrying in {:.1}s ({}/{})",
@@ -64,6 +106,7 @@ mod tests {
             concurrency: 1,
             retries,
             backoff: Duration::from_millis(1),
+            retry_budget: RetryBudget::new(100),
         }
     }
 
@@ -129,5 +172,28 @@ mod tests {
         assert!(b0 >= Duration::from_millis(100) && b0 <= Duration::from_millis(125));
         assert!(b3 >= Duration::from_millis(800) && b3 <= Duration::from_millis(1000));
         assert!(backoff(&o, 30) <= MAX_BACKOFF + MAX_BACKOFF / 4);
+    }
+
+    #[tokio::test]
+    async fn the_budget_ends_retries_across_requests() {
+        let mut o = options(5);
+        o.retry_budget = RetryBudget::new(3);
+        let calls = AtomicU32::new(0);
+        for _ in 0..2 {
+            let (result, _) = retrying(&o, "x", |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(transient()) }
+            })
+            .await;
+            let e = result.unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("the 3 retries of `retry-budget` are spent"),
+                "{e}"
+            );
+            assert!(!e.is_transient(), "a spent budget is final");
+        }
+        // 3 retries in all: 1 + 3 attempts, then 1 attempt for the second request.
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
     }
 }

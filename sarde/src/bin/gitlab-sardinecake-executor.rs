@@ -23,7 +23,7 @@ use sarde_engine::lifecycle::LifecycleSettings;
 use sarde_engine::remote::Remote;
 use sarde_executor::config::{Files, Settings, config_files};
 use sarde_executor::stages::{self, Job, StageError};
-use sarde_transfer::TransferOptions;
+use sarde_transfer::{RetryBudget, TransferOptions};
 use sarde_transport_oci_dir::OciDir;
 
 #[derive(Debug, Parser)]
@@ -131,8 +131,10 @@ fn engine(settings: &Settings) -> Result<Engine> {
             transfer: TransferOptions {
                 concurrency: settings.concurrency,
                 retries: settings.retries,
+                retry_budget: RetryBudget::new(settings.retry_budget),
                 ..TransferOptions::default()
             },
+            bounds: settings.time_bounds,
             credentials: Vec::new(),
         },
         lifecycle: LifecycleSettings {

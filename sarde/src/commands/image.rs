@@ -14,7 +14,7 @@ use sarde_engine::remote::Remote;
 use sarde_engine::{Engine, ImageLocation};
 use sarde_format::Format;
 use sarde_lifecycle::space::human_age;
-use sarde_transfer::TransferOptions;
+use sarde_transfer::{RetryBudget, TransferOptions};
 use sarde_transport_oci_dir::OciDir;
 
 use super::progress::human;
@@ -36,8 +36,10 @@ pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
             transfer: TransferOptions {
                 concurrency: s.concurrency,
                 retries: s.retries,
+                retry_budget: RetryBudget::new(s.retry_budget),
                 ..TransferOptions::default()
             },
+            bounds: s.time_bounds(),
             credentials: Vec::new(),
         },
         lifecycle: LifecycleSettings {

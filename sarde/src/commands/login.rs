@@ -83,6 +83,7 @@ pub fn login(cli: &Cli, config: &Config, args: &LoginArgs) -> Result<ExitCode> {
         ca_file: engine.remote.ca_file(&location),
         credentials: Some(credentials.clone()),
         concurrency: 1,
+        bounds: engine.remote.bounds,
     };
     let transport = engine
         .registry

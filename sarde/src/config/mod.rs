@@ -61,6 +61,22 @@ pub struct Settings {
     /// Retries of a request after a network error or a 5xx/429 answer.
     #[serde(deserialize_with = "lenient::from_str")]
     pub retries: u32,
+    /// Retries one push, fetch or pull may spend in all, over all its requests.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub retry_budget: u32,
+    /// Time to establish a connection to a registry.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub connect_timeout: Age,
+    /// A request that receives no byte for this long fails and is retried
+    /// (a download resumes where it stopped).
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub idle_timeout: Age,
+    /// The whole of a small request: a manifest, a token, a tag page.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub request_timeout: Age,
+    /// Bytes per second a blob download must average over each idle-timeout
+    /// window; 0 turns the check off.
+    pub min_rate: ByteSize,
     /// Registries (`host[:port]`) reached over plain HTTP or without verifying TLS.
     #[serde(default, deserialize_with = "lenient::word_list")]
     pub insecure: Vec<String>,
@@ -108,6 +124,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     "threads",
     "concurrency",
     "retries",
+    "retry-budget",
+    "connect-timeout",
+    "idle-timeout",
+    "request-timeout",
+    "min-rate",
     "insecure",
     "certs-dir",
     "plugin-dir",
@@ -173,6 +194,7 @@ impl Settings {
             ]
             .map(PathBuf::from),
         );
+        let bounds = sarde_api::limits::TimeBounds::default();
         Settings {
             connect: if root {
                 "qemu:///system".into()
@@ -188,6 +210,11 @@ impl Settings {
             threads: 0,
             concurrency: 4,
             retries: 5,
+            retry_budget: 50,
+            connect_timeout: Age(bounds.connect),
+            idle_timeout: Age(bounds.idle),
+            request_timeout: Age(bounds.request),
+            min_rate: ByteSize(bounds.min_rate),
             insecure: Vec::new(),
             certs_dir,
             plugin_dir,
@@ -215,6 +242,16 @@ impl Settings {
             .chain(self.certs_dir.iter_mut())
         {
             *p = expand_tilde(p, home);
+        }
+    }
+
+    /// How long requests to registries may wait.
+    pub fn time_bounds(&self) -> sarde_api::limits::TimeBounds {
+        sarde_api::limits::TimeBounds {
+            connect: self.connect_timeout.0,
+            idle: self.idle_timeout.0,
+            request: self.request_timeout.0,
+            min_rate: self.min_rate.0,
         }
     }
 
@@ -391,6 +428,7 @@ impl Config {
                 let field = sources::normalise_key(key);
                 let shown = match (key, &value[&field]) {
                     (&"chunksize", _) => self.settings.chunksize.to_string(),
+                    (&"min-rate", _) => self.settings.min_rate.to_string(),
                     (&"space-budget", serde_json::Value::Number(_)) => self
                         .settings
                         .space_budget
@@ -492,6 +530,15 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
     };
     if settings.concurrency == 0 {
         return Err(fail("concurrency", "must be at least 1"));
+    }
+    for (key, value) in [
+        ("connect_timeout", settings.connect_timeout),
+        ("idle_timeout", settings.idle_timeout),
+        ("request_timeout", settings.request_timeout),
+    ] {
+        if value.0.is_zero() {
+            return Err(fail(key, "must be longer than 0 s"));
+        }
     }
     if settings.chunksize.0 < (1 << 20) {
         return Err(fail(

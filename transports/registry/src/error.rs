@@ -1,12 +1,11 @@
 //! How registry answers become [`TransportError`]s.
 //!
 //! Registries report failures twice: as an HTTP status and as OCI error codes in
-//! the body (`{"errors":[{"code":"MANIFEST_UNKNOWN",…}]}`). oci-client sometimes
-//! keeps only one of the two, so the mapping looks at whichever it has.
+//! the body (`{"errors":[{"code":"MANIFEST_UNKNOWN",…}]}`); a proxy in between
+//! may keep only the status, so the mapping looks at both.
 
 use std::time::Duration;
 
-use oci_client::errors::OciDistributionError;
 use sarde_api::{Digest, TransportError};
 
 /// What a request was about, so every error names the object.
@@ -28,6 +27,10 @@ pub enum Object {
     },
     /// The login check (`GET /v2/`, token endpoint).
     Login,
+    /// A token for these scopes.
+    Token {
+        scopes: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for Object {
@@ -46,12 +49,14 @@ impl std::fmt::Display for Object {
             Object::Blob { repository, digest } => write!(f, "blob {digest} in {repository}"),
             Object::Tags { repository } => write!(f, "the tags of {repository}"),
             Object::Login => f.write_str("the login"),
+            Object::Token { scopes } if scopes.is_empty() => f.write_str("a token"),
+            Object::Token { scopes } => write!(f, "a token for {}", scopes.join(" ")),
         }
     }
 }
 
 /// Maps an HTTP status plus the OCI error codes of the body to the variant a
-/// caller acts on. `status` is `None` when oci-client dropped it.
+/// caller acts on. `status` is `None` when only the body is known.
 pub fn map_status(
     location: &str,
     object: &Object,
@@ -125,6 +130,10 @@ pub fn map_status(
                 location,
                 message: "the registry has no /v2/ API: is this an OCI registry?".to_string(),
             },
+            Object::Token { .. } => TransportError::Protocol {
+                location,
+                message: format!("{object}: the token server answered {detail}"),
+            },
         };
     }
     if let Object::Blob { digest, .. } = object {
@@ -190,6 +199,13 @@ pub(crate) fn map_reqwest(location: &str, object: &Object, e: &reqwest::Error) -
         return map_status(location, object, Some(status.as_u16()), "", None);
     }
     let chain = error_chain(e);
+    if e.is_redirect() {
+        // Loops, too many hops and downgrades repeat on every try.
+        return TransportError::Protocol {
+            location: location.to_string(),
+            message: format!("{object}: {chain}"),
+        };
+    }
     if looks_like_tls(&chain) {
         return TransportError::Tls {
             location: location.to_string(),
@@ -207,47 +223,6 @@ pub(crate) fn map_reqwest(location: &str, object: &Object, e: &reqwest::Error) -
         location: location.to_string(),
         message: format!("{object}: {chain}"),
         retry_after: None,
-    }
-}
-
-/// Maps what oci-client reports to the transport variants.
-pub fn map_oci_error(location: &str, object: &Object, e: OciDistributionError) -> TransportError {
-    match e {
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => TransportError::Unauthorized {
-            location: location.to_string(),
-            object: object.to_string(),
-        },
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let body = serde_json::to_string(&envelope).unwrap_or_default();
-            map_status(location, object, None, &body, None)
-        }
-        OciDistributionError::ServerError { code, message, .. } => {
-            map_status(location, object, Some(code), &message, None)
-        }
-        OciDistributionError::RequestError(e) => map_reqwest(location, object, &e),
-        OciDistributionError::DigestError(e) => TransportError::Mismatch {
-            location: location.to_string(),
-            object: object.to_string(),
-            what: "digest",
-            expected: "the digest asked for".to_string(),
-            actual: e.to_string(),
-        },
-        OciDistributionError::IoError(source) => TransportError::Io {
-            location: location.to_string(),
-            context: object.to_string(),
-            source,
-        },
-        OciDistributionError::UnsupportedMediaTypeError(m) => {
-            TransportError::UnsupportedMediaType {
-                location: location.to_string(),
-                media_type: format!("{m} for {object}"),
-            }
-        }
-        other => TransportError::Protocol {
-            location: location.to_string(),
-            message: format!("{object}: {other}"),
-        },
     }
 }
 
@@ -298,7 +273,6 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oci_client::errors::{OciEnvelope, OciError, OciErrorCode};
 
     const LOC: &str = "reg.example:5000";
 
@@ -353,42 +327,6 @@ mod tests {
         assert!(e.is_transient());
         let e = map_status(LOC, &blob(), Some(400), "nonsense", None);
         assert!(matches!(e, TransportError::Protocol { .. }), "{e:?}");
-    }
-
-    #[test]
-    fn oci_client_errors_map_by_code_when_the_status_is_lost() {
-        let envelope = OciEnvelope {
-            errors: vec![OciError {
-                code: OciErrorCode::ManifestUnknown,
-                message: "manifest unknown".into(),
-                detail: serde_json::Value::Null,
-            }],
-        };
-        let e = map_oci_error(
-            LOC,
-            &manifest(),
-            OciDistributionError::RegistryError {
-                envelope,
-                url: "http://x".into(),
-            },
-        );
-        assert!(matches!(e, TransportError::ManifestUnknown { .. }), "{e:?}");
-        let e = map_oci_error(
-            LOC,
-            &blob(),
-            OciDistributionError::ServerError {
-                code: 502,
-                url: "http://x".into(),
-                message: "bad gateway".into(),
-            },
-        );
-        assert!(e.is_transient(), "{e:?}");
-        let e = map_oci_error(
-            LOC,
-            &blob(),
-            OciDistributionError::UnauthorizedError { url: "u".into() },
-        );
-        assert!(matches!(e, TransportError::Unauthorized { .. }), "{e:?}");
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! # sarde-transport-registry
 //!
 //! The `docker` transport: OCI distribution registries (`docker://host[:port]/repo:tag`)
-//! as a [`sarde_api::Transport`], built on oci-client for authentication, manifests,
-//! mounts and tags, plus requests of its own where oci-client cannot stream an
-//! upload, report a blob's size, or download a blob without hashing it a second time.
+//! as a [`sarde_api::Transport`], speaking the distribution API over reqwest:
+//! `http` bounds what every request may cost (memory, time, redirects), `auth`
+//! does Basic and token authentication with scopes per operation, `blob` streams
+//! blobs both ways, `transport` maps the API onto the trait.
 
+mod auth;
+mod blob;
 pub mod credentials;
 mod error;
+mod http;
 mod transport;
 
-pub use error::{Object, map_oci_error, map_status};
+pub use error::{Object, map_status};
 pub use transport::{RegistryFactory, RegistryTransport, SCHEME, register};

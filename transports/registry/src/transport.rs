@@ -1,65 +1,51 @@
-//! The `docker` transport: one registry (`host[:port]`) as a [`Transport`].
+//! The `docker` transport: one registry (`host[:port]`) as a [`Transport`],
+//! speaking the OCI distribution API over reqwest.
 //!
-//! oci-client does the authentication handshake (anonymous, Basic, bearer
-//! tokens), manifest pulls and pushes with exact bytes, cross-repository mounts
-//! and tag lists. Three operations are made here instead, with a reqwest client
-//! built with the same TLS settings and the credentials oci-client negotiated:
-//!
-//! - `blob_exists`: oci-client's `blob_exists` hides the `Content-Length` of the
-//!   HEAD answer, so the size can't be checked;
-//! - `put_blob`: oci-client's streamed monolithic push insists on `201` for the
-//!   upload session (ECR answers `201` where `202` is expected), cannot cancel a
-//!   failed session, and would let a short or wrong stream reach the registry.
-//!   Here the digest is checked before the last byte leaves, so a wrong stream
-//!   aborts the request and nothing is committed;
-//! - `get_blob`: oci-client hashes a download from its first byte, and the copy
-//!   engine hashes every blob itself (it must, to resume a partial file), so the
-//!   same bytes were hashed twice: 9% of a pull's CPU.
+//! sarde speaks the protocol itself rather than through oci-client, which it
+//! used before: oci-client reads manifests, token answers and error bodies
+//! without a bound (an endless manifest cost 12.9 GB of memory), asks for a
+//! token scoped to one repository per request (so cross-repository mounts were
+//! refused and every blob re-sent) and for a new token on nearly every request,
+//! drops tag lists' `Link` header, and can't verify an upload before it commits.
+//! What each request may cost is in `http.rs`, authentication in `auth.rs`, the
+//! blob streams in `blob.rs`.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference, RegistryOperation};
-use reqwest::StatusCode;
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderValue, LOCATION, RANGE};
+use futures_util::StreamExt;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderValue, LINK,
+    LOCATION, RANGE,
+};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use sarde_api::digest::Algorithm;
+use sarde_api::limits::{MAX_MANIFEST_SIZE, MAX_TAG_PAGE_SIZE, MAX_TAG_PAGES, MAX_TAGS};
 use sarde_api::oci::{Descriptor, media_types};
-use sarde_api::transport::{BlobReader, RawManifest, TransportOptions};
+use sarde_api::transport::{Access, BlobReader, RawManifest, TransportOptions};
 use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
-use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use sha2::Digest as _;
 use tokio_util::io::StreamReader;
 
-use crate::error::{Object, map_oci_error, map_reqwest, map_status, retry_after};
+use crate::auth::{Authenticator, Authorization, Scope};
+use crate::blob::{Exact, checked_stream, content_range_start};
+use crate::error::Object;
+use crate::http::{Http, UploadWatch, content_length};
 
 /// The URL scheme of this transport.
 pub const SCHEME: &str = "docker";
 
 /// Manifest types asked for; sarde copies whatever of these it gets unchanged.
-const ACCEPT: &[&str] = &[
+const MANIFEST_TYPES: &[&str] = &[
     media_types::IMAGE_MANIFEST,
     media_types::IMAGE_INDEX,
     media_types::DOCKER_MANIFEST,
     media_types::DOCKER_MANIFEST_LIST,
 ];
-/// Bytes read from the caller per upload chunk: small, so memory stays bounded.
-const UPLOAD_CHUNK: usize = 256 * 1024;
-/// How long a negotiated token is reused for our own requests; registry tokens
-/// live at least a minute.
-const TOKEN_TTL: Duration = Duration::from_secs(50);
 /// Tags asked for per page.
 const TAG_PAGE: usize = 1000;
-const USER_AGENT: &str = concat!("sarde/", env!("CARGO_PKG_VERSION"));
 
 /// Opens `docker` transports.
 #[derive(Debug, Clone, Copy, Default)]
@@ -110,254 +96,127 @@ pub fn register(r: &mut dyn Registrar) -> Result<(), RegistryError> {
 /// One registry.
 pub struct RegistryTransport {
     location: String,
-    client: Client,
-    /// For the requests oci-client can't make; same TLS settings, no cookies
-    /// (Harbor's CSRF check fails on clients that keep them).
-    http: reqwest::Client,
-    auth: RegistryAuth,
-    scheme: &'static str,
-    /// Authorization for our own requests, per repository and operation.
-    tokens: Mutex<HashMap<(String, bool), (Authz, Instant)>>,
-}
-
-/// How our own requests authenticate.
-#[derive(Clone)]
-enum Authz {
-    None,
-    Bearer(HeaderValue),
-    /// The registry asked for Basic (or nothing) and we have credentials.
-    Basic(String, String),
+    http: Http,
+    auth: Authenticator,
 }
 
 impl std::fmt::Debug for RegistryTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryTransport")
             .field("location", &self.location)
-            .field("scheme", &self.scheme)
             .finish_non_exhaustive()
     }
+}
+
+/// Which bound a request gets.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The request deadline for all of it.
+    Small,
+    /// Only the idle timeout: a blob download.
+    Download,
 }
 
 impl RegistryTransport {
     /// Opens `location` (`host[:port]`). Nothing is sent until the first request.
     pub fn new(location: &str, options: &TransportOptions) -> Result<Self, TransportError> {
-        let protocol_error = |message: String| TransportError::Protocol {
-            location: location.to_string(),
-            message,
-        };
         if location.is_empty() || location.contains('/') || location.contains("://") {
-            return Err(protocol_error(format!(
-                "{location:?} is not a registry location: use host[:port]"
-            )));
-        }
-        let mut certificates = Vec::new();
-        if let Some(path) = &options.ca_file {
-            let data = std::fs::read(path).map_err(|source| TransportError::Io {
+            return Err(TransportError::Protocol {
                 location: location.to_string(),
-                context: format!("reading the CA file {}", path.display()),
-                source,
-            })?;
-            certificates.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
+                message: format!("{location:?} is not a registry location: use host[:port]"),
             });
         }
-        let tls_error = |message: String| TransportError::Tls {
-            location: location.to_string(),
-            message,
-        };
-        let config = ClientConfig {
-            protocol: if options.insecure {
-                ClientProtocol::HttpsExcept(vec![location.to_string()])
-            } else {
-                ClientProtocol::Https
-            },
-            accept_invalid_certificates: options.insecure,
-            extra_root_certificates: certificates.clone(),
-            // Never pick one manifest out of an index: sarde copies indexes whole.
-            platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(30)),
-            // Idle time between reads, not the whole transfer.
-            read_timeout: Some(Duration::from_secs(300)),
-            user_agent: USER_AGENT,
-            ..Default::default()
-        };
-        let client = Client::try_from(config)
-            .map_err(|e| tls_error(format!("cannot set up the HTTP client: {e}")))?;
-
-        let mut extra = Vec::new();
-        for c in &certificates {
-            extra.push(
-                reqwest::Certificate::from_pem(&c.data)
-                    .map_err(|e| tls_error(format!("the CA file is not PEM: {e}")))?,
-            );
-        }
-        let http = reqwest::Client::builder()
-            .danger_accept_invalid_certs(options.insecure)
-            .tls_certs_merge(extra)
-            .connect_timeout(Duration::from_secs(30))
-            .read_timeout(Duration::from_secs(300))
-            .user_agent(USER_AGENT)
-            .build()
-            .map_err(|e| tls_error(format!("cannot set up the HTTP client: {e}")))?;
-
-        let auth = match &options.credentials {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-            None => RegistryAuth::Anonymous,
-        };
         Ok(RegistryTransport {
             location: location.to_string(),
-            client,
-            http,
-            auth,
-            scheme: if options.insecure { "http" } else { "https" },
-            tokens: Mutex::new(HashMap::new()),
+            http: Http::new(location, options)?,
+            auth: Authenticator::new(location, options.credentials.clone(), options.insecure),
         })
     }
 
-    /// An oci-client reference; a reference containing `:` is a digest.
-    fn reference(&self, repository: &str, reference: &str) -> Reference {
-        if reference.contains(':') {
-            Reference::with_digest(
-                self.location.clone(),
-                repository.to_string(),
-                reference.to_string(),
-            )
-        } else {
-            Reference::with_tag(
-                self.location.clone(),
-                repository.to_string(),
-                reference.to_string(),
-            )
+    fn protocol_error(&self, message: String) -> TransportError {
+        TransportError::Protocol {
+            location: self.location.clone(),
+            message,
         }
     }
 
-    /// `scheme://host/v2/<repository>`, the host as oci-client resolves it.
-    fn repository_url(&self, r: &Reference) -> String {
-        format!(
-            "{}://{}/v2/{}",
-            self.scheme,
-            r.resolve_registry(),
-            r.repository()
-        )
-    }
-
-    fn oci_error(&self, object: &Object, e: OciDistributionError) -> TransportError {
-        map_oci_error(&self.location, object, e)
-    }
-
-    fn reqwest_error(&self, object: &Object, e: &reqwest::Error) -> TransportError {
-        map_reqwest(&self.location, object, e)
-    }
-
-    /// Turns a failed answer of our own requests into an error.
-    async fn response_error(&self, object: &Object, res: reqwest::Response) -> TransportError {
-        let status = res.status().as_u16();
-        let after = retry_after(res.headers());
-        let body = error_body(res).await;
-        map_status(&self.location, object, Some(status), &body, after)
-    }
-
-    /// The `Authorization` value for our own request, negotiated by oci-client
-    /// (bearer token, or Basic when the registry asks for that) and cached briefly.
-    async fn authorization(
-        &self,
-        r: &Reference,
-        op: RegistryOperation,
-        object: &Object,
-    ) -> Result<Authz, TransportError> {
-        let key = (r.repository().to_string(), op == RegistryOperation::Push);
-        if let Ok(tokens) = self.tokens.lock() {
-            if let Some((value, at)) = tokens.get(&key) {
-                if at.elapsed() < TOKEN_TTL {
-                    return Ok(value.clone());
-                }
-            }
-        }
-        let token = self
-            .client
-            .auth(r, &self.auth, op)
-            .await
-            .map_err(|e| self.oci_error(object, e))?;
-        let value = match (token, &self.auth) {
-            (Some(token), _) => HeaderValue::from_str(&format!("Bearer {token}"))
-                .map(Authz::Bearer)
-                .unwrap_or(Authz::None),
-            (None, RegistryAuth::Basic(user, password)) => {
-                Authz::Basic(user.clone(), password.clone())
-            }
-            (None, _) => Authz::None,
-        };
-        if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert(key, (value.clone(), Instant::now()));
-        }
-        Ok(value)
-    }
-
-    /// Forgets cached authorization after a 401, so the next call negotiates anew.
-    fn forget_authorization(&self, repository: &str) {
-        if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.retain(|(repo, _), _| repo != repository);
-        }
-    }
-
-    /// Sends one of our own requests with authorization.
+    /// Sends a request needing `scope` with its authorization. On a 401 it
+    /// learns the challenge or renews the token, and sends once more; `make`
+    /// builds the request each time.
     async fn send(
         &self,
-        request: reqwest::RequestBuilder,
-        r: &Reference,
-        op: RegistryOperation,
+        scope: &Scope,
         object: &Object,
-    ) -> Result<reqwest::Response, TransportError> {
-        let request = match self.authorization(r, op, object).await? {
-            Authz::Bearer(value) => request.header(reqwest::header::AUTHORIZATION, value),
-            Authz::Basic(user, password) => request.basic_auth(user, Some(password)),
-            Authz::None => request,
-        };
-        let res = request
-            .send()
-            .await
-            .map_err(|e| self.reqwest_error(object, &e))?;
-        if res.status() == StatusCode::UNAUTHORIZED {
-            self.forget_authorization(r.repository());
+        kind: Kind,
+        make: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, TransportError> {
+        let mut stale: Option<HeaderValue> = None;
+        for attempt in 0..2 {
+            let authorization = self
+                .auth
+                .authorization(&self.http, scope, object, stale.as_ref())
+                .await?;
+            let mut request = make();
+            let sent = match authorization {
+                Authorization::Header(value) => {
+                    request = request.header(AUTHORIZATION, value.clone());
+                    Some(value)
+                }
+                Authorization::None => None,
+            };
+            let res = match kind {
+                Kind::Small => self.http.send_small(request, object).await?,
+                Kind::Download => self.http.send_download(request, object).await?,
+            };
+            if res.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let changed = self.auth.learn(res.headers()).await;
+                if changed || sent.is_some() {
+                    stale = sent;
+                    continue;
+                }
+            }
+            return Ok(res);
         }
-        Ok(res)
+        unreachable!("the second attempt returns")
+    }
+
+    /// `/v2/<repository>` + `rest`.
+    fn repository_url(&self, repository: &str, rest: &str) -> String {
+        self.http.url(&format!("/v2/{repository}{rest}"))
     }
 
     /// Starts an upload session and returns its URL (`Location`), accepting
-    /// `201` as well as `202`.
+    /// `201` as well as `202` (ECR answers `201`).
     async fn start_upload(
         &self,
-        r: &Reference,
+        repository: &str,
         object: &Object,
     ) -> Result<reqwest::Url, TransportError> {
-        let url = format!("{}/blobs/uploads/", self.repository_url(r));
+        let url = self.repository_url(repository, "/blobs/uploads/");
+        let scope = Scope::new(repository, Access::Push);
         let res = self
-            .send(
-                self.http.post(&url).header(CONTENT_LENGTH, 0),
-                r,
-                RegistryOperation::Push,
-                object,
-            )
+            .send(&scope, object, Kind::Small, || {
+                self.http.client().post(&url).header(CONTENT_LENGTH, 0)
+            })
             .await?;
         if !(res.status() == StatusCode::ACCEPTED || res.status() == StatusCode::CREATED) {
-            return Err(self.response_error(object, res).await);
+            return Err(self.http.error(object, res).await);
         }
-        let location = res
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| TransportError::Protocol {
-                location: self.location.clone(),
-                message: format!("{object}: the registry opened an upload without a Location"),
-            })?;
-        // Location may be absolute, or a path relative to the request.
-        res.url()
-            .join(location)
-            .map_err(|e| TransportError::Protocol {
-                location: self.location.clone(),
-                message: format!("{object}: bad upload Location {location:?}: {e}"),
+        upload_location(&res).map_err(|message| self.protocol_error(format!("{object}: {message}")))
+    }
+
+    /// Best effort: tells the registry to drop an upload session.
+    async fn cancel_upload(&self, repository: &str, mut url: reqwest::Url, object: &Object) {
+        url.set_query(None);
+        let scope = Scope::new(repository, Access::Push);
+        if let Ok(res) = self
+            .send(&scope, object, Kind::Small, || {
+                self.http.client().delete(url.clone())
             })
+            .await
+        {
+            tracing::debug!(status = %res.status(), "cancelled upload of {object}");
+        }
     }
 }
 
@@ -365,6 +224,10 @@ impl RegistryTransport {
 impl Transport for RegistryTransport {
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    fn will_access(&self, repository: &str, access: Access) {
+        self.auth.declare(Scope::new(repository, access));
     }
 
     async fn get_manifest(
@@ -377,34 +240,51 @@ impl Transport for RegistryTransport {
             reference: reference.to_string(),
             media_type: None,
         };
-        let r = self.reference(repository, reference);
-        let (bytes, digest) = self
-            .client
-            .pull_manifest_raw(&r, &self.auth, ACCEPT)
-            .await
-            .map_err(|e| self.oci_error(&object, e))?;
-        let digest: Digest = digest.parse().map_err(|e| TransportError::Protocol {
-            location: self.location.clone(),
-            message: format!("{object}: the registry gave an invalid digest: {e}"),
-        })?;
-        // oci-client checks the digest against the registry's header and a digest
-        // reference; check the bytes ourselves too for sha256.
-        if digest.algorithm() == Algorithm::Sha256 {
-            let actual = Digest::sha256_of(&bytes);
-            if actual != digest {
-                return Err(TransportError::Mismatch {
-                    location: self.location.clone(),
-                    object: object.to_string(),
-                    what: "digest",
-                    expected: digest.to_string(),
-                    actual: actual.to_string(),
-                });
-            }
+        let by_digest = reference.parse::<Digest>().ok();
+        let url = self.repository_url(repository, &format!("/manifests/{reference}"));
+        let accept = MANIFEST_TYPES.join(", ");
+        let scope = Scope::new(repository, Access::Pull);
+        let res = self
+            .send(&scope, &object, Kind::Small, || {
+                self.http.client().get(&url).header(ACCEPT, &accept)
+            })
+            .await?;
+        if !res.status().is_success() {
+            return Err(self.http.error(&object, res).await);
+        }
+        let announced = res
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<Digest>().ok());
+        let content_type = res
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string());
+        let bytes = self
+            .http
+            .read_capped(res, MAX_MANIFEST_SIZE, &object)
+            .await?;
+        // The digest asked for wins over the registry's header, which wins over
+        // the bytes' own sha256; whatever is claimed must be what arrived.
+        let digest = by_digest
+            .or(announced)
+            .unwrap_or_else(|| Digest::sha256_of(&bytes));
+        let actual = digest_with(digest.algorithm(), &bytes);
+        if actual != digest {
+            return Err(TransportError::Mismatch {
+                location: self.location.clone(),
+                object: object.to_string(),
+                what: "digest",
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
         }
         Ok(RawManifest {
-            media_type: manifest_media_type(&bytes),
+            media_type: manifest_media_type(&bytes, content_type.as_deref()),
             digest,
-            bytes: bytes.to_vec(),
+            bytes,
         })
     }
 
@@ -419,10 +299,10 @@ impl Transport for RegistryTransport {
             reference: reference.to_string(),
             media_type: Some(manifest.media_type.clone()),
         };
-        let actual = Digest::sha256_of(&manifest.bytes);
         let by_digest = reference.parse::<Digest>().ok();
         for expected in std::iter::once(&manifest.digest).chain(by_digest.as_ref()) {
-            if expected.algorithm() == Algorithm::Sha256 && *expected != actual {
+            let actual = digest_with(expected.algorithm(), &manifest.bytes);
+            if *expected != actual {
                 return Err(TransportError::Mismatch {
                     location: self.location.clone(),
                     object: object.to_string(),
@@ -438,44 +318,87 @@ impl Transport for RegistryTransport {
                 media_type: format!("{:?} (not a header value)", manifest.media_type),
             }
         })?;
-        let r = self.reference(repository, reference);
-        // oci-client pushes raw bytes only after a pull or auth stored the credentials.
-        self.client
-            .store_auth_if_needed(r.resolve_registry(), &self.auth)
-            .await;
-        self.client
-            .push_manifest_raw(&r, manifest.bytes.clone(), content_type)
-            .await
-            .map_err(|e| self.oci_error(&object, e))?;
-        Ok(())
+        let url = self.repository_url(repository, &format!("/manifests/{reference}"));
+        let body = bytes::Bytes::from(manifest.bytes.clone());
+        let scope = Scope::new(repository, Access::Push);
+        let res = self
+            .send(&scope, &object, Kind::Small, || {
+                self.http
+                    .client()
+                    .put(&url)
+                    .header(CONTENT_TYPE, content_type.clone())
+                    .body(body.clone())
+            })
+            .await?;
+        if res.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.http.error(&object, res).await)
+        }
     }
 
+    /// Follows the `Link` header page by page, as the distribution spec says;
+    /// a chain that loops, leaves the registry or never ends is refused.
     async fn list_tags(&self, repository: &str) -> Result<Vec<String>, TransportError> {
         let object = Object::Tags {
             repository: repository.to_string(),
         };
-        let r = self.reference(repository, "latest");
-        let mut tags: Vec<String> = Vec::new();
-        // Page with `n`/`last` until a page is empty or doesn't move on (a
-        // registry that ignores `last`), since oci-client drops the Link header.
-        loop {
-            let last = tags.last().cloned();
-            let page = self
-                .client
-                .list_tags(&r, &self.auth, Some(TAG_PAGE), last.as_deref())
-                .await
-                .map_err(|e| self.oci_error(&object, e))?;
-            let before = tags.len();
-            for tag in page.tags {
-                if !tags.contains(&tag) {
+        let scope = Scope::new(repository, Access::Pull);
+        let first = self.repository_url(repository, &format!("/tags/list?n={TAG_PAGE}"));
+        let mut url = reqwest::Url::parse(&first)
+            .map_err(|e| self.protocol_error(format!("{object}: bad URL {first:?}: {e}")))?;
+        let mut visited = HashSet::new();
+        let mut seen = HashSet::new();
+        let mut tags = Vec::new();
+        for _ in 0..MAX_TAG_PAGES {
+            visited.insert(url.clone());
+            let res = self
+                .send(&scope, &object, Kind::Small, || {
+                    self.http.client().get(url.clone())
+                })
+                .await?;
+            if !res.status().is_success() {
+                return Err(self.http.error(&object, res).await);
+            }
+            let next = next_link(&res);
+            let body = self
+                .http
+                .read_capped(res, MAX_TAG_PAGE_SIZE, &object)
+                .await?;
+            let page: TagPage = serde_json::from_slice(&body).map_err(|e| {
+                self.protocol_error(format!("{object}: the answer is not a tag list: {e}"))
+            })?;
+            for tag in page.tags.unwrap_or_default() {
+                if seen.insert(tag.clone()) {
                     tags.push(tag);
                 }
             }
-            if tags.len() == before || tags.last() == last.as_ref() {
-                break;
+            if tags.len() > MAX_TAGS {
+                return Err(self.protocol_error(format!(
+                    "{object}: more than {MAX_TAGS} tags, more than sarde lists"
+                )));
             }
+            let Some(next) = next else {
+                return Ok(tags);
+            };
+            let next = url.join(&next).map_err(|e| {
+                self.protocol_error(format!("{object}: bad Link to the next page {next:?}: {e}"))
+            })?;
+            if next.host_str() != url.host_str() || next.port() != url.port() {
+                return Err(self.protocol_error(format!(
+                    "{object}: the next page is on another host ({next}): refused"
+                )));
+            }
+            if visited.contains(&next) {
+                return Err(
+                    self.protocol_error(format!("{object}: the pages loop (Link back to {next})"))
+                );
+            }
+            url = next;
         }
-        Ok(tags)
+        Err(self.protocol_error(format!(
+            "{object}: more than {MAX_TAG_PAGES} pages, more than sarde follows"
+        )))
     }
 
     async fn blob_exists(
@@ -487,31 +410,26 @@ impl Transport for RegistryTransport {
             repository: repository.to_string(),
             digest: blob.digest.clone(),
         };
-        let r = self.reference(repository, &blob.digest.to_string());
-        let url = format!("{}/blobs/{}", self.repository_url(&r), blob.digest);
+        let url = self.repository_url(repository, &format!("/blobs/{}", blob.digest));
+        let scope = Scope::new(repository, Access::Pull);
         let res = self
-            .send(self.http.head(&url), &r, RegistryOperation::Pull, &object)
+            .send(&scope, &object, Kind::Small, || {
+                self.http.client().head(&url)
+            })
             .await?;
         match res.status() {
             StatusCode::NOT_FOUND => Ok(false),
-            s if s.is_success() => {
-                let length = res
-                    .headers()
-                    .get(CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                match length {
-                    Some(n) if n != blob.size => Err(TransportError::Mismatch {
-                        location: self.location.clone(),
-                        object: object.to_string(),
-                        what: "size",
-                        expected: blob.size.to_string(),
-                        actual: n.to_string(),
-                    }),
-                    _ => Ok(true),
-                }
-            }
-            _ => Err(self.response_error(&object, res).await),
+            s if s.is_success() => match content_length(&res) {
+                Some(n) if n != blob.size => Err(TransportError::Mismatch {
+                    location: self.location.clone(),
+                    object: object.to_string(),
+                    what: "size",
+                    expected: blob.size.to_string(),
+                    actual: n.to_string(),
+                }),
+                _ => Ok(true),
+            },
+            _ => Err(self.http.error(&object, res).await),
         }
     }
 
@@ -526,31 +444,31 @@ impl Transport for RegistryTransport {
             digest: blob.digest.clone(),
         };
         if offset > blob.size {
-            return Err(TransportError::Protocol {
-                location: self.location.clone(),
-                message: format!(
-                    "offset {offset} is past the end of {object} ({} bytes)",
-                    blob.size
-                ),
-            });
+            return Err(self.protocol_error(format!(
+                "offset {offset} is past the end of {object} ({} bytes)",
+                blob.size
+            )));
         }
         if offset == blob.size {
             // Nothing left; a Range there would be unsatisfiable (416).
             return Ok(Box::pin(tokio::io::empty()));
         }
-        let r = self.reference(repository, &blob.digest.to_string());
-        let url = format!("{}/blobs/{}", self.repository_url(&r), blob.digest);
-        let mut request = self.http.get(&url);
-        if offset > 0 {
-            request = request.header(RANGE, format!("bytes={offset}-"));
-        }
+        let url = self.repository_url(repository, &format!("/blobs/{}", blob.digest));
+        let scope = Scope::new(repository, Access::Pull);
         let res = self
-            .send(request, &r, RegistryOperation::Pull, &object)
+            .send(&scope, &object, Kind::Download, || {
+                let request = self.http.client().get(&url);
+                if offset > 0 {
+                    request.header(RANGE, format!("bytes={offset}-"))
+                } else {
+                    request
+                }
+            })
             .await?;
-        let skip = match res.status() {
+        let (skip, expected_length) = match res.status() {
             // A registry that ignores the Range sends everything: drop what the
             // caller has.
-            StatusCode::OK => offset,
+            StatusCode::OK => (offset, blob.size),
             StatusCode::PARTIAL_CONTENT if offset > 0 => {
                 let start = res
                     .headers()
@@ -558,26 +476,34 @@ impl Transport for RegistryTransport {
                     .and_then(|v| v.to_str().ok())
                     .and_then(content_range_start);
                 if start != Some(offset) {
-                    return Err(TransportError::Protocol {
-                        location: self.location.clone(),
-                        message: format!(
-                            "{object}: asked for the bytes from {offset} on, the registry answered the range {:?}",
-                            res.headers().get(CONTENT_RANGE)
-                        ),
-                    });
+                    return Err(self.protocol_error(format!(
+                        "{object}: asked for the bytes from {offset} on, the registry answered the range {:?}",
+                        res.headers().get(CONTENT_RANGE)
+                    )));
                 }
-                0
+                (0, blob.size - offset)
             }
-            _ => return Err(self.response_error(&object, res).await),
+            _ => return Err(self.http.error(&object, res).await),
         };
+        if let Some(length) = content_length(&res) {
+            if length != expected_length {
+                return Err(TransportError::Mismatch {
+                    location: self.location.clone(),
+                    object: format!("{object} (nothing stored)"),
+                    what: "length the registry announces",
+                    expected: expected_length.to_string(),
+                    actual: length.to_string(),
+                });
+            }
+        }
         let stream = res.bytes_stream().map(|r| r.map_err(io::Error::other));
-        let reader = StreamReader::new(stream);
-        Ok(Box::pin(Exact {
-            inner: Box::pin(reader),
+        Ok(Box::pin(Exact::new(
+            Box::pin(StreamReader::new(stream)),
             skip,
-            remaining: blob.size - offset,
-            what: object.to_string(),
-        }))
+            blob.size - offset,
+            object.to_string(),
+            self.http.bounds(),
+        )))
     }
 
     async fn put_blob(
@@ -591,40 +517,43 @@ impl Transport for RegistryTransport {
             repository: repository.to_string(),
             digest: blob.digest.clone(),
         };
-        let r = self.reference(repository, &blob.digest.to_string());
-        let mut url = self.start_upload(&r, &object).await?;
+        let mut url = self.start_upload(repository, &object).await?;
         url.query_pairs_mut()
             .append_pair("digest", &blob.digest.to_string());
 
         let failure: Arc<Mutex<Option<TransportError>>> = Arc::default();
+        let watch = UploadWatch::new();
         let body = checked_stream(
             data,
             blob.clone(),
             self.location.clone(),
             object.clone(),
             failure.clone(),
+            watch.clone(),
         );
-        let sent = self
-            .send(
-                self.http
-                    .put(url.clone())
-                    .header(CONTENT_LENGTH, blob.size)
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .body(reqwest::Body::wrap_stream(body)),
-                &r,
-                RegistryOperation::Push,
-                &object,
-            )
-            .await;
+        // The upload session was just opened with this authorization: the body
+        // streams once, so there is no second attempt here.
+        let scope = Scope::new(repository, Access::Push);
+        let mut request = self
+            .http
+            .upload_client()
+            .put(url.clone())
+            .header(CONTENT_LENGTH, blob.size)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(body));
+        if let Authorization::Header(value) = self
+            .auth
+            .authorization(&self.http, &scope, &object, None)
+            .await?
+        {
+            request = request.header(AUTHORIZATION, value);
+        }
+        let sent = self.http.send_upload(request, &watch, &object).await;
         let ours = failure.lock().ok().and_then(|mut f| f.take());
         let res = match (sent, ours) {
             // Our own check stopped the stream: that is the real reason.
-            (_, Some(e)) => {
-                self.cancel_upload(&r, url, &object).await;
-                return Err(e);
-            }
-            (Err(e), None) => {
-                self.cancel_upload(&r, url, &object).await;
+            (_, Some(e)) | (Err(e), None) => {
+                self.cancel_upload(repository, url, &object).await;
                 return Err(e);
             }
             (Ok(res), None) => res,
@@ -632,8 +561,8 @@ impl Transport for RegistryTransport {
         if res.status() == StatusCode::CREATED || res.status() == StatusCode::ACCEPTED {
             return Ok(());
         }
-        let e = self.response_error(&object, res).await;
-        self.cancel_upload(&r, url, &object).await;
+        let e = self.http.error(&object, res).await;
+        self.cancel_upload(repository, url, &object).await;
         Err(e)
     }
 
@@ -641,68 +570,13 @@ impl Transport for RegistryTransport {
     /// same with the credentials, on a Bearer challenge a token request for no
     /// scope with them. Only a refusal of the credentials is `Unauthorized`.
     async fn check_credentials(&self) -> Result<(), TransportError> {
-        let object = Object::Login;
-        let r = self.reference("library/check", "latest");
-        let url = format!("{}://{}/v2/", self.scheme, r.resolve_registry());
-        let res = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| self.reqwest_error(&object, &e))?;
-        if res.status().is_success() {
-            return Ok(());
-        }
-        if res.status() != StatusCode::UNAUTHORIZED {
-            return Err(self.response_error(&object, res).await);
-        }
-        let challenge = res
-            .headers()
-            .get(reqwest::header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let RegistryAuth::Basic(user, password) = &self.auth else {
-            return Err(TransportError::Unauthorized {
-                location: self.location.clone(),
-                object: object.to_string(),
-            });
-        };
-        let (scheme, params) = parse_challenge(&challenge);
-        let request = if scheme.eq_ignore_ascii_case("bearer") {
-            let realm = params
-                .get("realm")
-                .cloned()
-                .ok_or_else(|| TransportError::Protocol {
-                    location: self.location.clone(),
-                    message: format!("a Bearer challenge without realm: {challenge:?}"),
-                })?;
-            let mut query = vec![("account", user.clone())];
-            if let Some(service) = params.get("service") {
-                query.push(("service", service.clone()));
-            }
-            self.http.get(realm).query(&query)
-        } else {
-            self.http.get(&url)
-        };
-        let res = request
-            .basic_auth(user, Some(password))
-            .send()
-            .await
-            .map_err(|e| self.reqwest_error(&object, &e))?;
-        match res.status() {
-            s if s.is_success() => Ok(()),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(TransportError::Unauthorized {
-                location: self.location.clone(),
-                object: object.to_string(),
-            }),
-            _ => Err(self.response_error(&object, res).await),
-        }
+        self.auth.check_credentials(&self.http).await
     }
 
-    /// oci-client's mount: `201` is a mount; the `202` upload session a registry
-    /// answers when it can't mount surfaces as a spec violation and means
-    /// "upload instead". That session is left to expire (oci-client drops its URL).
+    /// `201` is a mount. Anything else means "upload instead": `202` opened an
+    /// upload session, which is cancelled; a 401 or 404 means the source can't
+    /// be read with these credentials (the token covers the source's `pull`,
+    /// declared here, so a registry that allows it mounts).
     async fn mount_blob(
         &self,
         repository: &str,
@@ -713,42 +587,106 @@ impl Transport for RegistryTransport {
             repository: repository.to_string(),
             digest: blob.digest.clone(),
         };
-        let digest = blob.digest.to_string();
-        let target = self.reference(repository, &digest);
-        let source = self.reference(from_repository, &digest);
-        self.client
-            .store_auth_if_needed(target.resolve_registry(), &self.auth)
-            .await;
-        match self.client.mount_blob(&target, &source, &digest).await {
-            Ok(()) => Ok(true),
-            // 201 without a Location: mounted all the same.
-            Err(OciDistributionError::RegistryNoLocationError) => Ok(true),
-            Err(OciDistributionError::SpecViolationError(_)) => Ok(false),
-            Err(e) => Err(self.oci_error(&object, e)),
+        self.auth.declare(Scope::new(from_repository, Access::Pull));
+        let mut url = reqwest::Url::parse(&self.repository_url(repository, "/blobs/uploads/"))
+            .map_err(|e| self.protocol_error(format!("{object}: bad URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("mount", &blob.digest.to_string())
+            .append_pair("from", from_repository);
+        let scope = Scope::new(repository, Access::Push);
+        let res = self
+            .send(&scope, &object, Kind::Small, || {
+                self.http
+                    .client()
+                    .post(url.clone())
+                    .header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        match res.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                if let Ok(session) = upload_location(&res) {
+                    self.cancel_upload(repository, session, &object).await;
+                }
+                Ok(false)
+            }
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                Err(self.http.error(&object, res).await)
+            }
+            s => {
+                tracing::debug!(
+                    "{}: mount of {object} from {from_repository}: {s}",
+                    self.location
+                );
+                Ok(false)
+            }
         }
     }
 }
 
-impl RegistryTransport {
-    /// Best effort: tells the registry to drop a failed upload session.
-    async fn cancel_upload(&self, r: &Reference, mut url: reqwest::Url, object: &Object) {
-        url.set_query(None);
-        if let Ok(res) = self
-            .send(self.http.delete(url), r, RegistryOperation::Push, object)
-            .await
-        {
-            tracing::debug!(status = %res.status(), "cancelled upload of {object}");
+#[derive(serde::Deserialize)]
+struct TagPage {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+}
+
+/// The URL of an upload session from the `Location` of an answer: absolute,
+/// or a path relative to the request.
+fn upload_location(res: &Response) -> Result<reqwest::Url, String> {
+    let location = res
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("the registry opened an upload without a Location")?;
+    res.url()
+        .join(location)
+        .map_err(|e| format!("bad upload Location {location:?}: {e}"))
+}
+
+/// The `rel="next"` target of a `Link` header (`<url>; rel="next"`).
+fn next_link(res: &Response) -> Option<String> {
+    res.headers()
+        .get_all(LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|link| {
+            let (target, params) = link.trim().split_once(';')?;
+            let is_next = params.split(';').any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "rel=\"next\"" || p == "rel=next"
+            });
+            let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+            is_next.then(|| target.to_string())
+        })
+}
+
+/// The digest of `bytes` with `algorithm`.
+fn digest_with(algorithm: Algorithm, bytes: &[u8]) -> Digest {
+    match algorithm {
+        Algorithm::Sha256 => Digest::sha256_of(bytes),
+        Algorithm::Sha512 => {
+            let hex: String = sha2::Sha512::digest(bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("sha512:{hex}")
+                .parse()
+                .expect("a sha512 digest of 128 hex digits parses")
         }
     }
 }
 
-/// The media type of manifest bytes. oci-client's raw pull drops the
-/// `Content-Type`, so it is read from the manifest's own `mediaType`, or
-/// inferred from its shape when absent (allowed for OCI manifests).
-fn manifest_media_type(bytes: &[u8]) -> String {
+/// The media type of manifest bytes: the manifest's own `mediaType`, else the
+/// answer's `Content-Type` when it names a manifest, else inferred from the
+/// shape (OCI manifests may omit it).
+fn manifest_media_type(bytes: &[u8], content_type: Option<&str>) -> String {
     let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
     if let Some(m) = value.get("mediaType").and_then(|m| m.as_str()) {
         return m.to_string();
+    }
+    if let Some(t) = content_type.filter(|t| MANIFEST_TYPES.contains(t)) {
+        return t.to_string();
     }
     if value.get("manifests").is_some() {
         media_types::IMAGE_INDEX.to_string()
@@ -757,274 +695,36 @@ fn manifest_media_type(bytes: &[u8]) -> String {
     }
 }
 
-/// The upload body: reads the caller's data in small chunks, counts and hashes
-/// it, and fails instead of sending the last chunk when the digest is wrong, or
-/// as soon as the data runs longer or shorter than announced — so the request
-/// aborts and the registry never commits anything else. The reason goes to
-/// `failure` because reqwest reports only "body error".
-fn checked_stream(
-    data: BlobReader,
-    blob: Descriptor,
-    location: String,
-    object: Object,
-    failure: Arc<Mutex<Option<TransportError>>>,
-) -> impl Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
-    struct State {
-        data: BlobReader,
-        hasher: Option<Sha256>,
-        total: u64,
-        done: bool,
-    }
-    let hasher = (blob.digest.algorithm() == Algorithm::Sha256).then(Sha256::new);
-    let state = State {
-        data,
-        hasher,
-        total: 0,
-        done: false,
-    };
-    futures_util::stream::unfold(state, move |mut st| {
-        let (blob, location, object, failure) = (
-            blob.clone(),
-            location.clone(),
-            object.clone(),
-            failure.clone(),
-        );
-        async move {
-            if st.done {
-                return None;
-            }
-            let fail = |e: TransportError| {
-                let message = e.to_string();
-                if let Ok(mut f) = failure.lock() {
-                    *f = Some(e);
-                }
-                io::Error::other(message)
-            };
-            let mismatch =
-                |what: &'static str, expected: String, actual: String| TransportError::Mismatch {
-                    location: location.clone(),
-                    object: format!("{object} (nothing stored)"),
-                    what,
-                    expected,
-                    actual,
-                };
-            let read_error = |source: io::Error| TransportError::Io {
-                location: location.clone(),
-                context: format!("reading the data of {object}"),
-                source,
-            };
-            let mut buf = vec![0u8; UPLOAD_CHUNK];
-            let n = match st.data.read(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    st.done = true;
-                    return Some((Err(fail(read_error(e))), st));
-                }
-            };
-            st.total += n as u64;
-            if n == 0 && st.total < blob.size {
-                st.done = true;
-                let e = mismatch(
-                    "size of the data",
-                    blob.size.to_string(),
-                    st.total.to_string(),
-                );
-                return Some((Err(fail(e)), st));
-            }
-            if st.total > blob.size {
-                st.done = true;
-                let e = mismatch(
-                    "size of the data",
-                    blob.size.to_string(),
-                    format!("more than {}", blob.size),
-                );
-                return Some((Err(fail(e)), st));
-            }
-            buf.truncate(n);
-            if let Some(h) = st.hasher.as_mut() {
-                h.update(&buf);
-            }
-            if st.total == blob.size {
-                // The last chunk: check everything before it leaves.
-                st.done = true;
-                if let Some(h) = st.hasher.take() {
-                    let actual = Digest::from_sha256(h.finalize().into());
-                    if actual != blob.digest {
-                        let e = mismatch(
-                            "digest of the data",
-                            blob.digest.to_string(),
-                            actual.to_string(),
-                        );
-                        return Some((Err(fail(e)), st));
-                    }
-                }
-                let mut probe = [0u8; 1];
-                match st.data.read(&mut probe).await {
-                    Ok(0) => {}
-                    Ok(_) => {
-                        let e = mismatch(
-                            "size of the data",
-                            blob.size.to_string(),
-                            format!("more than {}", blob.size),
-                        );
-                        return Some((Err(fail(e)), st));
-                    }
-                    Err(e) => return Some((Err(fail(read_error(e))), st)),
-                }
-                if buf.is_empty() {
-                    return None;
-                }
-            }
-            Some((Ok(Bytes::from(buf)), st))
-        }
-    })
-    .boxed()
-}
-
-/// Bytes of an error answer read for its message: a registry (or a proxy) may send
-/// a large or endless body with an error status.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
-
-/// The start of an error answer's body, as text.
-async fn error_body(mut res: reqwest::Response) -> String {
-    let mut body = Vec::new();
-    while body.len() < ERROR_BODY_LIMIT {
-        match res.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
-    body.truncate(ERROR_BODY_LIMIT);
-    String::from_utf8_lossy(&body).into_owned()
-}
-
-/// The first byte of a `Content-Range: bytes START-END/TOTAL` answer.
-fn content_range_start(value: &str) -> Option<u64> {
-    let range = value.trim().strip_prefix("bytes")?.trim_start();
-    range.split('-').next()?.trim().parse().ok()
-}
-
-/// A blob download that yields exactly `remaining` bytes after skipping `skip`,
-/// and fails if the registry's answer ends early.
-struct Exact {
-    inner: Pin<Box<dyn AsyncRead + Send>>,
-    skip: u64,
-    remaining: u64,
-    what: String,
-}
-
-impl AsyncRead for Exact {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        while this.skip > 0 {
-            let mut scratch = [0u8; 8192];
-            let want = scratch
-                .len()
-                .min(usize::try_from(this.skip).unwrap_or(usize::MAX));
-            let mut rb = ReadBuf::new(&mut scratch[..want]);
-            match this.inner.as_mut().poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("{} ended before the resume offset", this.what),
-                    )));
-                }
-                Poll::Ready(Ok(())) => this.skip -= rb.filled().len() as u64,
-                other => return other,
-            }
-        }
-        if this.remaining == 0 || buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        match this.inner.as_mut().poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let mut n = (buf.filled().len() - before) as u64;
-                if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("{} ended {} bytes early", this.what, this.remaining),
-                    )));
-                }
-                if n > this.remaining {
-                    // Never more than the descriptor says.
-                    n = this.remaining;
-                    buf.set_filled(before + n as usize);
-                }
-                this.remaining -= n;
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
-/// `Bearer realm="…",service="…"` → (`Bearer`, {realm, service}).
-fn parse_challenge(header: &str) -> (String, HashMap<String, String>) {
-    let header = header.trim();
-    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
-    let mut params = HashMap::new();
-    let mut rest = rest.trim();
-    while !rest.is_empty() {
-        let Some((key, after)) = rest.split_once('=') else {
-            break;
-        };
-        let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
-        let after = after.trim_start();
-        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
-            match quoted.find('"') {
-                Some(end) => (&quoted[..end], &quoted[end + 1..]),
-                None => (quoted, ""),
-            }
-        } else {
-            match after.find(',') {
-                Some(end) => (&after[..end], &after[end..]),
-                None => (after, ""),
-            }
-        };
-        params.insert(key, value.to_string());
-        rest = next.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
-    }
-    (scheme.to_string(), params)
-}
-
 #[cfg(test)]
-mod challenge_tests {
-    use super::parse_challenge;
+mod tests {
+    use super::*;
 
     #[test]
-    fn bearer_and_basic_challenges_parse() {
-        let (scheme, p) = parse_challenge(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+    fn sha512_digests_are_computed() {
+        let d = digest_with(Algorithm::Sha512, b"abc");
+        assert!(d.to_string().starts_with("sha512:ddaf35a193617aba"), "{d}");
+        assert_eq!(
+            digest_with(Algorithm::Sha256, b"abc"),
+            Digest::sha256_of(b"abc")
         );
-        assert_eq!(scheme, "Bearer");
-        assert_eq!(p["realm"], "https://auth.example/token");
-        assert_eq!(p["service"], "registry.example");
-        assert_eq!(p["scope"], "repository:a/b:pull");
-        let (scheme, p) = parse_challenge(r#"Basic realm="sarde-test""#);
-        assert_eq!(scheme, "Basic");
-        assert_eq!(p["realm"], "sarde-test");
     }
-}
-
-#[cfg(test)]
-mod range_tests {
-    use super::content_range_start;
 
     #[test]
-    fn content_range_start_is_read() {
-        assert_eq!(content_range_start("bytes 1024-2047/4096"), Some(1024));
-        assert_eq!(content_range_start("bytes 0-9/*"), Some(0));
-        assert_eq!(content_range_start(" bytes  77-99/100 "), Some(77));
-        assert_eq!(content_range_start("items 1-2/3"), None);
-        assert_eq!(content_range_start("bytes */4096"), None);
+    fn media_type_from_the_manifest_then_the_header_then_the_shape() {
+        let typed = br#"{"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        assert_eq!(manifest_media_type(typed, None), media_types::IMAGE_INDEX);
+        let bare = br#"{"schemaVersion":2,"config":{}}"#;
+        assert_eq!(
+            manifest_media_type(bare, Some(media_types::DOCKER_MANIFEST)),
+            media_types::DOCKER_MANIFEST
+        );
+        assert_eq!(
+            manifest_media_type(bare, Some("text/plain")),
+            media_types::IMAGE_MANIFEST
+        );
+        assert_eq!(
+            manifest_media_type(br#"{"manifests":[]}"#, None),
+            media_types::IMAGE_INDEX
+        );
     }
 }

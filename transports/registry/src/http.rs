@@ -1,0 +1,295 @@
+//! HTTP to one registry with bounded memory and time.
+//!
+//! - Every answer read into memory has a cap ([`Http::read_capped`]); error
+//!   bodies are read only up to `MAX_ERROR_BODY_SIZE`.
+//! - Connect timeout, and an idle timeout between bytes (reqwest's read timeout)
+//!   for everything but uploads; small requests also get a total deadline. An
+//!   upload is watched instead: it fails when the registry takes no byte of the
+//!   body, or gives no answer after it, for the idle time.
+//! - Redirects are followed up to `MAX_REDIRECTS`, never in a loop and never
+//!   from https to http unless the registry is insecure; reqwest drops
+//!   `Authorization` when a redirect leaves the host, so credentials and tokens
+//!   never reach a blob store a registry redirects to.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::header::CONTENT_LENGTH;
+use reqwest::{RequestBuilder, Response};
+use sarde_api::TransportError;
+use sarde_api::limits::{MAX_ERROR_BODY_SIZE, MAX_REDIRECTS, TimeBounds};
+use sarde_api::transport::TransportOptions;
+
+use crate::error::{Object, map_reqwest, map_status, retry_after};
+
+const USER_AGENT: &str = concat!("sarde/", env!("CARGO_PKG_VERSION"));
+
+/// The HTTP side of one registry.
+pub(crate) struct Http {
+    location: String,
+    /// `https://host[:port]` or `http://…` for an insecure registry.
+    base: String,
+    /// Idle timeout between reads; for everything but uploads.
+    client: reqwest::Client,
+    /// Without the idle timeout, which would count the upload's own time.
+    upload: reqwest::Client,
+    bounds: TimeBounds,
+}
+
+impl Http {
+    pub fn new(location: &str, options: &TransportOptions) -> Result<Http, TransportError> {
+        let tls_error = |message: String| TransportError::Tls {
+            location: location.to_string(),
+            message,
+        };
+        let mut certificates = Vec::new();
+        if let Some(path) = &options.ca_file {
+            let data = std::fs::read(path).map_err(|source| TransportError::Io {
+                location: location.to_string(),
+                context: format!("reading the CA file {}", path.display()),
+                source,
+            })?;
+            certificates.push(
+                reqwest::Certificate::from_pem(&data)
+                    .map_err(|e| tls_error(format!("the CA file is not PEM: {e}")))?,
+            );
+        }
+        let bounds = options.bounds;
+        let insecure = options.insecure;
+        let builder = || {
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(insecure)
+                .tls_certs_merge(certificates.clone())
+                .connect_timeout(bounds.connect)
+                .redirect(redirect_policy(insecure))
+                .user_agent(USER_AGENT)
+        };
+        let client = builder()
+            .read_timeout(bounds.idle)
+            .build()
+            .map_err(|e| tls_error(format!("cannot set up the HTTP client: {e}")))?;
+        let upload = builder()
+            .build()
+            .map_err(|e| tls_error(format!("cannot set up the HTTP client: {e}")))?;
+        let scheme = if insecure { "http" } else { "https" };
+        Ok(Http {
+            location: location.to_string(),
+            base: format!("{scheme}://{location}"),
+            client,
+            upload,
+            bounds,
+        })
+    }
+
+    /// `base` + `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub fn upload_client(&self) -> &reqwest::Client {
+        &self.upload
+    }
+
+    pub fn bounds(&self) -> TimeBounds {
+        self.bounds
+    }
+
+    /// Sends a small request: the whole of it, body included, within the
+    /// request deadline.
+    pub async fn send_small(
+        &self,
+        request: RequestBuilder,
+        object: &Object,
+    ) -> Result<Response, TransportError> {
+        request
+            .timeout(self.bounds.request)
+            .send()
+            .await
+            .map_err(|e| self.request_error(object, &e))
+    }
+
+    /// Sends a blob download: no deadline, only the idle timeout.
+    pub async fn send_download(
+        &self,
+        request: RequestBuilder,
+        object: &Object,
+    ) -> Result<Response, TransportError> {
+        request
+            .send()
+            .await
+            .map_err(|e| self.request_error(object, &e))
+    }
+
+    /// Sends an upload whose body calls [`UploadWatch::touch`] for every chunk
+    /// it hands over: fails when nothing moves for the idle time.
+    pub async fn send_upload(
+        &self,
+        request: RequestBuilder,
+        watch: &UploadWatch,
+        object: &Object,
+    ) -> Result<Response, TransportError> {
+        let idle = self.bounds.idle;
+        let send = request.send();
+        tokio::pin!(send);
+        loop {
+            let check = tokio::time::sleep(idle / 4);
+            tokio::select! {
+                res = &mut send => return res.map_err(|e| self.request_error(object, &e)),
+                () = check => {
+                    if watch.idle_for() >= idle {
+                        return Err(TransportError::Transient {
+                            location: self.location.clone(),
+                            message: format!(
+                                "{object}: the registry took no data and gave no answer for {} s (idle-timeout)",
+                                idle.as_secs_f64()
+                            ),
+                            retry_after: None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The body of an answer, refused when it is larger than `limit`: read at
+    /// most `limit + 1` bytes, whatever the server sends or announces.
+    pub async fn read_capped(
+        &self,
+        mut res: Response,
+        limit: u64,
+        object: &Object,
+    ) -> Result<Vec<u8>, TransportError> {
+        let too_large = |seen: String| TransportError::Protocol {
+            location: self.location.clone(),
+            message: format!(
+                "{object}: the answer is larger than {limit} bytes ({seen}), the most sarde reads for it: a broken or hostile registry or proxy"
+            ),
+        };
+        if let Some(length) = content_length(&res) {
+            if length > limit {
+                return Err(too_large(format!("{length} announced")));
+            }
+        }
+        let mut body = Vec::new();
+        loop {
+            match res.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > limit {
+                        return Err(too_large("more sent".to_string()));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => return Err(self.request_error(object, &e)),
+            }
+        }
+    }
+
+    /// Turns a failed answer into an error, reading at most
+    /// `MAX_ERROR_BODY_SIZE` of its body for the message.
+    pub async fn error(&self, object: &Object, mut res: Response) -> TransportError {
+        let status = res.status().as_u16();
+        let after = retry_after(res.headers());
+        let mut body = Vec::new();
+        // A registry (or a proxy) may send a large or endless body with an error.
+        let read = async {
+            while (body.len() as u64) < MAX_ERROR_BODY_SIZE {
+                match res.chunk().await {
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                    _ => break,
+                }
+            }
+        };
+        // Nor may it keep us waiting for the message: the status says enough.
+        let _ = tokio::time::timeout(self.bounds.idle.min(Duration::from_secs(10)), read).await;
+        body.truncate(MAX_ERROR_BODY_SIZE as usize);
+        let body = String::from_utf8_lossy(&body);
+        map_status(&self.location, object, Some(status), &body, after)
+    }
+
+    /// A failed request, with the bound that ended it when it timed out.
+    pub fn request_error(&self, object: &Object, e: &reqwest::Error) -> TransportError {
+        if e.is_timeout() {
+            let b = self.bounds;
+            return TransportError::Transient {
+                location: self.location.clone(),
+                message: format!(
+                    "{object}: timed out (connect-timeout {} s, idle-timeout {} s, request-timeout {} s)",
+                    b.connect.as_secs_f64(),
+                    b.idle.as_secs_f64(),
+                    b.request.as_secs_f64()
+                ),
+                retry_after: None,
+            };
+        }
+        map_reqwest(&self.location, object, e)
+    }
+}
+
+/// The announced length of an answer's body.
+pub(crate) fn content_length(res: &Response) -> Option<u64> {
+    res.headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Bounded redirects: no loops, no downgrade from https to http unless insecure.
+fn redirect_policy(insecure: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let next = attempt.url().clone();
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(format!(
+                "more than {MAX_REDIRECTS} redirects, the last to {next}"
+            ));
+        }
+        if attempt.previous().contains(&next) {
+            return attempt.error(format!("a redirect loop through {next}"));
+        }
+        let from_https = attempt
+            .previous()
+            .last()
+            .is_some_and(|u| u.scheme() == "https");
+        if from_https && next.scheme() != "https" && !insecure {
+            return attempt.error(format!(
+                "a redirect from https to {next}, which is not https: refused"
+            ));
+        }
+        attempt.follow()
+    })
+}
+
+/// When an upload last moved, for [`Http::send_upload`].
+#[derive(Clone)]
+pub(crate) struct UploadWatch {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl UploadWatch {
+    pub fn new() -> UploadWatch {
+        UploadWatch {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Records progress now.
+    pub fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}

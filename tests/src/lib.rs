@@ -2,8 +2,10 @@
 //! libraries the way a third party would (`cargo build` of a `cdylib`).
 
 pub mod guest;
+pub mod hostile;
 pub mod registry;
 pub mod runner;
+pub mod token;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

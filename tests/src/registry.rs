@@ -1,8 +1,9 @@
 //! Private OCI registries for end-to-end tests: Debian's `docker-registry` (CNCF
 //! distribution 2.8) started on a free port of 127.0.0.1 with storage, config, log and
-//! certificates in a temporary directory of its own, optionally behind htpasswd
-//! authentication and/or TLS with a self-signed CA. The process is killed when the
-//! [`TestRegistry`] is dropped.
+//! certificates in a temporary directory of its own, optionally behind htpasswd or
+//! token authentication (with a [`TokenServer`](crate::token::TokenServer)) and/or
+//! TLS with a self-signed CA. The process is killed when the [`TestRegistry`] is
+//! dropped.
 //!
 //! ```no_run
 //! use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
@@ -40,6 +41,24 @@ pub struct RegistryOptions {
     /// Serve HTTPS with a server certificate (for IP 127.0.0.1 and DNS localhost)
     /// signed by a fresh self-signed CA, see [`TestRegistry::ca_file`].
     pub tls: bool,
+    /// Require bearer tokens from a token server, usually
+    /// [`TokenServer::registry_auth`](crate::token::TokenServer::registry_auth).
+    /// Exclusive with `htpasswd`.
+    pub token: Option<TokenAuth>,
+}
+
+/// The `auth.token` section of distribution's configuration: where clients get
+/// tokens and how the registry checks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenAuth {
+    /// The URL clients get tokens from (`Bearer realm=...`).
+    pub realm: String,
+    /// The service clients name in token requests; tokens must have it as `aud`.
+    pub service: String,
+    /// The `iss` tokens must carry.
+    pub issuer: String,
+    /// PEM certificates the tokens' `x5c` chains must lead to.
+    pub root_cert_bundle: PathBuf,
 }
 
 /// Whether the programs a [`TestRegistry`] needs (`docker-registry`, `htpasswd`,
@@ -76,6 +95,11 @@ impl TestRegistry {
     /// registry on a free port and waits up to 20 s until `GET /v2/` answers 200 or
     /// 401. Panics, with the end of the registry's log, when it does not.
     pub fn start(options: RegistryOptions) -> TestRegistry {
+        // distribution takes only one access controller.
+        assert!(
+            options.htpasswd.is_none() || options.token.is_none(),
+            "RegistryOptions: htpasswd and token authentication are exclusive"
+        );
         let dir = tempfile::Builder::new()
             .prefix("sarde-registry-")
             .tempdir()
@@ -102,7 +126,7 @@ impl TestRegistry {
         loop {
             attempts += 1;
             registry.port = free_port();
-            registry.write_config(htpasswd.as_deref(), tls.as_ref());
+            registry.write_config(htpasswd.as_deref(), options.token.as_ref(), tls.as_ref());
             match registry.spawn_and_wait() {
                 Ok(()) => return registry,
                 Err(Failure::AddressInUse) if attempts < 5 => continue,
@@ -201,7 +225,12 @@ impl TestRegistry {
         self.dir.path().join("config.yml")
     }
 
-    fn write_config(&self, htpasswd: Option<&Path>, tls: Option<&Certificates>) {
+    fn write_config(
+        &self,
+        htpasswd: Option<&Path>,
+        token: Option<&TokenAuth>,
+        tls: Option<&Certificates>,
+    ) {
         let mut yaml = format!(
             "# A private registry for one sarde-e2e test.\n\
              version: 0.1\n\
@@ -223,6 +252,15 @@ impl TestRegistry {
             yaml += &format!(
                 "auth:\n  htpasswd:\n    realm: sarde-test\n    path: {}\n",
                 yaml_string(file)
+            );
+        }
+        if let Some(token) = token {
+            yaml += &format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                yaml_quote(&token.realm),
+                yaml_quote(&token.service),
+                yaml_quote(&token.issuer),
+                yaml_string(&token.root_cert_bundle),
             );
         }
         fs::write(self.config_path(), yaml).expect("registry configuration written");
@@ -380,9 +418,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A YAML double-quoted string.
+/// A path as a YAML double-quoted string.
 fn yaml_string(path: &Path) -> String {
-    let s = path.to_str().expect("test paths are UTF-8");
+    yaml_quote(path.to_str().expect("test paths are UTF-8"))
+}
+
+/// A YAML double-quoted string.
+fn yaml_quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
@@ -546,7 +588,8 @@ fn random_serial() -> u64 {
     hasher.finish() >> 1 // positive
 }
 
-fn openssl(args: &[&str]) {
+/// Runs the openssl CLI; panics with its error output when it fails.
+pub(crate) fn openssl(args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .output()

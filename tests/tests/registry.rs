@@ -211,6 +211,7 @@ fn round_trip_with_basic_auth() {
     let registry = TestRegistry::start(RegistryOptions {
         htpasswd: Some(("ci".into(), "s3cret:pass".into())),
         tls: false,
+        token: None,
     });
     let addr = registry.address();
     let mut chain = chain_vm("sarde-reg-auth");
@@ -267,6 +268,7 @@ fn round_trip_over_tls_with_a_private_ca() {
     let registry = TestRegistry::start(RegistryOptions {
         htpasswd: None,
         tls: true,
+        token: None,
     });
     let addr = registry.address();
     let mut chain = chain_vm("sarde-reg-tls");

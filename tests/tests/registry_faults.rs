@@ -661,6 +661,7 @@ fn wrong_password_is_refused_without_retry_storm() {
     let registry = TestRegistry::start(RegistryOptions {
         htpasswd: Some((user.into(), password.into())),
         tls: false,
+        token: None,
     });
     let address = registry.address();
     let home = vm::workdir();

@@ -4,7 +4,11 @@
 use std::path::Path;
 use std::process::Command;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::token::{Grant, TokenConfig, TokenServer};
+use serde_json::{Value, json};
 
 fn tools(test: &str) -> bool {
     if registry_tools_available() {
@@ -152,6 +156,7 @@ fn htpasswd_registry_requires_credentials() {
     let registry = TestRegistry::start(RegistryOptions {
         htpasswd: Some(("sarde".into(), "cake:pass".into())),
         tls: false,
+        token: None,
     });
     let v2 = format!("{}/v2/", registry.url());
     assert_eq!(status(&[&v2]), "401");
@@ -175,6 +180,7 @@ fn tls_registry_is_trusted_through_its_ca() {
     let mut registry = TestRegistry::start(RegistryOptions {
         htpasswd: None,
         tls: true,
+        token: None,
     });
     assert!(registry.url().starts_with("https://127.0.0.1:"));
     let ca = registry.ca_file().expect("a CA when tls");
@@ -211,6 +217,7 @@ fn tls_and_htpasswd_together() {
     let registry = TestRegistry::start(RegistryOptions {
         htpasswd: Some(("u".into(), "p".into())),
         tls: true,
+        token: None,
     });
     let ca = registry.ca_file().unwrap();
     let ca = ca.to_str().unwrap();
@@ -234,4 +241,333 @@ fn registries_run_side_by_side() {
     for registry in &registries {
         assert_eq!(status(&[&format!("{}/v2/", registry.url())]), "200");
     }
+}
+
+/// A token server granting `alice`/`secret` pull and push below `private/`, and
+/// everyone pull below `public/`; a registry trusting it.
+fn token_registry() -> (TokenServer, TestRegistry) {
+    let tokens = TokenServer::start(TokenConfig {
+        users: vec![("alice".into(), "secret".into())],
+        grants: vec![
+            Grant::user("alice", "private/*", &["pull", "push"]),
+            Grant::everyone("public/*", &["pull"]),
+        ],
+        ..TokenConfig::default()
+    });
+    let registry = TestRegistry::start(RegistryOptions {
+        token: Some(tokens.registry_auth()),
+        ..RegistryOptions::default()
+    });
+    (tokens, registry)
+}
+
+/// Asks the token server, as docker does (`GET` with one `scope` parameter per
+/// scope, basic credentials when given); returns the HTTP status and the body.
+fn request_token(tokens: &TokenServer, user: Option<&str>, scopes: &[&str]) -> (String, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", "--max-time", "10", "-G"])
+        .arg(tokens.realm())
+        .arg("--data-urlencode")
+        .arg(format!("service={}", tokens.service()));
+    for scope in scopes {
+        cmd.arg("--data-urlencode").arg(format!("scope={scope}"));
+    }
+    if let Some(user) = user {
+        cmd.args(["-u", user]);
+    }
+    let out = cmd.output().expect("curl runs");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = out.rsplit_once('\n').expect("curl printed the status");
+    let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (status.to_string(), body)
+}
+
+/// A token for `scopes`, asserting the server issued it.
+fn token(tokens: &TokenServer, user: Option<&str>, scopes: &[&str]) -> String {
+    let (status, body) = request_token(tokens, user, scopes);
+    assert_eq!(status, "200", "token request: {body}");
+    assert_eq!(body["token"], body["access_token"]);
+    body["token"].as_str().expect("a token").to_string()
+}
+
+/// The decoded claims of a JWT.
+fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a JWT has three parts");
+    let json = URL_SAFE_NO_PAD.decode(payload).expect("base64url claims");
+    serde_json::from_slice(&json).expect("JSON claims")
+}
+
+fn bearer(token: &str) -> [String; 2] {
+    ["-H".into(), format!("Authorization: Bearer {token}")]
+}
+
+/// The response headers of curl `args` (status line included).
+fn response_headers(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-D", "-", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+    headers.lines().find_map(|line| {
+        let (n, value) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+#[test]
+fn token_registry_challenges_and_honours_multi_scope_tokens() {
+    if !tools("token_registry_challenges_and_honours_multi_scope_tokens") {
+        return;
+    }
+    let (tokens, registry) = token_registry();
+    assert!(tokens.realm().starts_with("http://127.0.0.1:"));
+    assert!(tokens.realm().ends_with("/token"));
+    let v2 = format!("{}/v2/", registry.url());
+    let headers = response_headers(&[&v2]);
+    assert!(headers.starts_with("HTTP/1.1 401"), "{headers}");
+    assert_eq!(
+        header(&headers, "www-authenticate"),
+        Some(
+            format!(
+                "Bearer realm=\"{}\",service=\"{}\"",
+                tokens.realm(),
+                tokens.service()
+            )
+            .as_str()
+        )
+    );
+
+    // A token without scopes opens /v2/ only.
+    let plain = token(&tokens, Some("alice:secret"), &[]);
+    let claims_plain = claims(&plain);
+    assert_eq!(claims_plain["iss"], tokens.issuer());
+    assert_eq!(claims_plain["sub"], "alice");
+    assert_eq!(claims_plain["aud"], tokens.service());
+    assert_eq!(claims_plain["access"], json!([]));
+    let auth = bearer(&plain);
+    assert_eq!(status(&[&auth[0], &auth[1], &v2]), "200");
+    let stranger = TokenServer::start(TokenConfig {
+        users: vec![("alice".into(), "secret".into())],
+        ..TokenConfig::default()
+    });
+    let foreign = bearer(&token(&stranger, Some("alice:secret"), &[]));
+    assert_eq!(
+        status(&[&foreign[0], &foreign[1], &v2]),
+        "401",
+        "a token signed by another key"
+    );
+
+    let a = token(
+        &tokens,
+        Some("alice:secret"),
+        &["repository:private/a:pull,push"],
+    );
+    let auth_a = bearer(&a);
+    let auth_a = [auth_a[0].as_str(), auth_a[1].as_str()];
+    let digest = push_blob(&registry, &auth_a, "private/a", b"mounted sardines");
+    let blob_a = format!("{}/v2/private/a/blobs/{digest}", registry.url());
+    assert_eq!(status(&[auth_a[0], auth_a[1], "-I", &blob_a]), "200");
+    assert_eq!(status(&["-I", &blob_a]), "401", "no token, no blob");
+
+    // Mounting into private/b needs push there and pull on private/a. distribution
+    // refuses a token for private/b alone (it does not fall back to an upload) and
+    // asks for both scopes, space-separated in one scope parameter.
+    let mount = |digest: &str| {
+        format!(
+            "{}/v2/private/b/blobs/uploads/?mount={digest}&from=private/a",
+            registry.url()
+        )
+    };
+    let b_only = token(
+        &tokens,
+        Some("alice:secret"),
+        &["repository:private/b:pull,push"],
+    );
+    let auth = bearer(&b_only);
+    let refused = response_headers(&[&auth[0], &auth[1], "-X", "POST", &mount(&digest)]);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let challenge = header(&refused, "www-authenticate").expect("a challenge");
+    let wanted = "repository:private/b:pull,push repository:private/a:pull";
+    assert!(
+        challenge.contains(&format!("scope=\"{wanted}\""))
+            && challenge.contains("error=\"insufficient_scope\""),
+        "{challenge}"
+    );
+
+    // Two scope parameters in one request, as docker and containerd send them.
+    let both = token(
+        &tokens,
+        Some("alice:secret"),
+        &[
+            "repository:private/b:pull,push",
+            "repository:private/a:pull",
+        ],
+    );
+    assert_eq!(
+        claims(&both)["access"],
+        json!([
+            {"type": "repository", "name": "private/b", "actions": ["pull", "push"]},
+            {"type": "repository", "name": "private/a", "actions": ["pull"]},
+        ])
+    );
+    let auth = bearer(&both);
+    assert_eq!(
+        status(&[&auth[0], &auth[1], "-X", "POST", &mount(&digest)]),
+        "201",
+        "cross-repository mount"
+    );
+    let missing = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(
+        status(&[&auth[0], &auth[1], "-X", "POST", &mount(&missing)]),
+        "202",
+        "nothing to mount: an upload starts instead"
+    );
+    // The challenge's scope as it stands, space-separated in one parameter.
+    let spaced = token(&tokens, Some("alice:secret"), &[wanted]);
+    assert_eq!(claims(&spaced)["access"], claims(&both)["access"]);
+    let auth = bearer(&spaced);
+    assert_eq!(
+        status(&[&auth[0], &auth[1], "-X", "POST", &mount(&digest)]),
+        "201"
+    );
+    let auth = bearer(&b_only);
+    let blob_b = format!("{}/v2/private/b/blobs/{digest}", registry.url());
+    assert_eq!(
+        status(&[&auth[0], &auth[1], "-I", &blob_b]),
+        "200",
+        "mounted"
+    );
+
+    let asked: Vec<Vec<String>> = tokens.requests().into_iter().map(|r| r.scopes).collect();
+    assert_eq!(
+        asked,
+        vec![
+            vec![],
+            vec!["repository:private/a:pull,push".to_string()],
+            vec!["repository:private/b:pull,push".to_string()],
+            vec![
+                "repository:private/b:pull,push".to_string(),
+                "repository:private/a:pull".to_string()
+            ],
+            vec![
+                "repository:private/b:pull,push".to_string(),
+                "repository:private/a:pull".to_string()
+            ],
+        ],
+        "scopes are recorded one by one, however they were sent"
+    );
+    assert!(tokens.requests().iter().all(|r| r.authorized
+        && r.account.as_deref() == Some("alice")
+        && r.service.as_deref() == Some(tokens.service())));
+}
+
+#[test]
+fn token_registry_grants_anonymous_pull_only() {
+    if !tools("token_registry_grants_anonymous_pull_only") {
+        return;
+    }
+    let (tokens, registry) = token_registry();
+    let anonymous = token(&tokens, None, &["repository:public/x:pull,push"]);
+    let claims_anonymous = claims(&anonymous);
+    assert_eq!(claims_anonymous["sub"], "");
+    assert_eq!(
+        claims_anonymous["access"],
+        json!([{"type": "repository", "name": "public/x", "actions": ["pull"]}]),
+        "push is not granted, pull is"
+    );
+    let auth = bearer(&anonymous);
+    let manifest = format!("{}/v2/public/x/manifests/latest", registry.url());
+    assert_eq!(status(&[&auth[0], &auth[1], "-I", &manifest]), "404");
+    assert_eq!(status(&["-I", &manifest]), "401", "no token");
+    let upload = format!("{}/v2/public/x/blobs/uploads/", registry.url());
+    assert_eq!(status(&[&auth[0], &auth[1], "-X", "POST", &upload]), "401");
+
+    // Nothing granted below private/: the scope is left out of the token.
+    let nothing = token(&tokens, None, &["repository:private/a:pull"]);
+    assert_eq!(claims(&nothing)["access"], json!([]));
+    let auth = bearer(&nothing);
+    let private = format!("{}/v2/private/a/manifests/latest", registry.url());
+    assert_eq!(status(&[&auth[0], &auth[1], "-I", &private]), "401");
+
+    // alice may pull public repositories too, as everyone.
+    let alice = token(
+        &tokens,
+        Some("alice:secret"),
+        &["repository:public/x:pull,push"],
+    );
+    assert_eq!(
+        claims(&alice)["access"],
+        json!([{"type": "repository", "name": "public/x", "actions": ["pull"]}])
+    );
+
+    let requests = tokens.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[0].account, None);
+    assert_eq!(requests[0].scopes, ["repository:public/x:pull,push"]);
+    assert!(requests.iter().all(|r| r.authorized));
+    assert_eq!(requests[2].account.as_deref(), Some("alice"));
+}
+
+#[test]
+fn token_server_refuses_wrong_passwords() {
+    if !tools("token_server_refuses_wrong_passwords") {
+        return;
+    }
+    let tokens = TokenServer::start(TokenConfig {
+        users: vec![("alice".into(), "secret".into())],
+        grants: vec![Grant::user("alice", "*", &["*"])],
+        expires_in: 42,
+        ..TokenConfig::default()
+    });
+    let scope = ["repository:private/a:pull"];
+    let (status, body) = request_token(&tokens, Some("alice:wrong"), &scope);
+    assert_eq!(status, "401");
+    assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED", "{body}");
+    let (status, _) = request_token(&tokens, Some("mallory:secret"), &scope);
+    assert_eq!(status, "401", "unknown users are refused, not anonymous");
+
+    let (status, body) = request_token(&tokens, Some("alice:secret"), &scope);
+    assert_eq!(status, "200");
+    assert_eq!(body["expires_in"], 42);
+    let issued_at = body["issued_at"].as_str().expect("issued_at");
+    assert!(humantime::parse_rfc3339(issued_at).is_ok(), "{issued_at}");
+    let claims = claims(body["token"].as_str().expect("token"));
+    assert_eq!(
+        claims["exp"].as_u64(),
+        claims["iat"].as_u64().map(|t| t + 42)
+    );
+    let header = token_header(body["token"].as_str().expect("token"));
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(header["x5c"].as_array().map(Vec::len), Some(1));
+
+    let requests = tokens.requests();
+    let outcomes: Vec<(Option<&str>, bool)> = requests
+        .iter()
+        .map(|r| (r.account.as_deref(), r.authorized))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (Some("alice"), false),
+            (Some("mallory"), false),
+            (Some("alice"), true)
+        ]
+    );
+
+    // Dropping the server closes its port.
+    let realm = tokens.realm();
+    drop(tokens);
+    let (code, http) = curl(&[&realm]);
+    assert_eq!((code, http.as_str()), (7, "000"), "connection refused");
+}
+
+/// The decoded header of a JWT.
+fn token_header(token: &str) -> Value {
+    let header = token.split('.').next().expect("a JWT header");
+    let json = URL_SAFE_NO_PAD.decode(header).expect("base64url header");
+    serde_json::from_slice(&json).expect("JSON header")
 }

@@ -220,6 +220,56 @@ fn malformed_values_name_file_section_key_and_expectation() {
 }
 
 #[test]
+fn registry_time_bounds_are_keys_with_defaults_and_checked_values() {
+    let home = tempfile::tempdir().unwrap();
+    let out = run_ok(sarde(home.path()).args(["config", "--format", "json"]));
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    for key in [
+        "connect-timeout",
+        "idle-timeout",
+        "request-timeout",
+        "min-rate",
+        "retry-budget",
+    ] {
+        assert!(shown.contains(key), "{key} missing from {shown}");
+    }
+    let ini = home.path().join("bounds.ini");
+    std::fs::write(
+        &ini,
+        "[DEFAULT]\nidle-timeout = 90s\nmin-rate = 1 MiB\nretry-budget = 7\n",
+    )
+    .unwrap();
+    let out = run_ok(
+        sarde(home.path())
+            .env("SARDE_CONF_FILES", &ini)
+            .args(["config", "--format", "json"]),
+    );
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(shown.contains("1m 30s") || shown.contains("90s"), "{shown}");
+    assert!(shown.contains("1 MiB"), "{shown}");
+
+    std::fs::write(&ini, "[DEFAULT]\nidle-timeout = 0\n").unwrap();
+    let err = run_err(
+        sarde(home.path())
+            .env("SARDE_CONF_FILES", &ini)
+            .arg("config"),
+    );
+    assert!(
+        err.contains("key `idle-timeout`") && err.contains("longer than 0"),
+        "{err}"
+    );
+    let err = run_err(
+        sarde(home.path())
+            .env("SARDE_CONNECT_TIMEOUT", "soon")
+            .arg("config"),
+    );
+    assert!(
+        err.contains("SARDE_CONNECT_TIMEOUT") && err.contains("90s"),
+        "{err}"
+    );
+}
+
+#[test]
 fn plugins_lists_builtins_and_loaded_plugins_with_origin() {
     let home = tempfile::tempdir().unwrap();
     let out = run_ok(sarde(home.path()).args(["plugins", "--format", "json"]));

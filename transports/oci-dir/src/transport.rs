@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sarde_api::digest::Algorithm;
+use sarde_api::limits::MAX_MANIFEST_SIZE;
 use sarde_api::oci::{Descriptor, ImageIndex, ImageManifest, media_types};
 use sarde_api::transport::{BlobReader, RawManifest, TransportOptions};
 use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
@@ -252,6 +253,16 @@ impl Transport for OciDirTransport {
             let descriptor = layout
                 .resolve(&reference)
                 .map_err(|e| this.error(&repository, e))?;
+            // A layout is untrusted too (copied from elsewhere, or an archive's).
+            if descriptor.size > MAX_MANIFEST_SIZE {
+                return Err(TransportError::Protocol {
+                    location: this.location(),
+                    message: format!(
+                        "manifest {repository}:{reference} announces {} bytes, more than the {MAX_MANIFEST_SIZE} sarde reads for a manifest",
+                        descriptor.size
+                    ),
+                });
+            }
             let bytes = layout
                 .read_blob(&descriptor)
                 .map_err(|e| this.error(&repository, e))?;

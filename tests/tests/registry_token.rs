@@ -4,13 +4,15 @@
 //! anonymous pulls work; that a push under a second name mounts every blob (the
 //! registry's log shows the mounts accepted and no blob uploaded) because one token
 //! covers the target and the mount's source; that every command asks the token
-//! server once; and that a private repository refuses an anonymous pull clearly.
+//! server once; that a private repository refuses an anonymous pull clearly; and
+//! that a token the registry refuses is renewed once, not in a loop.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use sarde_e2e::hostile::{Action, Body, HostileServer, Matcher, Rule};
 use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
 use sarde_e2e::token::{Grant, TokenConfig, TokenRequest, TokenServer};
 use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
@@ -165,7 +167,10 @@ fn token_auth_push_mounts_pull_and_anonymous_access() {
     scopes.sort();
     assert_eq!(
         scopes,
-        ["repository:private/a:pull", "repository:private/b:pull,push"]
+        [
+            "repository:private/a:pull",
+            "repository:private/b:pull,push"
+        ]
     );
     let summary: Value = serde_json::from_str(&summary).expect("a JSON summary");
     let lines = access_lines(&registry, log_start);
@@ -184,7 +189,10 @@ fn token_auth_push_mounts_pull_and_anonymous_access() {
         "a mount was refused: {mounts:#?}"
     );
     assert!(uploads.is_empty(), "blobs were uploaded: {uploads:#?}");
-    assert_eq!(summary["bytes_sent"].as_u64().map(|b| b < 64 << 10), Some(true));
+    assert_eq!(
+        summary["bytes_sent"].as_u64().map(|b| b < 64 << 10),
+        Some(true)
+    );
     assert_eq!(summary["blobs_mounted"], summary["blobs_skipped"]);
     assert_eq!(summary["blobs_mounted"].as_u64(), Some(mounts.len() as u64));
 
@@ -214,7 +222,10 @@ fn token_auth_push_mounts_pull_and_anonymous_access() {
         ok(sarde(anonymous).args(["fetch", "-q", "--insecure", &public]));
     });
     assert_eq!(asked.len(), 1, "{asked:?}");
-    assert_eq!(asked[0].account, None, "no credentials were sent: {asked:?}");
+    assert_eq!(
+        asked[0].account, None,
+        "no credentials were sent: {asked:?}"
+    );
 
     // A private one refuses them, saying what to do.
     let err = fails(sarde(anonymous).args(["fetch", "--insecure", &image_a]));
@@ -225,4 +236,80 @@ fn token_auth_push_mounts_pull_and_anonymous_access() {
     );
     let list = ok(sarde(anonymous).args(["list", "--format", "json"]));
     assert!(!list.contains("private/a"), "{list}");
+}
+
+/// A registry that answers 401 to a token it issued (revoked, or expired early):
+/// sarde asks for a new token once and goes on; when the new one is refused too,
+/// it stops with the credentials error instead of asking again and again.
+#[test]
+fn a_refused_token_is_renewed_once() {
+    if !enabled("a_refused_token_is_renewed_once") {
+        return;
+    }
+    let tokens = TokenServer::start(TokenConfig {
+        users: vec![(USER.into(), PASSWORD.into())],
+        grants: vec![Grant::user(USER, "private/*", &["pull", "push"])],
+        ..TokenConfig::default()
+    });
+    let registry = TestRegistry::start(RegistryOptions {
+        token: Some(tokens.registry_auth()),
+        ..RegistryOptions::default()
+    });
+    let front = HostileServer::start(Some(registry.address()));
+    let address = front.address();
+
+    let work = vm::workdir();
+    let disk = work.path().join("disk.qcow2");
+    qcow2(&disk, "16M", None);
+    fill_random(&disk, 0, 2, 9);
+    let name = vm::unique("sarde-token-renew");
+    let _vm = TestVm::define(&name, &[&disk], None);
+    let alice = vm::workdir();
+    let alice = alice.path();
+    let image = format!("{address}/private/r:1");
+    ok(sarde(alice).args(["export", &name, &image]));
+    login(alice, &address);
+    ok(sarde(alice).args(["push", "-q", "--insecure", &image]));
+
+    let refusal = || Action::Respond {
+        status: 401,
+        headers: vec![(
+            "WWW-Authenticate".into(),
+            format!(
+                "Bearer realm=\"{}\",service=\"{}\",error=\"invalid_token\"",
+                tokens.realm(),
+                tokens.service()
+            ),
+        )],
+        body: Body::text(r#"{"errors":[{"code":"UNAUTHORIZED","message":"token revoked"}]}"#),
+    };
+    let reader = vm::workdir();
+    let reader = reader.path();
+    login(reader, &address);
+    front.add_rule(Rule::first(
+        1,
+        Matcher::path_contains("GET", "/manifests/"),
+        refusal(),
+    ));
+    let asked = token_requests_of(&tokens, || {
+        ok(sarde(reader).args(["fetch", "-q", "--insecure", &image]));
+    });
+    assert_eq!(asked.len(), 2, "the first token and its renewal: {asked:?}");
+
+    front.add_rule(Rule::always(
+        Matcher::path_contains("GET", "/manifests/"),
+        refusal(),
+    ));
+    let again = vm::workdir();
+    let again = again.path();
+    login(again, &address);
+    let mut err = String::new();
+    let asked = token_requests_of(&tokens, || {
+        err = fails(sarde(again).args(["fetch", "--insecure", &image]));
+    });
+    assert_eq!(asked.len(), 2, "renewed once, not again: {asked:?}");
+    assert!(
+        err.contains("authentication required or refused") && err.contains("sarde login"),
+        "{err}"
+    );
 }

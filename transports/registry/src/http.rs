@@ -28,8 +28,8 @@ const USER_AGENT: &str = concat!("sarde/", env!("CARGO_PKG_VERSION"));
 /// The HTTP side of one registry.
 pub(crate) struct Http {
     location: String,
-    /// `https://host[:port]` or `http://…` for an insecure registry.
-    base: String,
+    /// `https://host[:port]/` or `http://…` for an insecure registry.
+    base: reqwest::Url,
     /// Idle timeout between reads; for everything but uploads.
     client: reqwest::Client,
     /// Without the idle timeout, which would count the upload's own time.
@@ -73,18 +73,32 @@ impl Http {
             .build()
             .map_err(|e| tls_error(format!("cannot set up the HTTP client: {e}")))?;
         let scheme = if insecure { "http" } else { "https" };
+        let base = reqwest::Url::parse(&format!("{scheme}://{location}/")).map_err(|e| {
+            TransportError::Protocol {
+                location: location.to_string(),
+                message: format!("{location:?} is not a registry location (host[:port]): {e}"),
+            }
+        })?;
         Ok(Http {
             location: location.to_string(),
-            base: format!("{scheme}://{location}"),
+            base,
             client,
             upload,
             bounds,
         })
     }
 
-    /// `base` + `path` (which starts with `/`).
+    /// The registry's URL for `path` (which starts with `/`).
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.base.as_str().trim_end_matches('/'))
+    }
+
+    /// Whether `url` is on the registry itself (scheme, host and port), where
+    /// credentials and tokens may go; an upload session may live elsewhere.
+    pub fn is_registry_url(&self, url: &reqwest::Url) -> bool {
+        self.base.scheme() == url.scheme()
+            && self.base.host_str() == url.host_str()
+            && self.base.port_or_known_default() == url.port_or_known_default()
     }
 
     pub fn client(&self) -> &reqwest::Client {

@@ -209,12 +209,18 @@ impl RegistryTransport {
     async fn cancel_upload(&self, repository: &str, mut url: reqwest::Url, object: &Object) {
         url.set_query(None);
         let scope = Scope::new(repository, Access::Push);
-        if let Ok(res) = self
-            .send(&scope, object, Kind::Small, || {
+        let res = if self.http.is_registry_url(&url) {
+            self.send(&scope, object, Kind::Small, || {
                 self.http.client().delete(url.clone())
             })
             .await
-        {
+        } else {
+            // A session elsewhere gets no credentials.
+            self.http
+                .send_small(self.http.client().delete(url.clone()), object)
+                .await
+        };
+        if let Ok(res) = res {
             tracing::debug!(status = %res.status(), "cancelled upload of {object}");
         }
     }
@@ -541,12 +547,16 @@ impl Transport for RegistryTransport {
             .header(CONTENT_LENGTH, blob.size)
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(body));
-        if let Authorization::Header(value) = self
-            .auth
-            .authorization(&self.http, &scope, &object, None)
-            .await?
-        {
-            request = request.header(AUTHORIZATION, value);
+        // Credentials only to the registry itself, not to an upload session the
+        // registry placed on another host (a storage service).
+        if self.http.is_registry_url(&url) {
+            if let Authorization::Header(value) = self
+                .auth
+                .authorization(&self.http, &scope, &object, None)
+                .await?
+            {
+                request = request.header(AUTHORIZATION, value);
+            }
         }
         let sent = self.http.send_upload(request, &watch, &object).await;
         let ours = failure.lock().ok().and_then(|mut f| f.take());

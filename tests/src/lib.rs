@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: locating the workspace and building plugin
 //! libraries the way a third party would (`cargo build` of a `cdylib`).
 
+pub mod cache;
 pub mod guest;
 pub mod hostile;
 pub mod registry;

@@ -70,6 +70,24 @@ pub fn registry_tools_available() -> bool {
         .all(|program| in_path(program))
 }
 
+/// Whether an end-to-end registry test can run here: libvirt enabled and the
+/// registry tools present. Prints why not; under CI (`CI=true`) a missing tool
+/// fails the test instead, naming it.
+pub fn registry_tests_enabled(test: &str) -> bool {
+    if !crate::vm::libvirt_enabled(test) {
+        return false;
+    }
+    if !registry_tools_available() {
+        let why = format!(
+            "{test}: docker-registry, htpasswd, openssl or curl missing (scripts/install-deps.sh)"
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("SKIPPED {why}");
+        return false;
+    }
+    true
+}
+
 fn in_path(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| {

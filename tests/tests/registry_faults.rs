@@ -6,118 +6,22 @@
 //! they work).
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
-use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
+use sarde_e2e::cache::{
+    Blob, CachedImage, PushedVm, assert_no_vm, listed, read_json, run_with_stdin,
+};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
+use sarde_e2e::vm::{self, TestVm, fill_random, qcow2, same_guest_content};
 use sarde_e2e::{fails, ok, sarde};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 /// The piece size of the exported images.
 const PIECE: u64 = 8 * MIB;
-
-/// Whether the test can run here; prints why not.
-fn enabled(test: &str) -> bool {
-    if !vm::libvirt_enabled(test) {
-        return false;
-    }
-    if !registry_tools_available() {
-        eprintln!(
-            "SKIPPED {test}: docker-registry, htpasswd, openssl or curl missing (scripts/install-deps.sh)"
-        );
-        return false;
-    }
-    true
-}
-
-fn read_json(path: &Path) -> Value {
-    let bytes = fs::read(path).unwrap_or_else(|e| panic!("{} cannot be read: {e}", path.display()));
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
-}
-
-/// A blob of a manifest.
-#[derive(Debug, Clone)]
-struct Blob {
-    digest: String,
-    size: u64,
-    media_type: String,
-}
-
-impl Blob {
-    fn hex(&self) -> &str {
-        self.digest.trim_start_matches("sha256:")
-    }
-
-    fn is_piece(&self) -> bool {
-        self.media_type.contains("disk.piece")
-    }
-}
-
-/// One OCI layout of a cache: `<ocidir>/<registry>/<repository>`.
-struct CachedImage {
-    layout: PathBuf,
-    tag: String,
-}
-
-impl CachedImage {
-    fn new(home: &Path, image: &str) -> CachedImage {
-        let (name, tag) = image.rsplit_once(':').expect("image with a tag");
-        CachedImage {
-            layout: home.join("OCI").join(name),
-            tag: tag.to_string(),
-        }
-    }
-
-    fn blob_path(&self, digest: &str) -> PathBuf {
-        self.layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"))
-    }
-
-    /// The descriptor the tag points at, if the layout has the tag.
-    fn tagged(&self) -> Option<Value> {
-        let index = self.layout.join("index.json");
-        if !index.exists() {
-            return None;
-        }
-        read_json(&index)["manifests"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == self.tag.as_str())
-            .cloned()
-    }
-
-    /// The manifest's digest and size.
-    fn manifest_descriptor(&self) -> (String, u64) {
-        let d = self
-            .tagged()
-            .unwrap_or_else(|| panic!("no tag {} in {}", self.tag, self.layout.display()));
-        (
-            d["digest"].as_str().unwrap().to_string(),
-            d["size"].as_u64().unwrap(),
-        )
-    }
-
-    /// Config and layers of the tagged manifest.
-    fn blobs(&self) -> Vec<Blob> {
-        let (digest, _) = self.manifest_descriptor();
-        let manifest = read_json(&self.blob_path(&digest));
-        let blob = |v: &Value| Blob {
-            digest: v["digest"].as_str().unwrap().to_string(),
-            size: v["size"].as_u64().unwrap(),
-            media_type: v["mediaType"].as_str().unwrap().to_string(),
-        };
-        let mut blobs = vec![blob(&manifest["config"])];
-        blobs.extend(manifest["layers"].as_array().unwrap().iter().map(blob));
-        blobs
-    }
-}
 
 /// The cache-wide directory of partial downloads.
 fn partial_dir(home: &Path) -> PathBuf {
@@ -138,35 +42,6 @@ fn partials(home: &Path) -> Vec<(String, u64)> {
             .collect()
         })
         .unwrap_or_default()
-}
-
-/// Whether `sarde list --format json` shows `image`'s tag.
-fn listed(home: &Path, image: &str) -> bool {
-    let (name, tag) = image.rsplit_once(':').unwrap();
-    let out = ok(sarde(home).args(["list", "--format", "json"]));
-    let list: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    list["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|i| i["name"] == name && i["tag"] == tag)
-}
-
-/// Runs `cmd` with `input` on stdin.
-fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sarde runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -193,64 +68,6 @@ fn requests(log: &str) -> Vec<&str> {
     log.lines()
         .filter(|l| !l.starts_with("time=") && l.contains("] \"") && l.contains(" HTTP/"))
         .collect()
-}
-
-/// A VM with `random_mib` MiB of random data (and a little pattern) on its disk,
-/// exported into `home`'s cache as `image` and pushed to `registry`.
-struct Source {
-    _work: tempfile::TempDir,
-    home: tempfile::TempDir,
-    disk: PathBuf,
-    vm: TestVm,
-    image: String,
-}
-
-impl Source {
-    fn new(
-        registry: &TestRegistry,
-        repository: &str,
-        random_mib: u64,
-        export_args: &[&str],
-    ) -> Source {
-        let work = vm::workdir();
-        let disk = work.path().join("disk.qcow2");
-        qcow2(&disk, &format!("{}M", random_mib + 64), None);
-        fill_random(&disk, 0, random_mib, 17);
-        fill(&disk, 0x5a, &format!("{}M", random_mib + 8), "1M");
-        let name = vm::unique("sarde-regfault");
-        let test_vm = TestVm::define(&name, &[&disk], None);
-        let home = vm::workdir();
-        let image = format!("{}/{repository}:1", registry.address());
-        let id = ok(sarde(home.path())
-            .arg("export")
-            .args(export_args)
-            .args([&name, &image]));
-        assert!(id.starts_with("sha256:"), "image id {id:?}");
-        ok(sarde(home.path()).args(["push", "-q", "--insecure", &image]));
-        Source {
-            _work: work,
-            home,
-            disk,
-            vm: test_vm,
-            image,
-        }
-    }
-
-    fn cached(&self) -> CachedImage {
-        CachedImage::new(self.home.path(), &self.image)
-    }
-}
-
-/// A failed pull left neither a domain `name` nor its directory under `home`.
-fn assert_no_vm(home: &Path, name: &str, err: &str) {
-    assert!(
-        !vm::domain_exists(name),
-        "{name} was defined despite: {err}"
-    );
-    assert!(
-        !home.join("VMs").join(name).exists(),
-        "a VM directory for {name} is in place"
-    );
 }
 
 /// Imports `image` from `home`'s cache as `name` and checks the disk shows the guest
@@ -281,7 +98,7 @@ struct Interrupted {
 /// partial download to resume, and the caller tries again.
 fn fetch_until_stopped(
     registry: &mut TestRegistry,
-    source: &Source,
+    source: &PushedVm,
     home: &Path,
 ) -> Option<Interrupted> {
     let blobs = source.cached().blobs();
@@ -380,11 +197,11 @@ fn fetch_until_stopped(
 
 #[test]
 fn registry_stopped_mid_fetch_then_resumes() {
-    if !enabled("registry_stopped_mid_fetch_then_resumes") {
+    if !registry_tests_enabled("registry_stopped_mid_fetch_then_resumes") {
         return;
     }
     let mut registry = TestRegistry::start(RegistryOptions::default());
-    let mut source = Source::new(
+    let mut source = PushedVm::new(
         &registry,
         "faults/stopped",
         48,
@@ -477,11 +294,11 @@ fn registry_stopped_mid_fetch_then_resumes() {
 
 #[test]
 fn blob_corrupted_in_registry_storage() {
-    if !enabled("blob_corrupted_in_registry_storage") {
+    if !registry_tests_enabled("blob_corrupted_in_registry_storage") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
-    let mut source = Source::new(
+    let mut source = PushedVm::new(
         &registry,
         "faults/corrupt",
         24,
@@ -548,11 +365,11 @@ fn blob_corrupted_in_registry_storage() {
 fn a_damaged_blob_already_in_the_cache_is_caught_by_a_pull() {
     // A pull hashes again only what it did not download itself: a blob it finds in
     // the cache (same size, other bytes) must not reach the VM's disk.
-    if !enabled("a_damaged_blob_already_in_the_cache_is_caught_by_a_pull") {
+    if !registry_tests_enabled("a_damaged_blob_already_in_the_cache_is_caught_by_a_pull") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
-    let mut source = Source::new(
+    let mut source = PushedVm::new(
         &registry,
         "faults/rotten",
         24,
@@ -591,11 +408,11 @@ fn a_damaged_blob_already_in_the_cache_is_caught_by_a_pull() {
 
 #[test]
 fn eight_concurrent_pulls_download_each_blob_once() {
-    if !enabled("eight_concurrent_pulls_download_each_blob_once") {
+    if !registry_tests_enabled("eight_concurrent_pulls_download_each_blob_once") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
-    let mut source = Source::new(&registry, "faults/crowd", 24, &["--chunksize", "4MiB"]);
+    let mut source = PushedVm::new(&registry, "faults/crowd", 24, &["--chunksize", "4MiB"]);
     let home = vm::workdir();
     let home = home.path();
     let names: Vec<String> = (0..8)
@@ -653,7 +470,7 @@ fn eight_concurrent_pulls_download_each_blob_once() {
 
 #[test]
 fn wrong_password_is_refused_without_retry_storm() {
-    if !enabled("wrong_password_is_refused_without_retry_storm") {
+    if !registry_tests_enabled("wrong_password_is_refused_without_retry_storm") {
         return;
     }
     let (user, password) = ("sardeuser", "right-horse-battery-7431");

@@ -7,13 +7,12 @@
 //! server once; that a private repository refuses an anonymous pull clearly; and
 //! that a token the registry refuses is renewed once, not in a loop.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use sarde_e2e::cache::run_with_stdin;
 use sarde_e2e::hostile::{Action, Body, HostileServer, Matcher, Rule};
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
 use sarde_e2e::token::{Grant, TokenConfig, TokenRequest, TokenServer};
 use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
 use sarde_e2e::{fails, ok, sarde};
@@ -21,38 +20,6 @@ use serde_json::Value;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "token-horse-battery-5521";
-
-/// Whether the test can run here; fails under CI when it can't.
-fn enabled(test: &str) -> bool {
-    if !vm::libvirt_enabled(test) {
-        return false;
-    }
-    if !registry_tools_available() {
-        let why = format!(
-            "{test}: docker-registry, htpasswd, openssl or curl missing (scripts/install-deps.sh)"
-        );
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        eprintln!("SKIPPED {why}");
-        return false;
-    }
-    true
-}
-
-fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sarde runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("password written");
-    child.wait_with_output().expect("sarde ends")
-}
 
 fn login(home: &Path, registry: &str) {
     let out = run_with_stdin(
@@ -101,7 +68,7 @@ fn access_lines(registry: &TestRegistry, from: usize) -> Vec<String> {
 
 #[test]
 fn token_auth_push_mounts_pull_and_anonymous_access() {
-    if !enabled("token_auth_push_mounts_pull_and_anonymous_access") {
+    if !registry_tests_enabled("token_auth_push_mounts_pull_and_anonymous_access") {
         return;
     }
     let tokens = TokenServer::start(TokenConfig {
@@ -243,7 +210,7 @@ fn token_auth_push_mounts_pull_and_anonymous_access() {
 /// it stops with the credentials error instead of asking again and again.
 #[test]
 fn a_refused_token_is_renewed_once() {
-    if !enabled("a_refused_token_is_renewed_once") {
+    if !registry_tests_enabled("a_refused_token_is_renewed_once") {
         return;
     }
     let tokens = TokenServer::start(TokenConfig {

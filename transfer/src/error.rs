@@ -84,7 +84,7 @@ impl TransferError {
 /// A blob whose downloaded content is not what its descriptor says.
 #[derive(Debug, Error)]
 #[error(
-    "{image}: blob {digest} from {location} has {what} {actual}, expected {expected}; nothing was stored (the registry's copy is damaged: push the image again)"
+    "{image}: blob {digest} from {location} has {what} {actual}, expected {expected}; nothing was stored (the registry's copy is damaged, or a proxy or mirror in between sent other data; if it persists, push the image again)"
 )]
 pub struct VerifyFailure {
     pub image: String,

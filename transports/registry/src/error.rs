@@ -68,8 +68,16 @@ pub fn map_status(
     let has = |code: &str| codes.iter().any(|c| c == code);
     let location = location.to_string();
     let detail = {
-        let body = body.trim();
-        let body: String = body.chars().take(300).collect();
+        // Enough of the body to explain; printable, so junk stays short and harmless.
+        let printable: String = body
+            .trim()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let mut body: String = printable.chars().take(200).collect();
+        if printable.chars().count() > 200 {
+            body.push('…');
+        }
         match status {
             Some(s) => format!("HTTP {s} {body}"),
             None => body,

@@ -120,11 +120,12 @@ impl Http {
         request: RequestBuilder,
         object: &Object,
     ) -> Result<Response, TransportError> {
+        let started = Instant::now();
         request
             .timeout(self.bounds.request)
             .send()
             .await
-            .map_err(|e| self.request_error(object, &e))
+            .map_err(|e| self.request_error(object, &e, Some(started)))
     }
 
     /// Sends a blob download: no deadline, only the idle timeout.
@@ -136,7 +137,7 @@ impl Http {
         request
             .send()
             .await
-            .map_err(|e| self.request_error(object, &e))
+            .map_err(|e| self.request_error(object, &e, None))
     }
 
     /// Sends an upload whose body calls [`UploadWatch::touch`] for every chunk
@@ -153,7 +154,7 @@ impl Http {
         loop {
             let check = tokio::time::sleep(idle / 4);
             tokio::select! {
-                res = &mut send => return res.map_err(|e| self.request_error(object, &e)),
+                res = &mut send => return res.map_err(|e| self.request_error(object, &e, None)),
                 () = check => {
                     if watch.idle_for() >= idle {
                         return Err(TransportError::Transient {
@@ -199,7 +200,8 @@ impl Http {
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => return Ok(body),
-                Err(e) => return Err(self.request_error(object, &e)),
+                // Read within the small request's deadline, which began earlier.
+                Err(e) => return Err(self.request_error(object, &e, None)),
             }
         }
     }
@@ -226,18 +228,32 @@ impl Http {
         map_status(&self.location, object, Some(status), &body, after)
     }
 
-    /// A failed request, with the bound that ended it when it timed out.
-    pub fn request_error(&self, object: &Object, e: &reqwest::Error) -> TransportError {
+    /// A failed request, naming the bound that ended it when it timed out.
+    /// `deadline_from` is when a small request with the request deadline began.
+    pub fn request_error(
+        &self,
+        object: &Object,
+        e: &reqwest::Error,
+        deadline_from: Option<Instant>,
+    ) -> TransportError {
         if e.is_timeout() {
             let b = self.bounds;
+            let bound = if e.is_connect() {
+                format!(
+                    "no connection within connect-timeout {} s",
+                    b.connect.as_secs_f64()
+                )
+            } else if deadline_from.is_some_and(|t| t.elapsed() >= b.request) {
+                format!(
+                    "not done within request-timeout {} s",
+                    b.request.as_secs_f64()
+                )
+            } else {
+                format!("no byte for idle-timeout {} s", b.idle.as_secs_f64())
+            };
             return TransportError::Transient {
                 location: self.location.clone(),
-                message: format!(
-                    "{object}: timed out (connect-timeout {} s, idle-timeout {} s, request-timeout {} s)",
-                    b.connect.as_secs_f64(),
-                    b.idle.as_secs_f64(),
-                    b.request.as_secs_f64()
-                ),
+                message: format!("{object}: timed out: {bound}"),
                 retry_after: None,
             };
         }

@@ -50,14 +50,3 @@ impl Default for TimeBounds {
         }
     }
 }
-
-/// Whether `len` bytes fit under `limit`; the error text names both.
-pub fn check_size(what: &str, len: u64, limit: u64) -> Result<(), String> {
-    if len > limit {
-        Err(format!(
-            "{what} is larger than {limit} bytes ({len} or more), the most sarde reads into memory: a broken or hostile source"
-        ))
-    } else {
-        Ok(())
-    }
-}

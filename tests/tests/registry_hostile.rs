@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use sarde_api::Transport;
 use sarde_api::transport::TransportOptions;
-use sarde_e2e::cache::{Blob, CachedImage, PushedVm, assert_no_vm, listed};
+use sarde_e2e::cache::{Blob, CachedImage, PushedVm, assert_no_vm, listed, run_with_stdin};
 use sarde_e2e::hostile::{Action, Body, HostileServer, Matcher, Mutation, Rule, SeenRequest};
 use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
 use sarde_e2e::vm::{self, same_guest_content};
@@ -672,6 +672,100 @@ fn a_redirect_loop_is_refused_at_once() {
     let blobs = scene.source.cached().blobs();
     let gets = scene.requests_matching(|r| blobs.iter().any(|b| is_get_of(b, r)));
     assert!(gets.len() <= 2 * blobs.len(), "{gets:#?}");
+}
+
+/// A host the registry redirects a blob to answers 401 with a challenge of its
+/// own: sarde neither adopts that challenge (whose realm would get the user's
+/// credentials) nor blames the user's credentials; it names the host.
+#[test]
+fn a_401_from_a_redirect_target_is_not_the_registrys_challenge() {
+    let case = "401 from a redirect target";
+    if !registry_tests_enabled("a_401_from_a_redirect_target_is_not_the_registrys_challenge") {
+        return;
+    }
+    let scene = Scene::new("hostile/storage");
+    let storage = HostileServer::start(None);
+    let realm = format!("{}/token", storage.url());
+    storage.add_rule(Rule::always(
+        Matcher::path_contains("GET", "/blobs/sha256:"),
+        Action::Respond {
+            status: 401,
+            headers: vec![header(
+                "WWW-Authenticate",
+                &format!("Bearer realm=\"{realm}\",service=\"storage\""),
+            )],
+            body: Body::text("denied"),
+        },
+    ));
+    scene.hostile.add_rule(Rule::always(
+        Matcher::path_contains("GET", "/blobs/sha256:"),
+        Action::Redirect {
+            status: 307,
+            location: format!("{}{{path}}", storage.url()),
+        },
+    ));
+    let run = measured(
+        bounded(scene.home())
+            .env("SARDE_REGISTRY_USERNAME", "someone")
+            .env("SARDE_REGISTRY_PASSWORD", "a-secret-for-the-registry")
+            .args(["fetch", "-q", "--insecure", &scene.image]),
+    );
+    let err = run.failed_within(case, Duration::from_secs(10));
+    assert_mentions(case, err, &[&storage.address(), "redirected", "401"]);
+    assert!(
+        !err.contains("sarde login"),
+        "the credentials are not the problem: {err}"
+    );
+    assert_nothing_cached(scene.home(), &scene.image, err);
+    let asked_realm = storage.requests().iter().any(|r| r.path() == "/token");
+    assert!(
+        !asked_realm,
+        "the redirect target's realm got a token request"
+    );
+    assert!(
+        !storage.saw_header("authorization"),
+        "the redirect target saw credentials"
+    );
+}
+
+/// `sarde login` to a web server that is not a registry (`/v2/` is 404) fails
+/// and stores nothing.
+#[test]
+fn login_to_a_host_without_the_registry_api_fails() {
+    if !registry_tests_enabled("login_to_a_host_without_the_registry_api_fails") {
+        return;
+    }
+    let web = HostileServer::start(None);
+    web.add_rule(Rule::always(
+        Matcher::new("*", |_| true),
+        Action::Respond {
+            status: 404,
+            headers: Vec::new(),
+            body: Body::text("<html>not found</html>"),
+        },
+    ));
+    let home = vm::workdir();
+    let out = run_with_stdin(
+        bounded(home.path()).args([
+            "login",
+            "-u",
+            "someone",
+            "--password-stdin",
+            "--insecure",
+            &web.address(),
+        ]),
+        "a-password\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "login succeeded: {err}");
+    assert!(
+        err.contains(&web.address()) && err.contains("not an OCI registry"),
+        "{err}"
+    );
+    assert!(
+        !home.path().join("auth.json").exists(),
+        "credentials stored"
+    );
 }
 
 /// A tiny HTTP server for [`tag_pages_that_never_end_stop_at_1000`]: `/v2/`

@@ -87,8 +87,10 @@ pub(crate) fn references(image: &str, manifest: &RawManifest) -> Result<Refs, Tr
         let limit = if children {
             is_manifest(&d.media_type).then_some(MAX_MANIFEST_SIZE)
         } else {
-            let metadata =
-                i == 0 || d.media_type.ends_with("+json") || d.media_type.ends_with("+xml");
+            // The config, and the layers sarde reads into memory.
+            let metadata = i == 0
+                || d.media_type == media_types::DOMAIN_XML
+                || d.media_type == media_types::VM_CONFIG;
             metadata.then_some(MAX_CONFIG_SIZE)
         };
         if let Some(limit) = limit.filter(|limit| d.size > *limit) {

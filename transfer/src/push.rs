@@ -277,7 +277,13 @@ impl PushRequest {
             }
         }
         let path = layout.blob_path(&blob.digest);
-        let (result, retries) = retrying(options, &what, |_| async {
+        let path = &path;
+        let (result, retries) = retrying(options, &what, |attempt| async move {
+            // An upload whose answer never came may have landed all the same
+            // (a slow commit): don't send gigabytes twice.
+            if attempt > 0 && t.blob_exists(&target.repository, blob).await? {
+                return Ok(());
+            }
             let file = tokio::fs::File::open(&path)
                 .await
                 .map_err(TransferError::io(&path, "opening the blob"))?;

@@ -31,6 +31,8 @@ use crate::http::Http;
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// A token is renewed this long before it expires, so it never expires in flight.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// The longest a token is kept, whatever its server says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Access to one repository, as a token scope.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,6 +47,21 @@ impl Scope {
             repository: repository.to_string(),
             access,
         }
+    }
+
+    /// `repository:NAME:ACTIONS` as a challenge names it; other resource types
+    /// (`registry:catalog:*`) are not scopes sarde asks for.
+    fn parse(text: &str) -> Option<Scope> {
+        let rest = text.strip_prefix("repository:")?;
+        let (repository, actions) = rest.rsplit_once(':')?;
+        if repository.is_empty() {
+            return None;
+        }
+        let push = actions.split(',').any(|a| a == "push" || a == "*");
+        Some(Scope::new(
+            repository,
+            if push { Access::Push } else { Access::Pull },
+        ))
     }
 
     /// `repository:NAME:pull` or `repository:NAME:pull,push`.
@@ -144,10 +161,13 @@ impl Authenticator {
     ) -> Result<Authorization, TransportError> {
         let mut state = self.state.lock().await;
         if state.challenge.is_none() {
-            state.challenge = Some(self.ping(http, object).await?);
+            state.challenge = Some(self.ping(http, object).await?.1);
         }
+        // A refused token goes; what it covered is asked for again.
+        let mut carried = BTreeSet::new();
         if let (Some(stale), Some(token)) = (stale, &state.token) {
             if token.header == stale {
+                carried = token.scopes.clone();
                 state.token = None;
             }
         }
@@ -165,10 +185,9 @@ impl Authenticator {
                 }
                 // Everything declared, everything the last token had, and this.
                 let mut scopes = self.declared.lock().map(|d| d.clone()).unwrap_or_default();
-                if let Some(token) = &state.token {
-                    for s in &token.scopes {
-                        insert_scope(&mut scopes, s.clone());
-                    }
+                let last = state.token.as_ref().map(|t| &t.scopes).unwrap_or(&carried);
+                for s in last {
+                    insert_scope(&mut scopes, s.clone());
                 }
                 insert_scope(&mut scopes, scope.clone());
                 let token = match self
@@ -177,10 +196,10 @@ impl Authenticator {
                 {
                     Ok(token) => token,
                     // Some token servers refuse a whole request for one scope
-                    // they won't grant: ask again for this request's own.
-                    Err(TransportError::Unauthorized { .. } | TransportError::Forbidden { .. })
-                        if scopes.len() > 1 =>
-                    {
+                    // they won't grant: ask again for this request's own. (A 401
+                    // means the credentials: asking again would only count
+                    // twice towards a lockout.)
+                    Err(TransportError::Forbidden { .. }) if scopes.len() > 1 => {
                         let own = BTreeSet::from([scope.clone()]);
                         self.fetch_token(http, &realm, service.as_deref(), &own)
                             .await?
@@ -194,14 +213,22 @@ impl Authenticator {
         }
     }
 
-    /// Learns the challenge of a 401 answer. Returns whether it differs from what
-    /// was known (then the request is worth sending again with the new scheme).
+    /// Learns the challenge of a 401 answer of the registry itself (never of a
+    /// host it redirected to), and the repository scopes it says it wants.
+    /// Returns whether the scheme differs from what was known (then the request is
+    /// worth sending again with the new scheme).
     pub async fn learn(&self, headers: &reqwest::header::HeaderMap) -> bool {
-        let Some(challenge) = headers
+        let header = headers
             .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|h| self.challenge_of(h).ok())
-        else {
+            .unwrap_or("");
+        // `scope="repository:a:pull repository:b:pull,push"`, as containerd uses it.
+        if let Some(wanted) = parse_challenge(header).1.get("scope") {
+            for scope in wanted.split(' ').filter_map(Scope::parse) {
+                self.declare(scope);
+            }
+        }
+        let Ok(challenge) = self.challenge_of(header) else {
             return false;
         };
         let mut state = self.state.lock().await;
@@ -210,11 +237,21 @@ impl Authenticator {
         changed
     }
 
-    /// `GET /v2/`: 200 means anonymous access, 401 carries the challenge.
-    async fn ping(&self, http: &Http, object: &Object) -> Result<Challenge, TransportError> {
+    /// `GET /v2/`: 200 means anonymous access, 401 carries the challenge. Also
+    /// returns the status, for the login check.
+    async fn ping(
+        &self,
+        http: &Http,
+        object: &Object,
+    ) -> Result<(StatusCode, Challenge), TransportError> {
         let url = http.url("/v2/");
         let res = http.send_small(http.client().get(url), object).await?;
-        match res.status() {
+        let status = res.status();
+        if !http.is_registry_url(res.url()) && !status.is_success() {
+            // A redirect elsewhere: its challenge is not the registry's.
+            return Err(http.error(object, res).await);
+        }
+        let challenge = match status {
             StatusCode::UNAUTHORIZED => {
                 let header = res
                     .headers()
@@ -222,14 +259,15 @@ impl Authenticator {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
-                self.challenge_of(&header)
+                self.challenge_of(&header)?
             }
-            s if s.is_success() => Ok(Challenge::None),
+            s if s.is_success() => Challenge::None,
             // Some registries have no /v2/ answer of their own (a proxy's 404):
             // requests go anonymous and learn from their 401s.
-            StatusCode::NOT_FOUND => Ok(Challenge::None),
-            _ => Err(http.error(object, res).await),
-        }
+            StatusCode::NOT_FOUND => Challenge::None,
+            _ => return Err(http.error(object, res).await),
+        };
+        Ok((status, challenge))
     }
 
     fn challenge_of(&self, header: &str) -> Result<Challenge, TransportError> {
@@ -323,10 +361,9 @@ impl Authenticator {
                 location: self.location.clone(),
                 message: format!("{object}: the token server's answer is not a token: {e}"),
             })?;
-        let token = answer
-            .token
-            .or(answer.access_token)
-            .filter(|t| !t.is_empty())
+        let non_empty = |t: Option<String>| t.filter(|t| !t.is_empty());
+        let token = non_empty(answer.token)
+            .or_else(|| non_empty(answer.access_token))
             .ok_or_else(|| TransportError::Protocol {
                 location: self.location.clone(),
                 message: format!("{object}: the token server's answer has no token"),
@@ -341,7 +378,8 @@ impl Authenticator {
         let lifetime = answer
             .expires_in
             .filter(|s| *s > 0)
-            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs)
+            .min(MAX_TOKEN_LIFETIME);
         Ok(Token {
             header,
             scopes: scopes.clone(),
@@ -353,7 +391,15 @@ impl Authenticator {
     /// (Bearer) or `GET /v2/` with the credentials (Basic).
     pub async fn check_credentials(&self, http: &Http) -> Result<(), TransportError> {
         let object = Object::Login;
-        let challenge = self.ping(http, &object).await?;
+        let (status, challenge) = self.ping(http, &object).await?;
+        if status == StatusCode::NOT_FOUND {
+            return Err(TransportError::Protocol {
+                location: self.location.clone(),
+                message:
+                    "`GET /v2/` answered 404: this is not an OCI registry (check the host and port)"
+                        .to_string(),
+            });
+        }
         let Some(c) = &self.credentials else {
             return match challenge {
                 Challenge::None => Ok(()),
@@ -379,7 +425,17 @@ impl Authenticator {
                     url.query_pairs_mut().append_pair("service", service);
                 }
                 let request = http.client().get(url).header(AUTHORIZATION, basic(c));
-                http.send_small(request, &object).await?
+                let token = Object::Token { scopes: Vec::new() };
+                let res = http.send_small(request, &token).await?;
+                let refused = matches!(
+                    res.status(),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+                );
+                if !res.status().is_success() && !refused {
+                    // The token server's own failure, not the registry's.
+                    return Err(http.error(&token, res).await);
+                }
+                res
             }
         };
         match res.status() {
@@ -476,6 +532,20 @@ mod tests {
         assert!(Scope::new("a", Access::Pull).covered_by(&set));
         assert!(!Scope::new("b", Access::Push).covered_by(&set));
         assert!(!Scope::new("c", Access::Pull).covered_by(&set));
+    }
+
+    #[test]
+    fn challenge_scopes_parse() {
+        assert_eq!(
+            Scope::parse("repository:a/b:push,pull"),
+            Some(Scope::new("a/b", Access::Push))
+        );
+        assert_eq!(
+            Scope::parse("repository:host:5000/x:pull"),
+            Some(Scope::new("host:5000/x", Access::Pull))
+        );
+        assert_eq!(Scope::parse("registry:catalog:*"), None);
+        assert_eq!(Scope::parse("repository::pull"), None);
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub(crate) fn checked_stream(
         );
         // The registry took the previous chunk.
         watch.touch();
+        let watch = watch.clone();
         async move {
             if st.done {
                 return None;
@@ -115,6 +116,7 @@ pub(crate) fn checked_stream(
             if st.total == blob.size {
                 // The last chunk: check everything before it leaves.
                 st.done = true;
+                watch.finish();
                 if let Some(h) = st.hasher.take() {
                     let actual = Digest::from_sha256(h.finalize().into());
                     if actual != blob.digest {

@@ -207,6 +207,12 @@ pub(crate) fn map_reqwest(location: &str, object: &Object, e: &reqwest::Error) -
         return map_status(location, object, Some(status.as_u16()), "", None);
     }
     let chain = error_chain(e);
+    // reqwest's message includes the URL: a repository named `openssl-builder`
+    // must not make a refused connection look like a TLS failure.
+    let without_url = match e.url() {
+        Some(url) => chain.replace(url.as_str(), ""),
+        None => chain.clone(),
+    };
     if e.is_redirect() {
         // Loops, too many hops and downgrades repeat on every try.
         return TransportError::Protocol {
@@ -214,7 +220,7 @@ pub(crate) fn map_reqwest(location: &str, object: &Object, e: &reqwest::Error) -
             message: format!("{object}: {chain}"),
         };
     }
-    if looks_like_tls(&chain) {
+    if looks_like_tls(&without_url) {
         return TransportError::Tls {
             location: location.to_string(),
             message: format!("{object}: {chain}"),

@@ -12,7 +12,7 @@
 //!   never reach a blob store a registry redirects to.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::header::CONTENT_LENGTH;
@@ -101,6 +101,12 @@ impl Http {
             && self.base.port_or_known_default() == url.port_or_known_default()
     }
 
+    /// Whether `url` would leave https for plain http on a registry reached
+    /// over TLS.
+    pub fn is_downgrade(&self, url: &reqwest::Url) -> bool {
+        self.base.scheme() == "https" && url.scheme() != "https"
+    }
+
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }
@@ -121,11 +127,14 @@ impl Http {
         object: &Object,
     ) -> Result<Response, TransportError> {
         let started = Instant::now();
-        request
+        let mut res = request
             .timeout(self.bounds.request)
             .send()
             .await
-            .map_err(|e| self.request_error(object, &e, Some(started)))
+            .map_err(|e| self.request_error(object, &e, Some(started)))?;
+        // For `read_capped`, to name the bound when reading the body times out.
+        res.extensions_mut().insert(Started(started));
+        Ok(res)
     }
 
     /// Sends a blob download: no deadline, only the idle timeout.
@@ -140,15 +149,22 @@ impl Http {
             .map_err(|e| self.request_error(object, &e, None))
     }
 
-    /// Sends an upload whose body calls [`UploadWatch::touch`] for every chunk
-    /// it hands over: fails when nothing moves for the idle time.
+    /// Sends an upload of `size` bytes whose body calls [`UploadWatch::touch`]
+    /// for every chunk it hands over: fails when the registry takes nothing for
+    /// the idle time, or gives no answer after the last byte within the time a
+    /// registry may need to commit the blob (object stores copy it: a request
+    /// timeout plus a second per 64 MiB).
     pub async fn send_upload(
         &self,
         request: RequestBuilder,
         watch: &UploadWatch,
+        size: u64,
         object: &Object,
     ) -> Result<Response, TransportError> {
         let idle = self.bounds.idle;
+        let commit = self.bounds.request.max(idle) + Duration::from_secs(size / (64 << 20));
+        // The clock starts now, not when the body was set up (a token fetch).
+        watch.touch();
         let send = request.send();
         tokio::pin!(send);
         loop {
@@ -156,12 +172,17 @@ impl Http {
             tokio::select! {
                 res = &mut send => return res.map_err(|e| self.request_error(object, &e, None)),
                 () = check => {
-                    if watch.idle_for() >= idle {
+                    let (bound, what) = if watch.sent_all() {
+                        (commit, "gave no answer after the last byte")
+                    } else {
+                        (idle, "took no data (idle-timeout)")
+                    };
+                    if watch.idle_for() >= bound {
                         return Err(TransportError::Transient {
                             location: self.location.clone(),
                             message: format!(
-                                "{object}: the registry took no data and gave no answer for {} s (idle-timeout)",
-                                idle.as_secs_f64()
+                                "{object}: the registry {what} for {} s",
+                                bound.as_secs_f64()
                             ),
                             retry_after: None,
                         });
@@ -190,6 +211,7 @@ impl Http {
                 return Err(too_large(format!("{length} announced")));
             }
         }
+        let started = res.extensions().get::<Started>().map(|s| s.0);
         let mut body = Vec::new();
         loop {
             match res.chunk().await {
@@ -200,8 +222,7 @@ impl Http {
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => return Ok(body),
-                // Read within the small request's deadline, which began earlier.
-                Err(e) => return Err(self.request_error(object, &e, None)),
+                Err(e) => return Err(self.request_error(object, &e, started)),
             }
         }
     }
@@ -297,11 +318,17 @@ fn redirect_policy(insecure: bool) -> reqwest::redirect::Policy {
     })
 }
 
-/// When an upload last moved, for [`Http::send_upload`].
+/// When a small request began.
+#[derive(Clone, Copy)]
+struct Started(Instant);
+
+/// When an upload last moved and whether its body is all out, for
+/// [`Http::send_upload`].
 #[derive(Clone)]
 pub(crate) struct UploadWatch {
     start: Instant,
     last_ms: Arc<AtomicU64>,
+    sent_all: Arc<AtomicBool>,
 }
 
 impl UploadWatch {
@@ -309,7 +336,18 @@ impl UploadWatch {
         UploadWatch {
             start: Instant::now(),
             last_ms: Arc::new(AtomicU64::new(0)),
+            sent_all: Arc::default(),
         }
+    }
+
+    /// The body's last byte was handed over; from now on the registry commits.
+    pub fn finish(&self) {
+        self.touch();
+        self.sent_all.store(true, Ordering::Relaxed);
+    }
+
+    fn sent_all(&self) -> bool {
+        self.sent_all.load(Ordering::Relaxed)
     }
 
     /// Records progress now.

@@ -168,9 +168,27 @@ impl RegistryTransport {
                 Kind::Small => self.http.send_small(request, object).await?,
                 Kind::Download => self.http.send_download(request, object).await?,
             };
+            let refused = matches!(
+                res.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            );
+            if refused && !self.http.is_registry_url(res.url()) {
+                // A host the registry redirected to: its challenge is not the
+                // registry's, and our credentials are not the ones it wants.
+                return Err(self.protocol_error(format!(
+                    "{object}: the registry redirected to {}, which refused the request with HTTP {}",
+                    res.url(),
+                    res.status().as_u16()
+                )));
+            }
             if res.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let changed = self.auth.learn(res.headers()).await;
-                if changed || sent.is_some() {
+                // A refused token is renewed once; refused credentials are not
+                // sent again (a lockout counts every try).
+                let token = sent
+                    .as_ref()
+                    .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "));
+                if changed || token {
                     stale = sent;
                     continue;
                 }
@@ -202,12 +220,99 @@ impl RegistryTransport {
         if !(res.status() == StatusCode::ACCEPTED || res.status() == StatusCode::CREATED) {
             return Err(self.http.error(object, res).await);
         }
-        upload_location(&res).map_err(|message| self.protocol_error(format!("{object}: {message}")))
+        let url = upload_location(&res)
+            .map_err(|message| self.protocol_error(format!("{object}: {message}")))?;
+        if self.http.is_downgrade(&url) {
+            return Err(self.protocol_error(format!(
+                "{object}: the registry placed the upload at {url}, which is not https: refused"
+            )));
+        }
+        Ok(url)
+    }
+
+    /// Every page of a tag list (see `list_tags`).
+    async fn all_tag_pages(
+        &self,
+        repository: &str,
+        object: &Object,
+    ) -> Result<Vec<String>, TransportError> {
+        let scope = Scope::new(repository, Access::Pull);
+        let first = self.repository_url(repository, &format!("/tags/list?n={TAG_PAGE}"));
+        let mut url = reqwest::Url::parse(&first)
+            .map_err(|e| self.protocol_error(format!("{object}: bad URL {first:?}: {e}")))?;
+        let mut visited = HashSet::new();
+        let mut seen = HashSet::new();
+        let mut tags = Vec::new();
+        for _ in 0..MAX_TAG_PAGES {
+            visited.insert(url.clone());
+            let res = self
+                .send(&scope, object, Kind::Small, || {
+                    self.http.client().get(url.clone())
+                })
+                .await?;
+            if !res.status().is_success() {
+                return Err(self.http.error(object, res).await);
+            }
+            let next = next_link(&res);
+            let body = self
+                .http
+                .read_capped(res, MAX_TAG_PAGE_SIZE, object)
+                .await?;
+            let page: TagPage = serde_json::from_slice(&body).map_err(|e| {
+                self.protocol_error(format!("{object}: the answer is not a tag list: {e}"))
+            })?;
+            for tag in page.tags.unwrap_or_default() {
+                // The distribution spec's tag grammar, which also bounds its length.
+                if !is_tag(&tag) {
+                    return Err(self.protocol_error(format!(
+                        "{object}: the registry lists {:?}, which is not a tag",
+                        tag.chars().take(140).collect::<String>()
+                    )));
+                }
+                if seen.insert(tag.clone()) {
+                    tags.push(tag);
+                }
+            }
+            if tags.len() > MAX_TAGS {
+                return Err(self.protocol_error(format!(
+                    "{object}: more than {MAX_TAGS} tags, more than sarde lists"
+                )));
+            }
+            let Some(next) = next else {
+                return Ok(tags);
+            };
+            let next = url.join(&next).map_err(|e| {
+                self.protocol_error(format!("{object}: bad Link to the next page {next:?}: {e}"))
+            })?;
+            if !self.http.is_registry_url(&next) {
+                return Err(self.protocol_error(format!(
+                    "{object}: the next page is not on the registry ({next}): refused"
+                )));
+            }
+            if visited.contains(&next) {
+                return Err(
+                    self.protocol_error(format!("{object}: the pages loop (Link back to {next})"))
+                );
+            }
+            url = next;
+        }
+        Err(self.protocol_error(format!(
+            "{object}: more than {MAX_TAG_PAGES} pages, more than sarde follows"
+        )))
     }
 
     /// Best effort: tells the registry to drop an upload session.
     async fn cancel_upload(&self, repository: &str, mut url: reqwest::Url, object: &Object) {
+        // The session's own state (`_state`) stays; only our `digest` goes.
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "digest")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
         url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
         let scope = Scope::new(repository, Access::Push);
         let res = if self.http.is_registry_url(&url) {
             self.send(&scope, object, Kind::Small, || {
@@ -344,67 +449,25 @@ impl Transport for RegistryTransport {
     }
 
     /// Follows the `Link` header page by page, as the distribution spec says;
-    /// a chain that loops, leaves the registry or never ends is refused.
+    /// a chain that loops, leaves the registry or never ends is refused, and the
+    /// whole listing has a deadline of five request timeouts.
     async fn list_tags(&self, repository: &str) -> Result<Vec<String>, TransportError> {
         let object = Object::Tags {
             repository: repository.to_string(),
         };
-        let scope = Scope::new(repository, Access::Pull);
-        let first = self.repository_url(repository, &format!("/tags/list?n={TAG_PAGE}"));
-        let mut url = reqwest::Url::parse(&first)
-            .map_err(|e| self.protocol_error(format!("{object}: bad URL {first:?}: {e}")))?;
-        let mut visited = HashSet::new();
-        let mut seen = HashSet::new();
-        let mut tags = Vec::new();
-        for _ in 0..MAX_TAG_PAGES {
-            visited.insert(url.clone());
-            let res = self
-                .send(&scope, &object, Kind::Small, || {
-                    self.http.client().get(url.clone())
+        let deadline = self.http.bounds().request.saturating_mul(5);
+        tokio::time::timeout(deadline, self.all_tag_pages(repository, &object))
+            .await
+            .unwrap_or_else(|_| {
+                Err(TransportError::Transient {
+                    location: self.location.clone(),
+                    message: format!(
+                        "{object}: not listed within {} s (five request-timeouts)",
+                        deadline.as_secs_f64()
+                    ),
+                    retry_after: None,
                 })
-                .await?;
-            if !res.status().is_success() {
-                return Err(self.http.error(&object, res).await);
-            }
-            let next = next_link(&res);
-            let body = self
-                .http
-                .read_capped(res, MAX_TAG_PAGE_SIZE, &object)
-                .await?;
-            let page: TagPage = serde_json::from_slice(&body).map_err(|e| {
-                self.protocol_error(format!("{object}: the answer is not a tag list: {e}"))
-            })?;
-            for tag in page.tags.unwrap_or_default() {
-                if seen.insert(tag.clone()) {
-                    tags.push(tag);
-                }
-            }
-            if tags.len() > MAX_TAGS {
-                return Err(self.protocol_error(format!(
-                    "{object}: more than {MAX_TAGS} tags, more than sarde lists"
-                )));
-            }
-            let Some(next) = next else {
-                return Ok(tags);
-            };
-            let next = url.join(&next).map_err(|e| {
-                self.protocol_error(format!("{object}: bad Link to the next page {next:?}: {e}"))
-            })?;
-            if next.host_str() != url.host_str() || next.port() != url.port() {
-                return Err(self.protocol_error(format!(
-                    "{object}: the next page is on another host ({next}): refused"
-                )));
-            }
-            if visited.contains(&next) {
-                return Err(
-                    self.protocol_error(format!("{object}: the pages loop (Link back to {next})"))
-                );
-            }
-            url = next;
-        }
-        Err(self.protocol_error(format!(
-            "{object}: more than {MAX_TAG_PAGES} pages, more than sarde follows"
-        )))
+            })
     }
 
     async fn blob_exists(
@@ -491,8 +554,10 @@ impl Transport for RegistryTransport {
             }
             _ => return Err(self.http.error(&object, res).await),
         };
+        // More than the descriptor says is another blob; less is a short
+        // answer that ends early and is resumed.
         if let Some(length) = content_length(&res) {
-            if length != expected_length {
+            if length > expected_length {
                 return Err(TransportError::Mismatch {
                     location: self.location.clone(),
                     object: format!("{object} (nothing stored)"),
@@ -502,7 +567,19 @@ impl Transport for RegistryTransport {
                 });
             }
         }
-        let stream = res.bytes_stream().map(|r| r.map_err(io::Error::other));
+        let idle = self.http.bounds().idle;
+        let stream = res.bytes_stream().map(move |r| {
+            r.map_err(|e| {
+                if e.is_timeout() {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no byte for idle-timeout {} s", idle.as_secs_f64()),
+                    )
+                } else {
+                    io::Error::other(e)
+                }
+            })
+        });
         Ok(Box::pin(Exact::new(
             Box::pin(StreamReader::new(stream)),
             skip,
@@ -558,7 +635,10 @@ impl Transport for RegistryTransport {
                 request = request.header(AUTHORIZATION, value);
             }
         }
-        let sent = self.http.send_upload(request, &watch, &object).await;
+        let sent = self
+            .http
+            .send_upload(request, &watch, blob.size, &object)
+            .await;
         let ours = failure.lock().ok().and_then(|mut f| f.take());
         let res = match (sent, ours) {
             // Our own check stopped the stream: that is the real reason.
@@ -671,6 +751,16 @@ fn next_link(res: &Response) -> Option<String> {
         })
 }
 
+/// `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`, the distribution spec's tag grammar.
+fn is_tag(tag: &str) -> bool {
+    let mut chars = tag.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && tag.len() <= 128
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 /// The digest of `bytes` with `algorithm`.
 fn digest_with(algorithm: Algorithm, bytes: &[u8]) -> Digest {
     match algorithm {
@@ -708,6 +798,12 @@ fn manifest_media_type(bytes: &[u8], content_type: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_follow_the_spec_grammar() {
+        assert!(is_tag("latest") && is_tag("_x.1-2") && is_tag(&"a".repeat(128)));
+        assert!(!is_tag("") && !is_tag(".x") && !is_tag("a/b") && !is_tag(&"a".repeat(129)));
+    }
 
     #[test]
     fn sha512_digests_are_computed() {

@@ -728,6 +728,53 @@ fn a_401_from_a_redirect_target_is_not_the_registrys_challenge() {
     );
 }
 
+/// A registry that takes a whole upload and never answers: the push ends once
+/// the commit time after the last byte is over (request-timeout plus a second
+/// per 64 MiB), and asks whether the blob landed before sending it again.
+#[test]
+fn an_upload_that_is_never_answered_ends() {
+    let case = "upload never answered";
+    if !registry_tests_enabled("an_upload_that_is_never_answered_ends") {
+        return;
+    }
+    let scene = Scene::new("hostile/upload");
+    scene.hostile.add_rule(Rule::always(
+        Matcher::path_contains("PUT", "/blobs/uploads/"),
+        Action::Stall(Duration::from_secs(120)),
+    ));
+    let target = format!("{}/hostile/pushed:1", scene.hostile.address());
+    // One blob at a time, so its retry runs before anything else gives up.
+    let run = measured(
+        bounded(scene.source.home.path())
+            .env("SARDE_CONCURRENCY", "1")
+            .args([
+                "push",
+                "-q",
+                "--insecure",
+                "-t",
+                &target,
+                &scene.source.image,
+            ]),
+    );
+    // Two attempts (retries = 1) of 5 s each, plus backoff.
+    let err = run.failed_within(case, Duration::from_secs(25));
+    assert_mentions(
+        case,
+        err,
+        &[&scene.hostile.address(), "no answer after the last byte"],
+    );
+    // Every retry asked first: some blob was asked about twice (once before its
+    // first upload, once before the retry).
+    let heads = scene.requests_matching(|r| r.method == "HEAD" && r.path().contains("/blobs/"));
+    let asked_twice = heads
+        .iter()
+        .any(|h| heads.iter().filter(|o| o.path() == h.path()).count() >= 2);
+    assert!(
+        asked_twice,
+        "a retried upload did not ask first: {heads:#?}"
+    );
+}
+
 /// `sarde login` to a web server that is not a registry (`/v2/` is 404) fails
 /// and stores nothing.
 #[test]

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sarde_api::transport::TransportOptions;
+use sarde_api::transport::{TransportOptions, TransportReference, split_scheme};
 use sarde_api::{ImageReference, Transport};
 use sarde_transfer::{
     BlobGate, FetchRequest, Fetched, Progress, PushRequest, PushTarget, Pushed, ResolvedImage,
@@ -62,34 +62,44 @@ impl From<sarde_transport_oci_dir::LayoutError> for RemoteError {
     }
 }
 
-/// A reference with the transport it names.
+/// A reference with the transport it names: `scheme:rest` (`docker://` for
+/// registries, the default when there is no scheme), read by that transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteReference {
     pub scheme: String,
-    pub image: ImageReference,
+    /// The reference after the scheme, as written.
+    pub rest: String,
+    /// The transport's reading of `rest`.
+    pub target: TransportReference,
 }
 
-impl std::str::FromStr for RemoteReference {
-    type Err = sarde_api::reference::ReferenceError;
+impl RemoteReference {
+    /// A registry reference.
+    pub fn registry(image: &ImageReference) -> RemoteReference {
+        RemoteReference {
+            scheme: DEFAULT_SCHEME.to_string(),
+            rest: image.to_string(),
+            target: image.into(),
+        }
+    }
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = match s.split_once("://") {
-            Some((scheme, rest)) => (scheme.to_string(), rest),
-            None => (DEFAULT_SCHEME.to_string(), s),
-        };
-        Ok(RemoteReference {
-            scheme,
-            image: rest.parse()?,
-        })
+    /// The host a location names without its port, for `insecure` entries
+    /// written without one.
+    fn host(&self) -> &str {
+        let location = self.target.location.as_str();
+        match location.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(location),
+            None => location.split(':').next().unwrap_or(location),
+        }
     }
 }
 
 impl std::fmt::Display for RemoteReference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.scheme == DEFAULT_SCHEME {
-            write!(f, "{}", self.image)
+            write!(f, "{}", self.rest)
         } else {
-            write!(f, "{}://{}", self.scheme, self.image)
+            write!(f, "{}:{}", self.scheme, self.rest)
         }
     }
 }
@@ -127,12 +137,25 @@ impl Remote {
 }
 
 impl Engine {
+    /// Reads `scheme:rest` with the transport the scheme names (a registry when
+    /// there is none), so each transport parses its own syntax.
+    pub fn parse_remote(&self, text: &str) -> Result<RemoteReference, RemoteError> {
+        let known = |scheme: &str| self.registry.transport(scheme).is_ok();
+        let (scheme, rest) = split_scheme(text, known).unwrap_or((DEFAULT_SCHEME, text));
+        let factory = self.registry.transport(scheme).map_err(EngineError::from)?;
+        Ok(RemoteReference {
+            scheme: scheme.to_string(),
+            rest: rest.to_string(),
+            target: factory.parse_reference(rest)?,
+        })
+    }
+
     /// Opens the transport a reference names, with the TLS settings of its registry.
     pub fn open_remote(
         &self,
         reference: &RemoteReference,
     ) -> Result<Arc<dyn Transport>, RemoteError> {
-        let location = reference.image.registry_location();
+        let location = reference.target.location.clone();
         let factory = self
             .registry
             .transport(&reference.scheme)
@@ -141,7 +164,7 @@ impl Engine {
             .remote
             .insecure
             .iter()
-            .any(|r| r == &location || r == reference.image.registry());
+            .any(|r| r == &location || r == reference.host());
         if insecure {
             tracing::warn!(
                 "{location}: insecure registry: plain HTTP or unverified TLS, as configured"
@@ -175,10 +198,7 @@ impl Engine {
         let location = ImageLocation::cached(&self.ocidir, image);
         let own;
         let targets = if targets.is_empty() {
-            own = [RemoteReference {
-                scheme: DEFAULT_SCHEME.into(),
-                image: image.clone(),
-            }];
+            own = [RemoteReference::registry(image)];
             &own[..]
         } else {
             targets
@@ -187,8 +207,8 @@ impl Engine {
         for target in targets {
             push_targets.push(PushTarget {
                 transport: self.open_remote(target)?,
-                repository: target.image.repository().to_string(),
-                tag: target.image.tag_or_default().map(str::to_string),
+                repository: target.target.repository.clone(),
+                tag: target.target.tag.clone(),
                 name: target.to_string(),
             });
         }
@@ -221,8 +241,8 @@ impl Engine {
         Ok(FetchRequest {
             lease: Arc::new(lease),
             source: self.open_remote(source)?,
-            repository: source.image.repository().to_string(),
-            reference: source.image.reference_for_registry(),
+            repository: source.target.repository.clone(),
+            reference: source.target.reference.clone(),
             cache: self.ocidir.root().to_path_buf(),
             layout: self.ocidir.layout_for(image),
             tag: image.tag_or_default().map(str::to_string),

@@ -328,10 +328,7 @@ async fn source_vm(
         }
     };
     if pull {
-        let source = RemoteReference {
-            scheme: sarde_engine::remote::DEFAULT_SCHEME.into(),
-            image: image.clone(),
-        };
+        let source = RemoteReference::registry(image);
         let pulled = engine
             .pull(&source, image, import, &NoProgress)
             .await

@@ -566,6 +566,11 @@ fn check_component(component: &str) -> Result<(), ReferenceErrorKind> {
     Ok(())
 }
 
+/// Whether `tag` is a tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn is_tag(tag: &str) -> bool {
+    check_tag(tag).is_ok()
+}
+
 fn check_tag(tag: &str) -> Result<(), ReferenceErrorKind> {
     use ReferenceErrorKind as K;
 

@@ -62,6 +62,14 @@ pub enum TransportError {
     },
     #[error("{location}: {message}")]
     Protocol { location: String, message: String },
+    /// A reference this transport can't read; `expected` shows its syntax.
+    #[error("{reference:?} is not a {scheme} reference: {message} (expected {expected})")]
+    BadReference {
+        scheme: String,
+        reference: String,
+        message: String,
+        expected: String,
+    },
     /// A failure that may go away when retried (connection reset, 5xx, 429).
     #[error("{location}: {message}")]
     Transient {
@@ -207,13 +215,55 @@ pub trait Transport: Send + Sync {
     }
 }
 
+/// Where an image is, in one transport's own terms: what a factory made of the
+/// part of a reference after its scheme.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportReference {
+    /// What the factory opens: `host[:port]`, a directory, a file.
+    pub location: String,
+    /// The repository at that location (empty where it holds one set of images).
+    pub repository: String,
+    /// What to read: a tag or a digest.
+    pub reference: String,
+    /// The tag a write sets; `None` writes by digest only.
+    pub tag: Option<String>,
+}
+
+impl From<&crate::ImageReference> for TransportReference {
+    /// A registry reference: `host[:port]`, repository, tag or digest (`latest`
+    /// when it names neither).
+    fn from(image: &crate::ImageReference) -> Self {
+        TransportReference {
+            location: image.registry_location(),
+            repository: image.repository().to_string(),
+            reference: image.reference_for_registry(),
+            tag: image.tag_or_default().map(str::to_string),
+        }
+    }
+}
+
+/// Splits `scheme:rest` or `scheme://rest` off a reference when `scheme` is one
+/// `is_scheme` knows (a registry reference such as `host:5000/x` has a colon
+/// too); `None` for a reference in the default transport.
+pub fn split_scheme(text: &str, is_scheme: impl Fn(&str) -> bool) -> Option<(&str, &str)> {
+    let (scheme, rest) = text.split_once(':')?;
+    if !is_scheme(scheme) {
+        return None;
+    }
+    Some((scheme, rest.strip_prefix("//").unwrap_or(rest)))
+}
+
 /// Opens transports for one URL scheme.
 pub trait TransportFactory: Send + Sync {
-    /// The scheme that selects this factory (`docker`, `oci-dir`).
+    /// The scheme that selects this factory (`docker`, `oci`).
     fn scheme(&self) -> &str;
 
-    /// One line for `sarde plugins`.
+    /// One line for `sarde plugins`, including the reference syntax.
     fn description(&self) -> &str;
+
+    /// Reads the part of a reference after `scheme:` (or `scheme://`) in this
+    /// transport's own grammar.
+    fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError>;
 
     /// Opens `location` (the part after `scheme://` or `scheme:`).
     fn open(
@@ -221,4 +271,29 @@ pub trait TransportFactory: Send + Sync {
         location: &str,
         options: &TransportOptions,
     ) -> Result<Box<dyn Transport>, TransportError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_split_only_when_known() {
+        let known = |s: &str| matches!(s, "docker" | "oci" | "oci-archive");
+        assert_eq!(
+            split_scheme("oci:/srv/x:1", known),
+            Some(("oci", "/srv/x:1"))
+        );
+        assert_eq!(
+            split_scheme("docker://host:5000/a:1", known),
+            Some(("docker", "host:5000/a:1"))
+        );
+        assert_eq!(
+            split_scheme("oci-archive:/mnt/usb/w.tar", known),
+            Some(("oci-archive", "/mnt/usb/w.tar"))
+        );
+        assert_eq!(split_scheme("host:5000/a:1", known), None);
+        assert_eq!(split_scheme("debian:12", known), None);
+        assert_eq!(split_scheme("debian", known), None);
+    }
 }

@@ -31,41 +31,49 @@ fn quiet(cli: &Cli, config: &Config) -> bool {
     cli.quiet > 0 || config.settings.quiet > 0
 }
 
-/// The engine, with `--insecure` applied to the registries this command names.
+/// The engine, and `texts` read as references of the transports they name
+/// (`scheme:rest`, a registry without a scheme); `--insecure` applies to the
+/// locations they name.
 fn engine_for(
     cli: &Cli,
     config: &Config,
     insecure: bool,
-    refs: &[&RemoteReference],
-) -> Result<Engine> {
+    texts: &[&str],
+) -> Result<(Engine, Vec<RemoteReference>)> {
     let mut engine = engine(cli, config)?;
+    let refs = texts
+        .iter()
+        .map(|text| {
+            engine
+                .parse_remote(text)
+                .with_context(|| format!("{text:?} is not an image reference"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     if insecure {
-        for r in refs {
-            engine.remote.insecure.push(r.image.registry_location());
+        for r in &refs {
+            engine.remote.insecure.push(r.target.location.clone());
         }
     }
-    Ok(engine)
+    Ok((engine, refs))
+}
+
+/// The engine and where `fetch` or `pull` reads: `--source`, or the image's own
+/// name in a registry.
+fn engine_and_source(
+    cli: &Cli,
+    config: &Config,
+    insecure: bool,
+    source: Option<&str>,
+    image: &ImageReference,
+) -> Result<(Engine, RemoteReference)> {
+    let own = image.to_string();
+    let (engine, mut refs) = engine_for(cli, config, insecure, &[source.unwrap_or(&own)])?;
+    Ok((engine, refs.remove(0)))
 }
 
 fn parse_image(text: &str) -> Result<ImageReference> {
     text.parse()
         .with_context(|| format!("{text:?} is not an image reference"))
-}
-
-fn parse_remote(text: &str) -> Result<RemoteReference> {
-    text.parse()
-        .with_context(|| format!("{text:?} is not an image reference"))
-}
-
-/// `--source`, or the image's own name in the default transport.
-fn source_or_image(source: Option<&str>, image: &ImageReference) -> Result<RemoteReference> {
-    match source {
-        Some(s) => parse_remote(s),
-        None => Ok(RemoteReference {
-            scheme: sarde_engine::remote::DEFAULT_SCHEME.into(),
-            image: image.clone(),
-        }),
-    }
 }
 
 fn summary_line(s: &Summary) -> String {
@@ -83,21 +91,14 @@ fn summary_line(s: &Summary) -> String {
 
 pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
     let image = parse_image(&args.image)?;
-    let targets = args
-        .targets
-        .iter()
-        .map(|t| parse_remote(t))
-        .collect::<Result<Vec<_>>>()?;
-    let own = RemoteReference {
-        scheme: sarde_engine::remote::DEFAULT_SCHEME.into(),
-        image: image.clone(),
-    };
-    let named: Vec<&RemoteReference> = if targets.is_empty() {
-        vec![&own]
+    // No target: the image's own name, in a registry.
+    let own = [image.to_string()];
+    let texts: Vec<&str> = if args.targets.is_empty() {
+        own.iter().map(String::as_str).collect()
     } else {
-        targets.iter().collect()
+        args.targets.iter().map(String::as_str).collect()
     };
-    let engine = engine_for(cli, config, args.insecure, &named)?;
+    let (engine, targets) = engine_for(cli, config, args.insecure, &texts)?;
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let pushed = runtime(config)?
         .block_on(engine.push(&image, &targets, progress))
@@ -128,8 +129,8 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
 
 pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
     let image = parse_image(&args.image)?;
-    let source = source_or_image(args.source.as_deref(), &image)?;
-    let engine = engine_for(cli, config, args.insecure, &[&source])?;
+    let (engine, source) =
+        engine_and_source(cli, config, args.insecure, args.source.as_deref(), &image)?;
     let progress = Reporter::new(quiet(cli, config));
     let fetched = runtime(config)?
         .block_on(engine.fetch(&source, &image, &progress))
@@ -156,8 +157,8 @@ pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
 
 pub fn pull(cli: &Cli, config: &Config, args: &PullArgs) -> Result<ExitCode> {
     let image = parse_image(&args.image)?;
-    let source = source_or_image(args.source.as_deref(), &image)?;
-    let engine = engine_for(cli, config, args.insecure, &[&source])?;
+    let (engine, source) =
+        engine_and_source(cli, config, args.insecure, args.source.as_deref(), &image)?;
     let import = args
         .vm
         .request(sarde_engine::ImageLocation::cached(&engine.ocidir, &image));
@@ -202,7 +203,7 @@ pub fn clone(cli: &Cli, config: &Config, args: &CloneArgs) -> Result<ExitCode> {
                 args.source
             )
         })?;
-        let source = source_or_image(None, &image)?;
+        let source = RemoteReference::registry(&image);
         if args.insecure {
             engine.remote.insecure.push(image.registry_location());
         }

@@ -15,8 +15,11 @@ use async_trait::async_trait;
 use sarde_api::digest::Algorithm;
 use sarde_api::limits::MAX_MANIFEST_SIZE;
 use sarde_api::oci::{Descriptor, ImageIndex, ImageManifest, media_types};
-use sarde_api::transport::{BlobReader, RawManifest, TransportOptions};
-use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
+use sarde_api::reference::ReferenceError;
+use sarde_api::transport::{BlobReader, RawManifest, TransportOptions, TransportReference};
+use sarde_api::{
+    Digest, ImageReference, Registrar, RegistryError, Transport, TransportError, TransportFactory,
+};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -42,7 +45,33 @@ impl TransportFactory for OciDirFactory {
     }
 
     fn description(&self) -> &str {
-        "local OCI image layouts, one per repository: <dir>/<host[:port]>/<path>"
+        "the cache: OCI image layouts, one per repository: oci-dir:DIR:[host[:port]/]repository[:tag|@digest]"
+    }
+
+    /// `DIR:IMAGE`: the cache's root (no `:` in it), then a registry-style
+    /// reference, whose layout is `DIR/<host[:port]>/<repository>`.
+    fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
+        let bad = |message: String| TransportError::BadReference {
+            scheme: SCHEME.to_string(),
+            reference: rest.to_string(),
+            message,
+            expected: "DIR:[host[:port]/]repository[:tag|@digest]".to_string(),
+        };
+        let (dir, image) = rest
+            .split_once(':')
+            .ok_or_else(|| bad("no image after the directory".to_string()))?;
+        if dir.is_empty() {
+            return Err(bad("no directory".to_string()));
+        }
+        let image: ImageReference = image
+            .parse()
+            .map_err(|e: ReferenceError| bad(e.to_string()))?;
+        Ok(TransportReference {
+            location: dir.to_string(),
+            repository: image.cache_path_components().join("/"),
+            reference: image.reference_for_registry(),
+            tag: image.tag_or_default().map(str::to_string),
+        })
     }
 
     fn open(
@@ -69,16 +98,32 @@ pub fn register(r: &mut dyn Registrar) -> Result<(), RegistryError> {
 #[derive(Debug, Clone)]
 pub struct OciDirTransport {
     dir: OciDir,
+    /// One layout that every repository name means (the `oci` transport's view).
+    single: Option<PathBuf>,
 }
 
 impl OciDirTransport {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         OciDirTransport {
             dir: OciDir::new(root),
+            single: None,
+        }
+    }
+
+    /// One OCI image layout directory as a transport (skopeo's `oci:`): the
+    /// repository name is ignored, tags are the index's `ref.name` annotations.
+    pub fn layout(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        OciDirTransport {
+            dir: OciDir::new(&path),
+            single: Some(path),
         }
     }
 
     fn layout_path(&self, repository: &str) -> Result<PathBuf, TransportError> {
+        if let Some(single) = &self.single {
+            return Ok(single.clone());
+        }
         self.dir
             .layout_for_repository(repository)
             .map_err(|e| self.error(repository, e))

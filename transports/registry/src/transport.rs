@@ -24,8 +24,11 @@ use reqwest::{RequestBuilder, Response, StatusCode};
 use sarde_api::digest::Algorithm;
 use sarde_api::limits::{MAX_MANIFEST_SIZE, MAX_TAG_PAGE_SIZE, MAX_TAG_PAGES, MAX_TAGS};
 use sarde_api::oci::{Descriptor, media_types};
-use sarde_api::transport::{Access, BlobReader, RawManifest, TransportOptions};
-use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
+use sarde_api::reference::{ReferenceError, is_tag};
+use sarde_api::transport::{Access, BlobReader, RawManifest, TransportOptions, TransportReference};
+use sarde_api::{
+    Digest, ImageReference, Registrar, RegistryError, Transport, TransportError, TransportFactory,
+};
 use sha2::Digest as _;
 use tokio_util::io::StreamReader;
 
@@ -57,7 +60,19 @@ impl TransportFactory for RegistryFactory {
     }
 
     fn description(&self) -> &str {
-        "OCI distribution registries: docker://<host[:port]>/<repository>[:tag]"
+        "OCI distribution registries: docker://[host[:port]/]repository[:tag|@digest] (the default for references without a scheme)"
+    }
+
+    fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
+        let image: ImageReference =
+            rest.parse()
+                .map_err(|e: ReferenceError| TransportError::BadReference {
+                    scheme: SCHEME.to_string(),
+                    reference: rest.to_string(),
+                    message: e.to_string(),
+                    expected: "[host[:port]/]repository[:tag|@digest]".to_string(),
+                })?;
+        Ok(TransportReference::from(&image))
     }
 
     fn open(
@@ -751,16 +766,6 @@ fn next_link(res: &Response) -> Option<String> {
         })
 }
 
-/// `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`, the distribution spec's tag grammar.
-fn is_tag(tag: &str) -> bool {
-    let mut chars = tag.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && tag.len() <= 128
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
 /// The digest of `bytes` with `algorithm`.
 fn digest_with(algorithm: Algorithm, bytes: &[u8]) -> Digest {
     match algorithm {
@@ -798,12 +803,6 @@ fn manifest_media_type(bytes: &[u8], content_type: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tags_follow_the_spec_grammar() {
-        assert!(is_tag("latest") && is_tag("_x.1-2") && is_tag(&"a".repeat(128)));
-        assert!(!is_tag("") && !is_tag(".x") && !is_tag("a/b") && !is_tag(&"a".repeat(129)));
-    }
 
     #[test]
     fn sha512_digests_are_computed() {

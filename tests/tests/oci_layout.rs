@@ -1,0 +1,153 @@
+//! The `oci:` transport, an OCI image layout directory as skopeo names it
+//! (`oci:PATH[:TAG]`): sarde pushes into one, skopeo copies it into another
+//! (reading what sarde wrote, writing what sarde then reads), sarde pulls from
+//! skopeo's copy into an empty cache and VM directory, and the guest sees the
+//! same disk. No registry is involved: the air-gapped path.
+
+use std::path::Path;
+use std::process::Command;
+
+use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
+use sarde_e2e::{fails, ok, sarde};
+use serde_json::Value;
+
+/// Whether the test can run here; fails under CI when skopeo is missing.
+fn enabled(test: &str) -> bool {
+    if !vm::libvirt_enabled(test) {
+        return false;
+    }
+    let skopeo = Command::new("skopeo").arg("--version").output();
+    if skopeo.is_err() {
+        let why = format!("{test}: skopeo missing (scripts/install-deps.sh)");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("SKIPPED {why}");
+        return false;
+    }
+    true
+}
+
+fn skopeo(args: &[&str]) -> String {
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The manifest digest a layout's index tags `tag` with.
+fn tagged(layout: &Path, tag: &str) -> String {
+    let index = json(&std::fs::read_to_string(layout.join("index.json")).expect("index.json"));
+    index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .and_then(|m| m["digest"].as_str())
+        .unwrap_or_else(|| panic!("no tag {tag} in {}", layout.display()))
+        .to_string()
+}
+
+#[test]
+fn push_to_a_layout_skopeo_copies_it_and_sarde_pulls_the_copy() {
+    if !enabled("push_to_a_layout_skopeo_copies_it_and_sarde_pulls_the_copy") {
+        return;
+    }
+    let work = vm::workdir();
+    let disk = work.path().join("disk.qcow2");
+    qcow2(&disk, "48M", None);
+    fill_random(&disk, 0, 6, 3);
+    fill(&disk, 0x61, "12M", "1M");
+    let name = vm::unique("sarde-oci");
+    let mut source_vm = TestVm::define(&name, &[&disk], None);
+    let home = vm::workdir();
+    let image = "e2e/oci-layout:1";
+    ok(sarde(home.path()).args(["export", "--chunksize", "4MiB", &name, image]));
+
+    // sarde writes a layout…
+    let ours = work.path().join("from-sarde");
+    let pushed = json(&ok(sarde(home.path()).args([
+        "push",
+        "--format",
+        "json",
+        "-t",
+        &format!("oci:{}:v1", ours.display()),
+        image,
+    ])));
+    let manifest = pushed["manifest"]
+        .as_str()
+        .expect("manifest digest")
+        .to_string();
+    assert_eq!(tagged(&ours, "v1"), manifest);
+    assert!(ours.join("oci-layout").is_file());
+
+    // …skopeo reads it and writes another…
+    let theirs = work.path().join("from-skopeo");
+    skopeo(&[
+        "copy",
+        &format!("oci:{}:v1", ours.display()),
+        &format!("oci:{}:v2", theirs.display()),
+    ]);
+    let raw = skopeo(&["inspect", "--raw", &format!("oci:{}:v2", theirs.display())]);
+    let raw_file = work.path().join("raw-manifest");
+    std::fs::write(&raw_file, &raw).expect("manifest written");
+    assert_eq!(
+        format!("sha256:{}", vm::sha256(&raw_file)),
+        manifest,
+        "skopeo kept the manifest byte for byte"
+    );
+    assert_eq!(tagged(&theirs, "v2"), manifest);
+
+    // …which sarde pulls into an empty cache and VM directory.
+    let other = vm::workdir();
+    let pulled = vm::unique("sarde-oci-pulled");
+    source_vm.cleanup_also(&pulled);
+    let out = json(&ok(sarde(other.path()).args([
+        "pull",
+        "--format",
+        "json",
+        "-n",
+        &pulled,
+        "-s",
+        &format!("oci:{}:v2", theirs.display()),
+        "e2e/from-layout:1",
+    ])));
+    assert_eq!(out["manifest"], manifest.as_str());
+    let imported = other.path().join("VMs").join(&pulled).join("disk.qcow2");
+    assert!(
+        same_guest_content(&disk, &imported),
+        "guest content differs"
+    );
+
+    // A second push of the same image moves only the manifest.
+    let again = json(&ok(sarde(home.path()).args([
+        "push",
+        "--format",
+        "json",
+        "-t",
+        &format!("oci:{}:v1", ours.display()),
+        image,
+    ])));
+    assert_eq!(again["targets"][0]["manifest_only"], true, "{again}");
+    assert_eq!(again["blobs_transferred"], 0, "{again}");
+    assert!(again["bytes_sent"].as_u64() < Some(4096), "{again}");
+
+    // References in the wrong shape say the syntax.
+    let err = fails(sarde(home.path()).args(["push", "-t", "oci::v1", image]));
+    assert!(err.contains("oci:PATH[:TAG]"), "{err}");
+    let err = fails(sarde(home.path()).args([
+        "fetch",
+        "-s",
+        &format!("oci:{}:nosuch", theirs.display()),
+        "e2e/x:1",
+    ]));
+    assert!(err.contains("nosuch"), "{err}");
+}

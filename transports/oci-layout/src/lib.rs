@@ -1,0 +1,109 @@
+//! # sarde-transport-oci-layout
+//!
+//! The `oci` transport: one OCI image layout directory named by a reference as
+//! containers/image (skopeo, podman) names it, `oci:PATH[:REF]`. The path ends at
+//! the first `:`; REF is the tag (the index's `org.opencontainers.image.ref.name`),
+//! `latest` when omitted. The directory is read and written by the cache's layout
+//! code (`sarde-transport-oci-dir`), so blobs are verified and committed the same way.
+
+use std::sync::Arc;
+
+use sarde_api::reference::is_tag;
+use sarde_api::transport::{TransportOptions, TransportReference};
+use sarde_api::{Registrar, RegistryError, Transport, TransportError, TransportFactory};
+use sarde_transport_oci_dir::OciDirTransport;
+
+/// The URL scheme of this transport, as in skopeo.
+pub const SCHEME: &str = "oci";
+/// The tag read and written when a reference names none.
+const DEFAULT_REF: &str = "latest";
+const SYNTAX: &str = "oci:PATH[:TAG]";
+
+/// Opens `oci` transports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OciLayoutFactory;
+
+impl TransportFactory for OciLayoutFactory {
+    fn scheme(&self) -> &str {
+        SCHEME
+    }
+
+    fn description(&self) -> &str {
+        "an OCI image layout directory, as skopeo's oci: (PATH ends at the first ':'; TAG defaults to latest): oci:PATH[:TAG]"
+    }
+
+    fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
+        let bad = |message: &str| TransportError::BadReference {
+            scheme: SCHEME.to_string(),
+            reference: rest.to_string(),
+            message: message.to_string(),
+            expected: SYNTAX.to_string(),
+        };
+        let (path, tag) = rest.split_once(':').unwrap_or((rest, DEFAULT_REF));
+        if path.is_empty() {
+            return Err(bad("no directory"));
+        }
+        let tag = if tag.is_empty() { DEFAULT_REF } else { tag };
+        if !is_tag(tag) {
+            return Err(bad("the tag has characters a tag can't have"));
+        }
+        Ok(TransportReference {
+            location: path.to_string(),
+            repository: String::new(),
+            reference: tag.to_string(),
+            tag: Some(tag.to_string()),
+        })
+    }
+
+    fn open(
+        &self,
+        location: &str,
+        _options: &TransportOptions,
+    ) -> Result<Box<dyn Transport>, TransportError> {
+        if location.is_empty() {
+            return Err(TransportError::BadReference {
+                scheme: SCHEME.to_string(),
+                reference: String::new(),
+                message: "no directory".to_string(),
+                expected: SYNTAX.to_string(),
+            });
+        }
+        Ok(Box::new(OciDirTransport::layout(location)))
+    }
+}
+
+/// Registers [`OciLayoutFactory`] under `oci`.
+pub fn register(r: &mut dyn Registrar) -> Result<(), RegistryError> {
+    r.register_transport(Arc::new(OciLayoutFactory))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(rest: &str) -> Result<TransportReference, TransportError> {
+        OciLayoutFactory.parse_reference(rest)
+    }
+
+    #[test]
+    fn path_then_tag_as_skopeo_splits_them() {
+        let r = parse("/srv/images/win11:2024-06").unwrap();
+        assert_eq!(r.location, "/srv/images/win11");
+        assert_eq!(r.reference, "2024-06");
+        assert_eq!(r.tag.as_deref(), Some("2024-06"));
+        let r = parse("relative/dir").unwrap();
+        assert_eq!(
+            (r.location.as_str(), r.reference.as_str()),
+            ("relative/dir", "latest")
+        );
+        assert_eq!(parse("d:").unwrap().reference, "latest");
+    }
+
+    #[test]
+    fn bad_references_say_the_syntax() {
+        let e = parse(":x").unwrap_err().to_string();
+        assert!(e.contains("no directory") && e.contains(SYNTAX), "{e}");
+        let e = parse("d:a/b").unwrap_err().to_string();
+        assert!(e.contains("tag") && e.contains(SYNTAX), "{e}");
+    }
+}

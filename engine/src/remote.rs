@@ -22,6 +22,8 @@ use crate::{Engine, EngineError, ImageLocation};
 
 /// The default transport scheme.
 pub const DEFAULT_SCHEME: &str = "docker";
+/// The transport of one OCI layout directory, through which push reads the cache.
+pub const LAYOUT_SCHEME: &str = "oci";
 
 /// How sarde reaches registries.
 #[derive(Debug, Clone, Default)]
@@ -215,13 +217,27 @@ impl Engine {
         // The image stays while its blobs are read and sent.
         let _lease = self.lease_image("push", &location, false)?;
         let request = PushRequest {
-            layout: location.layout,
+            source: self.open_layout(&location)?,
+            repository: String::new(),
             reference: location.reference,
             image: image.to_string(),
             targets: push_targets,
             mount_from: vec![(image.registry_location(), image.repository().to_string())],
         };
         Ok(request.run(&self.remote.transfer, progress).await?)
+    }
+
+    /// A layout of the cache (or a `--raw` one) as a transport: the `oci`
+    /// transport, one layout directory.
+    fn open_layout(&self, location: &ImageLocation) -> Result<Arc<dyn Transport>, RemoteError> {
+        let factory = self
+            .registry
+            .transport(LAYOUT_SCHEME)
+            .map_err(EngineError::from)?;
+        let path = location.layout.to_string_lossy();
+        Ok(Arc::from(
+            factory.open(&path, &TransportOptions::default())?,
+        ))
     }
 
     fn fetch_request(

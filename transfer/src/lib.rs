@@ -27,6 +27,7 @@ mod manifest;
 pub mod progress;
 pub mod push;
 mod retry;
+mod verify;
 
 use std::time::Duration;
 

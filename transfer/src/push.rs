@@ -1,6 +1,9 @@
-//! `push`: an image of the local cache to one or more tags of transports.
+//! `push` and `copy`: an image of one transport (the cache, for a push) to one
+//! or more tags of others. Both ends are [`Transport`]s; every blob is verified
+//! by size and digest on its way (a wrong one never completes at the
+//! destination), blobs the destination has are skipped, blobs in another
+//! repository of the same location are mounted, and manifests go last.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -9,12 +12,12 @@ use futures_util::{StreamExt, TryStreamExt};
 use sarde_api::oci::Descriptor;
 use sarde_api::transport::{Access, RawManifest};
 use sarde_api::{Transport, TransportError};
-use sarde_transport_oci_dir::Layout;
 
 use crate::counters::Counters;
 use crate::manifest::{self, MAX_DEPTH, Refs};
 use crate::progress::{Event, Progress};
 use crate::retry::retrying;
+use crate::verify::VerifyingReader;
 use crate::{Summary, TransferError, TransferOptions};
 
 /// One destination of a push.
@@ -28,12 +31,13 @@ pub struct PushTarget {
     pub name: String,
 }
 
-/// What to push.
+/// What to push (or copy), and where from.
 #[derive(Clone)]
 pub struct PushRequest {
-    /// The layout holding the image.
-    pub layout: PathBuf,
-    /// Tag or digest in the layout.
+    /// Where the image is: the cache, or any transport.
+    pub source: Arc<dyn Transport>,
+    pub repository: String,
+    /// Tag or digest at the source.
     pub reference: String,
     /// The image's name in messages.
     pub image: String,
@@ -52,8 +56,8 @@ pub struct Pushed {
     pub summary: Summary,
 }
 
-/// An image read from the layout: manifests (children first) and blobs.
-struct LocalImage {
+/// An image read from the source: manifests (children first) and blobs.
+struct SourceImage {
     manifest: RawManifest,
     children: Vec<RawManifest>,
     blobs: Vec<Descriptor>,
@@ -66,22 +70,14 @@ impl PushRequest {
         progress: Arc<dyn Progress>,
     ) -> Result<Pushed, TransferError> {
         let started = Instant::now();
-        let layout = Layout::open(&self.layout)?;
-        let image = self.read_local(&layout)?;
+        self.source.will_access(&self.repository, Access::Pull);
+        let image = self.read_source(options).await?;
         let counters = Counters::default();
         let mut mount_from = self.mount_from.clone();
         let mut outcomes = Vec::new();
         for target in &self.targets {
             let manifest_only = self
-                .push_to(
-                    &layout,
-                    &image,
-                    target,
-                    &mount_from,
-                    options,
-                    &progress,
-                    &counters,
-                )
+                .push_to(&image, target, &mount_from, options, &progress, &counters)
                 .await?;
             outcomes.push((target.name.clone(), manifest_only));
             mount_from.push((target.transport.location(), target.repository.clone()));
@@ -100,13 +96,24 @@ impl PushRequest {
         })
     }
 
-    fn read_local(&self, layout: &Layout) -> Result<LocalImage, TransferError> {
-        let descriptor = layout.resolve(&self.reference)?;
-        let manifest = RawManifest {
-            media_type: descriptor.media_type.clone(),
-            digest: descriptor.digest.clone(),
-            bytes: layout.read_blob(&descriptor)?,
-        };
+    async fn get_manifest(
+        &self,
+        reference: &str,
+        options: &TransferOptions,
+    ) -> Result<RawManifest, TransferError> {
+        let what = format!("{}: manifest {reference}", self.image);
+        let (result, _) = retrying(options, &what, |_| async {
+            Ok(self
+                .source
+                .get_manifest(&self.repository, reference)
+                .await?)
+        })
+        .await;
+        result
+    }
+
+    async fn read_source(&self, options: &TransferOptions) -> Result<SourceImage, TransferError> {
+        let manifest = self.get_manifest(&self.reference, options).await?;
         let mut children = Vec::new();
         let mut blobs = Vec::new();
         let mut pending = vec![(manifest.clone(), 0usize)];
@@ -119,11 +126,16 @@ impl PushRequest {
                             blobs.push(child);
                             continue;
                         }
-                        let raw = RawManifest {
-                            media_type: child.media_type.clone(),
-                            digest: child.digest.clone(),
-                            bytes: layout.read_blob(&child)?,
-                        };
+                        let raw = self
+                            .get_manifest(&child.digest.to_string(), options)
+                            .await?;
+                        if raw.digest != child.digest {
+                            return Err(TransferError::Manifest {
+                                image: self.image.clone(),
+                                digest: child.digest.to_string(),
+                                message: format!("the source answered with {}", raw.digest),
+                            });
+                        }
                         pending.push((raw.clone(), depth + 1));
                         // Children go up before the index that names them.
                         children.insert(0, raw);
@@ -132,12 +144,16 @@ impl PushRequest {
             }
         }
         for blob in &blobs {
-            if !layout.has_blob(blob) {
-                // Fail before anything is uploaded, naming what is missing.
-                layout.open_blob(blob)?;
+            // Fail before anything is uploaded, naming what is missing.
+            if !self.source.blob_exists(&self.repository, blob).await? {
+                return Err(TransferError::Transport(TransportError::BlobUnknown {
+                    location: self.source.location(),
+                    repository: self.repository.clone(),
+                    digest: blob.digest.clone(),
+                }));
             }
         }
-        Ok(LocalImage {
+        Ok(SourceImage {
             manifest,
             children,
             blobs: manifest::unique(blobs),
@@ -149,8 +165,7 @@ impl PushRequest {
     #[allow(clippy::too_many_arguments)]
     async fn push_to(
         &self,
-        layout: &Layout,
-        image: &LocalImage,
+        image: &SourceImage,
         target: &PushTarget,
         mount_from: &[(String, String)],
         options: &TransferOptions,
@@ -199,7 +214,7 @@ impl PushRequest {
                 .map(|blob| {
                     let sources = &sources;
                     async move {
-                        self.push_blob(layout, blob, target, sources, options, progress, counters)
+                        self.push_blob(blob, target, sources, options, progress, counters)
                             .await
                     }
                 })
@@ -240,7 +255,6 @@ impl PushRequest {
     #[allow(clippy::too_many_arguments)]
     async fn push_blob(
         &self,
-        layout: &Layout,
         blob: &Descriptor,
         target: &PushTarget,
         mount_sources: &[&str],
@@ -276,22 +290,19 @@ impl PushRequest {
                 Err(e) => tracing::debug!("{what}: mount from {from} failed: {e}"),
             }
         }
-        let path = layout.blob_path(&blob.digest);
-        let path = &path;
         let (result, retries) = retrying(options, &what, |attempt| async move {
             // An upload whose answer never came may have landed all the same
             // (a slow commit): don't send gigabytes twice.
             if attempt > 0 && t.blob_exists(&target.repository, blob).await? {
                 return Ok(());
             }
-            let file = tokio::fs::File::open(&path)
-                .await
-                .map_err(TransferError::io(&path, "opening the blob"))?;
-            let reader = CountingReader {
-                inner: tokio::io::BufReader::with_capacity(1 << 20, file),
-                digest: blob.digest.clone(),
-                progress: progress.clone(),
-            };
+            let data = self.source.get_blob(&self.repository, blob, 0).await?;
+            let reader = VerifyingReader::new(
+                tokio::io::BufReader::with_capacity(1 << 20, data),
+                blob.clone(),
+                self.source.location(),
+                progress.clone(),
+            );
             t.put_blob(&target.repository, blob, Box::pin(reader))
                 .await?;
             Ok(())
@@ -306,32 +317,5 @@ impl PushRequest {
             size: blob.size,
         });
         Ok(())
-    }
-}
-
-/// Reports upload progress as the transport reads the blob.
-struct CountingReader<R> {
-    inner: R,
-    digest: sarde_api::Digest,
-    progress: Arc<dyn Progress>,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReader<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let poll = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            this.progress.event(&Event::Bytes {
-                digest: &this.digest,
-                n,
-            });
-        }
-        poll
     }
 }

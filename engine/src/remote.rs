@@ -227,6 +227,34 @@ impl Engine {
         Ok(request.run(&self.remote.transfer, progress).await?)
     }
 
+    /// Copies an image between two transports, neither of them necessarily the
+    /// cache: the push engine with another source.
+    pub async fn copy(
+        &self,
+        source: &RemoteReference,
+        destination: &RemoteReference,
+        progress: Arc<dyn Progress>,
+    ) -> Result<Pushed, RemoteError> {
+        let request = PushRequest {
+            source: self.open_remote(source)?,
+            repository: source.target.repository.clone(),
+            reference: source.target.reference.clone(),
+            image: source.to_string(),
+            targets: vec![PushTarget {
+                transport: self.open_remote(destination)?,
+                repository: destination.target.repository.clone(),
+                tag: destination.target.tag.clone(),
+                name: destination.to_string(),
+            }],
+            // A registry mounts blobs of the source repository it holds too.
+            mount_from: vec![(
+                source.target.location.clone(),
+                source.target.repository.clone(),
+            )],
+        };
+        Ok(request.run(&self.remote.transfer, progress).await?)
+    }
+
     /// A layout of the cache (or a `--raw` one) as a transport: the `oci`
     /// transport, one layout directory.
     fn open_layout(&self, location: &ImageLocation) -> Result<Arc<dyn Transport>, RemoteError> {

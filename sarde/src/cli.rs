@@ -45,6 +45,8 @@ pub enum Command {
     Push(Box<PushArgs>),
     /// Fetch an image from a registry into the local cache
     Fetch(Box<FetchArgs>),
+    /// Copy an image between any two transports (registry, OCI layout directory, …)
+    Copy(Box<CopyArgs>),
     /// Fetch an image and import it as a VM (pieces go to disk as they arrive)
     Pull(Box<PullArgs>),
     /// Make a copy-on-write clone of a VM (or of an image, pulled when missing)
@@ -79,6 +81,7 @@ impl Command {
             Command::Import(_) => Some("import"),
             Command::Push(_) => Some("push"),
             Command::Fetch(_) => Some("fetch"),
+            Command::Copy(_) => Some("copy"),
             Command::Pull(_) => Some("pull"),
             Command::Clone(_) => Some("clone"),
             Command::Login(_) => Some("login"),
@@ -203,6 +206,22 @@ pub struct PushArgs {
     pub settings: SettingsFlags,
     /// Image of the local cache, name[:tag|@digest]
     pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Allow plain HTTP and unverified TLS for the registries of this command
+    #[arg(long)]
+    pub insecure: bool,
+    /// Output format (json: one summary line)
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub settings: SettingsFlags,
+    /// Where the image is: docker://…, oci:PATH[:TAG], … (`sarde plugins` lists the transports)
+    pub source: String,
+    /// Where it goes, in the same syntax
+    pub destination: String,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
 use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
 use sarde_e2e::{fails, ok, sarde};
 use serde_json::Value;
@@ -150,4 +151,90 @@ fn push_to_a_layout_skopeo_copies_it_and_sarde_pulls_the_copy() {
         "e2e/x:1",
     ]));
     assert!(err.contains("nosuch"), "{err}");
+}
+
+/// `sarde copy` between any two transports: layout → layout, layout → registry,
+/// registry → registry (blobs mounted), registry → layout; every copy keeps the
+/// manifest's digest, a repeated copy moves only the manifest, and skopeo reads
+/// what landed in the registry.
+#[test]
+fn copy_between_layouts_and_registries() {
+    if !enabled("copy_between_layouts_and_registries") {
+        return;
+    }
+    if !registry_tests_enabled("copy_between_layouts_and_registries") {
+        return;
+    }
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let address = registry.address();
+    let work = vm::workdir();
+    let disk = work.path().join("disk.qcow2");
+    qcow2(&disk, "32M", None);
+    fill_random(&disk, 0, 4, 8);
+    let name = vm::unique("sarde-copy");
+    let _vm = TestVm::define(&name, &[&disk], None);
+    let home = vm::workdir();
+    let home = home.path();
+    ok(sarde(home).args(["export", "--chunksize", "2MiB", &name, "e2e/copy:1"]));
+    let first = work.path().join("first");
+    let pushed = json(&ok(sarde(home).args([
+        "push",
+        "--format",
+        "json",
+        "-t",
+        &format!("oci:{}:1", first.display()),
+        "e2e/copy:1",
+    ])));
+    let manifest = pushed["manifest"].as_str().expect("digest").to_string();
+    let copy = |src: &str, dst: &str| -> Value {
+        json(&ok(sarde(home).args([
+            "copy",
+            "--insecure",
+            "--format",
+            "json",
+            src,
+            dst,
+        ])))
+    };
+
+    let second = format!("oci:{}:2", work.path().join("second").display());
+    let out = copy(&format!("oci:{}:1", first.display()), &second);
+    assert_eq!(out["manifest"], manifest.as_str(), "{out}");
+    assert!(out["blobs_transferred"].as_u64() > Some(1), "{out}");
+    let out = copy(&format!("oci:{}:1", first.display()), &second);
+    assert_eq!(
+        out["manifest_only"], true,
+        "a second copy moves the manifest: {out}"
+    );
+
+    let in_registry = format!("docker://{address}/copy/a:1");
+    let out = copy(&second, &in_registry);
+    assert_eq!(out["manifest"], manifest.as_str(), "{out}");
+    let inspect = json(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{address}/copy/a:1"),
+    ]));
+    assert_eq!(inspect["Digest"], manifest.as_str());
+
+    let out = copy(&in_registry, &format!("{address}/copy/b:1"));
+    assert_eq!(out["blobs_transferred"], 0, "mounted, not uploaded: {out}");
+    assert!(out["blobs_mounted"].as_u64() > Some(1), "{out}");
+
+    let back = work.path().join("back");
+    let out = copy(
+        &format!("{address}/copy/b:1"),
+        &format!("oci:{}:3", back.display()),
+    );
+    assert_eq!(out["manifest"], manifest.as_str(), "{out}");
+    assert_eq!(tagged(&back, "3"), manifest);
+
+    // A source that does not exist: a clear error, nothing written.
+    let err = fails(sarde(home).args([
+        "copy",
+        &format!("oci:{}:nosuch", first.display()),
+        &format!("oci:{}:4", work.path().join("never").display()),
+    ]));
+    assert!(err.contains("nosuch"), "{err}");
+    assert!(!work.path().join("never").join("index.json").exists());
 }

@@ -14,7 +14,8 @@ use serde_json::json;
 use super::image::engine;
 use super::progress::{Reporter, human};
 use crate::cli::{
-    Cli, CloneArgs, CloneStartArg, FetchArgs, ImportFlags, OutputFormat, PullArgs, PushArgs,
+    Cli, CloneArgs, CloneStartArg, CopyArgs, FetchArgs, ImportFlags, OutputFormat, PullArgs,
+    PushArgs,
 };
 use sarde_engine::clone::{CloneRequest, CloneStart};
 
@@ -123,6 +124,36 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
                 println!("{name}@{}", pushed.manifest.digest);
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
+    let (engine, refs) = engine_for(
+        cli,
+        config,
+        args.insecure,
+        &[&args.source, &args.destination],
+    )?;
+    let (source, destination) = (&refs[0], &refs[1]);
+    let progress = Arc::new(Reporter::new(quiet(cli, config)));
+    let copied = runtime(config)?
+        .block_on(engine.copy(source, destination, progress))
+        .with_context(|| format!("copying {source} to {destination}"))?;
+    tracing::info!(
+        "copied {source} to {destination}: {}",
+        summary_line(&copied.summary)
+    );
+    match args.format {
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(&copied.summary)?;
+            value["source"] = json!(source.to_string());
+            value["destination"] = json!(destination.to_string());
+            value["manifest"] = json!(copied.manifest.digest.to_string());
+            value["manifest_only"] = json!(copied.targets.first().is_some_and(|t| t.1));
+            println!("{value}");
+        }
+        OutputFormat::Text => println!("{destination}@{}", copied.manifest.digest),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,6 +17,7 @@ pub fn register_builtins(registry: &mut Registry) -> Result<()> {
     sarde_backend_libvirt::register(&mut r)?;
     sarde_transport_oci_dir::register(&mut r)?;
     sarde_transport_oci_layout::register(&mut r)?;
+    sarde_transport_oci_archive::register(&mut r)?;
     sarde_transport_registry::register(&mut r)?;
     Ok(())
 }

@@ -238,3 +238,107 @@ fn copy_between_layouts_and_registries() {
     assert!(err.contains("nosuch"), "{err}");
     assert!(!work.path().join("never").join("index.json").exists());
 }
+
+/// The air-gapped path through one file: export → `push` to an `oci-archive:`
+/// → the file moved → `pull` from it into an empty cache and VM directory, the
+/// same guest disk; skopeo reads the archive sarde wrote and writes one sarde
+/// reads; a truncated archive is refused, leaving no image and no VM.
+#[test]
+fn an_archive_carries_an_image_and_skopeo_agrees() {
+    if !enabled("an_archive_carries_an_image_and_skopeo_agrees") {
+        return;
+    }
+    let work = vm::workdir();
+    let disk = work.path().join("disk.qcow2");
+    qcow2(&disk, "40M", None);
+    fill_random(&disk, 0, 5, 12);
+    fill(&disk, 0x77, "20M", "1M");
+    let name = vm::unique("sarde-archive");
+    let mut source_vm = TestVm::define(&name, &[&disk], None);
+    let home = vm::workdir();
+    ok(sarde(home.path()).args(["export", "--chunksize", "2MiB", &name, "e2e/archive:1"]));
+    let usb = work.path().join("usb");
+    std::fs::create_dir(&usb).unwrap();
+    let archive = usb.join("image.tar");
+    let pushed = json(&ok(sarde(home.path()).args([
+        "push",
+        "--format",
+        "json",
+        "-t",
+        &format!("oci-archive:{}:v1", archive.display()),
+        "e2e/archive:1",
+    ])));
+    let manifest = pushed["manifest"].as_str().expect("digest").to_string();
+    let leftovers: Vec<_> = std::fs::read_dir(&usb)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["image.tar"], "only the archive is left");
+
+    // Carried to the runner.
+    let runner = work.path().join("runner");
+    std::fs::create_dir(&runner).unwrap();
+    let carried = runner.join("win.tar");
+    std::fs::rename(&archive, &carried).unwrap();
+    let other = vm::workdir();
+    let pulled = vm::unique("sarde-archive-pulled");
+    source_vm.cleanup_also(&pulled);
+    ok(sarde(other.path()).args([
+        "pull",
+        "-n",
+        &pulled,
+        "-s",
+        &format!("oci-archive:{}:v1", carried.display()),
+        "e2e/carried:1",
+    ]));
+    let imported = other.path().join("VMs").join(&pulled).join("disk.qcow2");
+    assert!(
+        same_guest_content(&disk, &imported),
+        "guest content differs"
+    );
+
+    // skopeo reads sarde's archive…
+    let unpacked = work.path().join("unpacked");
+    skopeo(&[
+        "copy",
+        &format!("oci-archive:{}:v1", carried.display()),
+        &format!("oci:{}:v1", unpacked.display()),
+    ]);
+    assert_eq!(tagged(&unpacked, "v1"), manifest);
+    // …and writes one sarde reads.
+    let theirs = work.path().join("theirs.tar");
+    skopeo(&[
+        "copy",
+        &format!("oci:{}:v1", unpacked.display()),
+        &format!("oci-archive:{}:v2", theirs.display()),
+    ]);
+    let back = work.path().join("back");
+    let out = json(&ok(sarde(home.path()).args([
+        "copy",
+        "--format",
+        "json",
+        &format!("oci-archive:{}:v2", theirs.display()),
+        &format!("oci:{}:v2", back.display()),
+    ])));
+    assert_eq!(out["manifest"], manifest.as_str(), "{out}");
+
+    // A truncated archive: a clear error, no image, no VM.
+    let bytes = std::fs::read(&carried).unwrap();
+    let cut = work.path().join("cut.tar");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let fresh = vm::workdir();
+    let broken = vm::unique("sarde-archive-broken");
+    source_vm.cleanup_also(&broken);
+    let err = fails(sarde(fresh.path()).args([
+        "pull",
+        "-n",
+        &broken,
+        "-s",
+        &format!("oci-archive:{}:v1", cut.display()),
+        "e2e/cut:1",
+    ]));
+    assert!(err.contains(&cut.display().to_string()), "{err}");
+    assert!(!vm::domain_exists(&broken), "a VM was defined: {err}");
+    let list = ok(sarde(fresh.path()).args(["list", "--format", "json"]));
+    assert!(!list.contains("e2e/cut"), "{list}");
+}

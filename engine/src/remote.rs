@@ -36,6 +36,8 @@ pub struct Remote {
     pub transfer: TransferOptions,
     /// How long requests may wait.
     pub bounds: sarde_api::limits::TimeBounds,
+    /// The transport of references written without a scheme.
+    pub default_transport: String,
     /// Credentials per registry (`host[:port]`) given by the caller (a CI job's);
     /// others are looked up by the transport.
     pub credentials: Vec<(String, sarde_api::transport::Credentials)>,
@@ -143,7 +145,8 @@ impl Engine {
     /// there is none), so each transport parses its own syntax.
     pub fn parse_remote(&self, text: &str) -> Result<RemoteReference, RemoteError> {
         let known = |scheme: &str| self.registry.transport(scheme).is_ok();
-        let (scheme, rest) = split_scheme(text, known).unwrap_or((DEFAULT_SCHEME, text));
+        let (scheme, rest) =
+            split_scheme(text, known).unwrap_or((&self.remote.default_transport, text));
         let factory = self.registry.transport(scheme).map_err(EngineError::from)?;
         Ok(RemoteReference {
             scheme: scheme.to_string(),

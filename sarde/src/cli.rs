@@ -202,6 +202,9 @@ pub struct PushArgs {
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
+    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<String>,
     #[command(flatten)]
     pub settings: SettingsFlags,
     /// Image of the local cache, name[:tag|@digest]
@@ -216,6 +219,9 @@ pub struct CopyArgs {
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
+    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<String>,
     #[command(flatten)]
     pub settings: SettingsFlags,
     /// Where the image is: docker://…, oci:PATH[:TAG], … (`sarde plugins` lists the transports)
@@ -235,6 +241,9 @@ pub struct FetchArgs {
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
+    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<String>,
     #[command(flatten)]
     pub settings: SettingsFlags,
     /// Image name[:tag|@digest] (e.g. registry.example.org/sardines/debian:12)
@@ -254,6 +263,9 @@ pub struct PullArgs {
     /// Output format (json: the import result and the transfer summary)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
+    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<String>,
     #[command(flatten)]
     pub settings: SettingsFlags,
     /// Image name[:tag|@digest]

@@ -229,6 +229,20 @@ fn copy_between_layouts_and_registries() {
     assert_eq!(out["manifest"], manifest.as_str(), "{out}");
     assert_eq!(tagged(&back, "3"), manifest);
 
+    // `--transport` names the transport of references without a scheme.
+    let unprefixed = json(&ok(sarde(home).args([
+        "copy",
+        "--transport",
+        "oci",
+        "--format",
+        "json",
+        &format!("{}:1", first.display()),
+        &format!("{}:5", work.path().join("fifth").display()),
+    ])));
+    assert_eq!(unprefixed["manifest"], manifest.as_str(), "{unprefixed}");
+    let err = fails(sarde(home).args(["copy", "--transport", "nosuch", "a", "b"]));
+    assert!(err.contains("nosuch") && err.contains("oci-archive"), "{err}");
+
     // A source that does not exist: a clear error, nothing written.
     let err = fails(sarde(home).args([
         "copy",

@@ -135,6 +135,7 @@ fn engine(settings: &Settings) -> Result<Engine> {
                 ..TransferOptions::default()
             },
             bounds: settings.time_bounds,
+            default_transport: sarde_engine::remote::DEFAULT_SCHEME.to_string(),
             credentials: Vec::new(),
         },
         lifecycle: LifecycleSettings {

@@ -40,6 +40,7 @@ pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
                 ..TransferOptions::default()
             },
             bounds: s.time_bounds(),
+            default_transport: s.transport.clone(),
             credentials: Vec::new(),
         },
         lifecycle: LifecycleSettings {

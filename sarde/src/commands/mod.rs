@@ -29,10 +29,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => args.settings.to_flag_values(),
         Command::Import(args) => args.settings.to_flag_values(),
         Command::List(args) => args.settings.to_flag_values(),
-        Command::Push(args) => args.settings.to_flag_values(),
-        Command::Fetch(args) => args.settings.to_flag_values(),
-        Command::Copy(args) => args.settings.to_flag_values(),
-        Command::Pull(args) => args.settings.to_flag_values(),
+        Command::Push(args) => with_transport(args.settings.to_flag_values(), &args.transport),
+        Command::Fetch(args) => with_transport(args.settings.to_flag_values(), &args.transport),
+        Command::Copy(args) => with_transport(args.settings.to_flag_values(), &args.transport),
+        Command::Pull(args) => with_transport(args.settings.to_flag_values(), &args.transport),
         Command::Clone(args) => args.settings.to_flag_values(),
         Command::Login(args) => args.settings.to_flag_values(),
         Command::Logout(args) => args.settings.to_flag_values(),
@@ -71,6 +71,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Config(args) => show_config(&config, &env, args),
         Command::Completions(_) => unreachable!("handled above"),
     }
+}
+
+/// `--transport`, which only the commands that read references have.
+fn with_transport(mut flags: FlagValues, transport: &Option<String>) -> FlagValues {
+    if let Some(t) = transport {
+        flags.set("transport", t.as_str());
+    }
+    flags
 }
 
 /// The registry with built-ins and the configured and named plugins.

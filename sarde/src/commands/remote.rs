@@ -67,8 +67,15 @@ fn engine_and_source(
     source: Option<&str>,
     image: &ImageReference,
 ) -> Result<(Engine, RemoteReference)> {
-    let own = image.to_string();
-    let (engine, mut refs) = engine_for(cli, config, insecure, &[source.unwrap_or(&own)])?;
+    let Some(source) = source else {
+        // The image's own name is a registry reference, whatever `transport` says.
+        let (mut engine, _) = engine_for(cli, config, false, &[])?;
+        if insecure {
+            engine.remote.insecure.push(image.registry_location());
+        }
+        return Ok((engine, RemoteReference::registry(image)));
+    };
+    let (engine, mut refs) = engine_for(cli, config, insecure, &[source])?;
     Ok((engine, refs.remove(0)))
 }
 
@@ -92,14 +99,16 @@ fn summary_line(s: &Summary) -> String {
 
 pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
     let image = parse_image(&args.image)?;
-    // No target: the image's own name, in a registry.
-    let own = [image.to_string()];
-    let texts: Vec<&str> = if args.targets.is_empty() {
-        own.iter().map(String::as_str).collect()
-    } else {
-        args.targets.iter().map(String::as_str).collect()
-    };
-    let (engine, targets) = engine_for(cli, config, args.insecure, &texts)?;
+    let texts: Vec<&str> = args.targets.iter().map(String::as_str).collect();
+    let (mut engine, mut targets) = engine_for(cli, config, args.insecure, &texts)?;
+    if targets.is_empty() {
+        // No target: the image's own name, a registry reference whatever
+        // `transport` says.
+        targets.push(RemoteReference::registry(&image));
+        if args.insecure {
+            engine.remote.insecure.push(image.registry_location());
+        }
+    }
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let pushed = runtime(config)?
         .block_on(engine.push(&image, &targets, progress))

@@ -61,6 +61,9 @@ pub struct Settings {
     /// Retries of a request after a network error or a 5xx/429 answer.
     #[serde(deserialize_with = "lenient::from_str")]
     pub retries: u32,
+    /// The transport of references written without a scheme.
+    #[serde(deserialize_with = "lenient::from_str")]
+    pub transport: String,
     /// Retries one push, fetch or pull may spend in all, over all its requests.
     #[serde(deserialize_with = "lenient::from_str")]
     pub retry_budget: u32,
@@ -124,6 +127,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "threads",
     "concurrency",
     "retries",
+    "transport",
     "retry-budget",
     "connect-timeout",
     "idle-timeout",
@@ -210,6 +214,7 @@ impl Settings {
             threads: 0,
             concurrency: 4,
             retries: 5,
+            transport: "docker".into(),
             retry_budget: 50,
             connect_timeout: Age(bounds.connect),
             idle_timeout: Age(bounds.idle),
@@ -556,6 +561,12 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         return Err(fail(
             "connect",
             "expected a libvirt URI such as qemu:///system",
+        ));
+    }
+    if settings.transport.trim().is_empty() {
+        return Err(fail(
+            "transport",
+            "expected a transport name such as docker, oci or oci-archive (`sarde plugins`)",
         ));
     }
     if settings.codec.trim().is_empty() {

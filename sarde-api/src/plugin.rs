@@ -11,6 +11,12 @@
 //!
 //! A plugin crate is a `cdylib` that depends on `sarde-api` and calls
 //! [`export_plugin!`](crate::export_plugin).
+//!
+//! A plugin links its own copy of every crate, tokio included: a transport's
+//! async methods run on sarde's runtime, but the plugin's tokio sees none, so
+//! its `fs`, `spawn` and `time` functions panic there. Use blocking `std` calls
+//! (as `plugins/example-files` does) or a runtime of the plugin's own; tokio's
+//! I/O traits (`AsyncRead`) are fine.
 
 use std::ffi::{CStr, c_char};
 use std::path::{Path, PathBuf};

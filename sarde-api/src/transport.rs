@@ -242,6 +242,40 @@ impl From<&crate::ImageReference> for TransportReference {
     }
 }
 
+/// `PATH[:TAG]`, the syntax of skopeo's `oci:` and `oci-archive:` (the path
+/// ends at the first `:`, the tag defaults to `latest`), for transports that
+/// keep one set of images at a path: location PATH, no repository.
+pub fn path_and_tag(
+    scheme: &str,
+    rest: &str,
+    syntax: &str,
+) -> Result<TransportReference, TransportError> {
+    let bad = |message: &str| TransportError::BadReference {
+        scheme: scheme.to_string(),
+        reference: rest.to_string(),
+        message: message.to_string(),
+        expected: syntax.to_string(),
+    };
+    let (path, tag) = rest.split_once(':').unwrap_or((rest, ""));
+    let tag = if tag.is_empty() {
+        crate::reference::DEFAULT_TAG
+    } else {
+        tag
+    };
+    if path.is_empty() {
+        return Err(bad("no path"));
+    }
+    if !crate::reference::is_tag(tag) {
+        return Err(bad("the tag has characters a tag can't have"));
+    }
+    Ok(TransportReference {
+        location: path.to_string(),
+        repository: String::new(),
+        reference: tag.to_string(),
+        tag: Some(tag.to_string()),
+    })
+}
+
 /// Splits `scheme:rest` or `scheme://rest` off a reference when `scheme` is one
 /// `is_scheme` knows (a registry reference such as `host:5000/x` has a colon
 /// too); `None` for a reference in the default transport.

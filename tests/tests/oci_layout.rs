@@ -241,7 +241,10 @@ fn copy_between_layouts_and_registries() {
     ])));
     assert_eq!(unprefixed["manifest"], manifest.as_str(), "{unprefixed}");
     let err = fails(sarde(home).args(["copy", "--transport", "nosuch", "a", "b"]));
-    assert!(err.contains("nosuch") && err.contains("oci-archive"), "{err}");
+    assert!(
+        err.contains("nosuch") && err.contains("oci-archive"),
+        "{err}"
+    );
 
     // A source that does not exist: a clear error, nothing written.
     let err = fails(sarde(home).args([

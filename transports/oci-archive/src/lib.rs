@@ -22,15 +22,15 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use sarde_api::limits::MAX_MANIFEST_SIZE;
 use sarde_api::oci::{Descriptor, ImageIndex, media_types};
-use sarde_api::reference::is_tag;
-use sarde_api::transport::{Access, BlobReader, RawManifest, TransportOptions, TransportReference};
+use sarde_api::transport::{
+    Access, BlobReader, RawManifest, TransportOptions, TransportReference, path_and_tag,
+};
 use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
 use sarde_transport_oci_dir::OciDirTransport;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// The URL scheme of this transport, as in skopeo.
 pub const SCHEME: &str = "oci-archive";
-const DEFAULT_REF: &str = "latest";
 const SYNTAX: &str = "oci-archive:FILE[:TAG]";
 /// The largest `index.json` read from an archive.
 const MAX_INDEX_SIZE: u64 = 16 << 20;
@@ -49,26 +49,7 @@ impl TransportFactory for OciArchiveFactory {
     }
 
     fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
-        let bad = |message: &str| TransportError::BadReference {
-            scheme: SCHEME.to_string(),
-            reference: rest.to_string(),
-            message: message.to_string(),
-            expected: SYNTAX.to_string(),
-        };
-        let (file, tag) = rest.split_once(':').unwrap_or((rest, DEFAULT_REF));
-        if file.is_empty() {
-            return Err(bad("no file"));
-        }
-        let tag = if tag.is_empty() { DEFAULT_REF } else { tag };
-        if !is_tag(tag) {
-            return Err(bad("the tag has characters a tag can't have"));
-        }
-        Ok(TransportReference {
-            location: file.to_string(),
-            repository: String::new(),
-            reference: tag.to_string(),
-            tag: Some(tag.to_string()),
-        })
+        path_and_tag(SCHEME, rest, SYNTAX)
     }
 
     fn open(

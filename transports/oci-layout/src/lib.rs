@@ -8,15 +8,12 @@
 
 use std::sync::Arc;
 
-use sarde_api::reference::is_tag;
-use sarde_api::transport::{TransportOptions, TransportReference};
+use sarde_api::transport::{TransportOptions, TransportReference, path_and_tag};
 use sarde_api::{Registrar, RegistryError, Transport, TransportError, TransportFactory};
 use sarde_transport_oci_dir::OciDirTransport;
 
 /// The URL scheme of this transport, as in skopeo.
 pub const SCHEME: &str = "oci";
-/// The tag read and written when a reference names none.
-const DEFAULT_REF: &str = "latest";
 const SYNTAX: &str = "oci:PATH[:TAG]";
 
 /// Opens `oci` transports.
@@ -33,26 +30,7 @@ impl TransportFactory for OciLayoutFactory {
     }
 
     fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
-        let bad = |message: &str| TransportError::BadReference {
-            scheme: SCHEME.to_string(),
-            reference: rest.to_string(),
-            message: message.to_string(),
-            expected: SYNTAX.to_string(),
-        };
-        let (path, tag) = rest.split_once(':').unwrap_or((rest, DEFAULT_REF));
-        if path.is_empty() {
-            return Err(bad("no directory"));
-        }
-        let tag = if tag.is_empty() { DEFAULT_REF } else { tag };
-        if !is_tag(tag) {
-            return Err(bad("the tag has characters a tag can't have"));
-        }
-        Ok(TransportReference {
-            location: path.to_string(),
-            repository: String::new(),
-            reference: tag.to_string(),
-            tag: Some(tag.to_string()),
-        })
+        path_and_tag(SCHEME, rest, SYNTAX)
     }
 
     fn open(
@@ -102,7 +80,7 @@ mod tests {
     #[test]
     fn bad_references_say_the_syntax() {
         let e = parse(":x").unwrap_err().to_string();
-        assert!(e.contains("no directory") && e.contains(SYNTAX), "{e}");
+        assert!(e.contains("no path") && e.contains(SYNTAX), "{e}");
         let e = parse("d:a/b").unwrap_err().to_string();
         assert!(e.contains("tag") && e.contains(SYNTAX), "{e}");
     }

@@ -101,7 +101,8 @@ impl RemoteReference {
 impl std::fmt::Display for RemoteReference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.scheme == DEFAULT_SCHEME {
-            write!(f, "{}", self.rest)
+            // `docker://host/x` reads as `host/x`.
+            write!(f, "{}", self.rest.strip_prefix("//").unwrap_or(&self.rest))
         } else {
             write!(f, "{}:{}", self.scheme, self.rest)
         }
@@ -145,8 +146,11 @@ impl Engine {
     /// there is none), so each transport parses its own syntax.
     pub fn parse_remote(&self, text: &str) -> Result<RemoteReference, RemoteError> {
         let known = |scheme: &str| self.registry.transport(scheme).is_ok();
-        let (scheme, rest) =
-            split_scheme(text, known).unwrap_or((&self.remote.default_transport, text));
+        let default = match self.remote.default_transport.as_str() {
+            "" => DEFAULT_SCHEME,
+            name => name,
+        };
+        let (scheme, rest) = split_scheme(text, known).unwrap_or((default, text));
         let factory = self.registry.transport(scheme).map_err(EngineError::from)?;
         Ok(RemoteReference {
             scheme: scheme.to_string(),

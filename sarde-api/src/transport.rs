@@ -257,6 +257,9 @@ pub fn path_and_tag(
         expected: syntax.to_string(),
     };
     let (path, tag) = rest.split_once(':').unwrap_or((rest, ""));
+    if path.ends_with("@sha256") || path.ends_with("@sha512") {
+        return Err(bad("a digest can't name an image here: use a tag"));
+    }
     let tag = if tag.is_empty() {
         crate::reference::DEFAULT_TAG
     } else {
@@ -276,15 +279,19 @@ pub fn path_and_tag(
     })
 }
 
-/// Splits `scheme:rest` or `scheme://rest` off a reference when `scheme` is one
-/// `is_scheme` knows (a registry reference such as `host:5000/x` has a colon
-/// too); `None` for a reference in the default transport.
+/// Splits `scheme:rest` off a reference when `scheme` is one `is_scheme` knows;
+/// `None` for a reference in the default transport. A registry reference has a
+/// colon too: `docker:5000/x` is the host `docker`, port 5000 (a port follows
+/// the colon), never the `docker` transport. `rest` is left as written (`//…`
+/// included): each transport reads its own syntax.
 pub fn split_scheme(text: &str, is_scheme: impl Fn(&str) -> bool) -> Option<(&str, &str)> {
     let (scheme, rest) = text.split_once(':')?;
-    if !is_scheme(scheme) {
+    let port = rest.split('/').next().unwrap_or("");
+    let looks_like_port = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    if !is_scheme(scheme) || looks_like_port {
         return None;
     }
-    Some((scheme, rest.strip_prefix("//").unwrap_or(rest)))
+    Some((scheme, rest))
 }
 
 /// Opens transports for one URL scheme.
@@ -320,8 +327,11 @@ mod tests {
         );
         assert_eq!(
             split_scheme("docker://host:5000/a:1", known),
-            Some(("docker", "host:5000/a:1"))
+            Some(("docker", "//host:5000/a:1"))
         );
+        // A host named like a transport, with a port: a registry reference.
+        assert_eq!(split_scheme("docker:5000/vm:1", known), None);
+        assert_eq!(split_scheme("oci:5000", known), None);
         assert_eq!(
             split_scheme("oci-archive:/mnt/usb/w.tar", known),
             Some(("oci-archive", "/mnt/usb/w.tar"))

@@ -109,7 +109,18 @@ impl PushRequest {
                 .await?)
         })
         .await;
-        result
+        let manifest = result?;
+        // Whatever a (plugin) source claims, the bytes are what is checked.
+        let actual = sarde_api::Digest::sha256_of(&manifest.bytes);
+        let asked = reference.parse::<sarde_api::Digest>().ok();
+        if actual != manifest.digest || asked.is_some_and(|d| d != actual) {
+            return Err(TransferError::Manifest {
+                image: self.image.clone(),
+                digest: manifest.digest.to_string(),
+                message: format!("the source's bytes hash to {actual}"),
+            });
+        }
+        Ok(manifest)
     }
 
     async fn read_source(&self, options: &TransferOptions) -> Result<SourceImage, TransferError> {

@@ -61,6 +61,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {}
@@ -72,6 +75,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
                 return Poll::Ready(Err(
                     this.mismatch("size", format!("{} (it ended)", this.seen))
                 ));
+            }
+            if this.blob.size == 0 {
+                // An empty blob never reaches the check below.
+                let actual =
+                    Digest::from_sha256(std::mem::take(&mut this.hasher).finalize().into());
+                if actual != this.blob.digest {
+                    return Poll::Ready(Err(this.mismatch("digest", actual.to_string())));
+                }
             }
             return Poll::Ready(Ok(()));
         }
@@ -129,6 +140,12 @@ mod tests {
 
         let e = read_all(&data[..1000], &blob).await.unwrap_err();
         assert!(e.to_string().contains("it ended"), "{e}");
+
+        let empty = Descriptor::new("x", Digest::sha256_of(b""), 0);
+        assert!(read_all(b"", &empty).await.unwrap().is_empty());
+        let claimed = Descriptor::new("x", Digest::sha256_of(b"something"), 0);
+        let e = read_all(b"", &claimed).await.unwrap_err();
+        assert!(e.to_string().contains("has digest"), "{e}");
 
         let mut longer = data.clone();
         longer.push(0);

@@ -85,6 +85,8 @@ pub struct OciArchiveTransport {
     /// Set once the operation declared a push: then the staged layout is what
     /// the destination "has", not the archive being replaced.
     writing: AtomicBool,
+    /// The staging directory was created or checked (see `prepare_staging`).
+    staging_checked: AtomicBool,
     entries: OnceLock<Result<Entries, String>>,
 }
 
@@ -101,12 +103,46 @@ impl OciArchiveTransport {
             staging_path,
             file,
             writing: AtomicBool::new(false),
+            staging_checked: AtomicBool::new(false),
             entries: OnceLock::new(),
         }
     }
 
     fn writing(&self) -> bool {
         self.writing.load(Ordering::Relaxed)
+    }
+
+    /// Before the first write: the staging directory is made private (0700),
+    /// or, left by an interrupted run, resumed only when it is a directory of
+    /// this user's (a shared directory could hold someone else's, or a symlink).
+    fn prepare_staging(&self) -> Result<(), TransportError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        self.writing.store(true, Ordering::Relaxed);
+        if self.staging_checked.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match std::fs::symlink_metadata(&self.staging_path) {
+            Ok(meta) => {
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let me = unsafe { libc::geteuid() };
+                if !meta.is_dir() || meta.uid() != me {
+                    return Err(TransportError::Protocol {
+                        location: self.location(),
+                        message: format!(
+                            "{} is not a staging directory of this user: remove it, or write the archive elsewhere",
+                            self.staging_path.display()
+                        ),
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&self.staging_path)
+                .map_err(|e| self.io_error("creating the staging directory", e))?,
+            Err(e) => return Err(self.io_error("checking the staging directory", e)),
+        }
+        self.staging_checked.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     fn io_error(&self, context: &str, source: io::Error) -> TransportError {
@@ -187,8 +223,13 @@ impl OciArchiveTransport {
             digests.sort();
             names.extend(digests.into_iter().map(|d| format!("blobs/sha256/{d}")));
             for name in names {
+                use std::os::unix::fs::OpenOptionsExt;
                 let path = self.staging_path.join(&name);
-                let file = File::open(&path)?;
+                // A link planted there is not followed into the archive.
+                let file = File::options()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)?;
                 let mut header = tar::Header::new_gnu();
                 header.set_size(file.metadata()?.len());
                 header.set_mode(0o644);
@@ -237,6 +278,16 @@ fn index_entries(file: &Path) -> io::Result<Entries> {
     Ok(entries)
 }
 
+/// A manifest's media type from its own `mediaType`, or its shape.
+fn own_media_type(bytes: &[u8]) -> String {
+    let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    match value.get("mediaType").and_then(|m| m.as_str()) {
+        Some(m) => m.to_string(),
+        None if value.get("manifests").is_some() => media_types::IMAGE_INDEX.to_string(),
+        None => media_types::IMAGE_MANIFEST.to_string(),
+    }
+}
+
 fn blob_name(digest: &Digest) -> String {
     format!("blobs/{}/{}", digest.algorithm().name(), digest.hex())
 }
@@ -276,12 +327,25 @@ impl Transport for OciArchiveTransport {
                         == Some(reference)
                 }
             })
-            .cloned()
-            .ok_or_else(|| TransportError::ManifestUnknown {
-                location: self.location(),
-                repository: repository.to_string(),
-                reference: reference.to_string(),
-            })?;
+            .cloned();
+        let unknown = || TransportError::ManifestUnknown {
+            location: self.location(),
+            repository: repository.to_string(),
+            reference: reference.to_string(),
+        };
+        // The children of an index are blobs the archive's index.json need not
+        // list: by digest, the blob itself, its media type from its own field.
+        let descriptor = match (descriptor, &by_digest) {
+            (Some(d), _) => d,
+            (None, Some(digest)) => {
+                let &(_, size) = self
+                    .entries()?
+                    .get(&blob_name(digest))
+                    .ok_or_else(unknown)?;
+                Descriptor::new("", digest.clone(), size)
+            }
+            (None, None) => return Err(unknown()),
+        };
         let name = blob_name(&descriptor.digest);
         let bytes = self.read_entry(&name, MAX_MANIFEST_SIZE)?.ok_or_else(|| {
             TransportError::BlobUnknown {
@@ -300,8 +364,13 @@ impl Transport for OciArchiveTransport {
                 actual: actual.to_string(),
             });
         }
+        let media_type = if descriptor.media_type.is_empty() {
+            own_media_type(&bytes)
+        } else {
+            descriptor.media_type
+        };
         Ok(RawManifest {
-            media_type: descriptor.media_type,
+            media_type,
             digest: descriptor.digest,
             bytes,
         })
@@ -313,7 +382,7 @@ impl Transport for OciArchiveTransport {
         reference: &str,
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
-        self.writing.store(true, Ordering::Relaxed);
+        self.prepare_staging()?;
         self.staging
             .put_manifest(repository, reference, manifest)
             .await?;
@@ -385,7 +454,7 @@ impl Transport for OciArchiveTransport {
         blob: &Descriptor,
         data: BlobReader,
     ) -> Result<(), TransportError> {
-        self.writing.store(true, Ordering::Relaxed);
+        self.prepare_staging()?;
         self.staging.put_blob(repository, blob, data).await
     }
 }

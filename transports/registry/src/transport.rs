@@ -63,7 +63,10 @@ impl TransportFactory for RegistryFactory {
         "OCI distribution registries: docker://[host[:port]/]repository[:tag|@digest] (the default for references without a scheme)"
     }
 
+    /// `//[host[:port]/]repository[:tag|@digest]` after `docker:`, as skopeo
+    /// writes it; the `//` may be left out.
     fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
         let image: ImageReference =
             rest.parse()
                 .map_err(|e: ReferenceError| TransportError::BadReference {

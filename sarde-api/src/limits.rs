@@ -9,6 +9,9 @@ use std::time::Duration;
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 /// A config or another metadata blob read into memory (access JSON, domain XML).
 pub const MAX_CONFIG_SIZE: u64 = 4 << 20;
+/// An OCI layout's `index.json` (a directory's or an archive's): many tags, but
+/// not without end.
+pub const MAX_INDEX_SIZE: u64 = 16 << 20;
 /// A token server's answer.
 pub const MAX_TOKEN_RESPONSE_SIZE: u64 = 1 << 20;
 /// The part of an error answer read for its message; the rest is dropped.

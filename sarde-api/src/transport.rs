@@ -257,6 +257,7 @@ pub fn path_and_tag(
         expected: syntax.to_string(),
     };
     let (path, tag) = rest.split_once(':').unwrap_or((rest, ""));
+    require_path(scheme, path, syntax)?;
     if path.ends_with("@sha256") || path.ends_with("@sha512") {
         return Err(bad("a digest can't name an image here: use a tag"));
     }
@@ -265,9 +266,6 @@ pub fn path_and_tag(
     } else {
         tag
     };
-    if path.is_empty() {
-        return Err(bad("no path"));
-    }
     if !crate::reference::is_tag(tag) {
         return Err(bad("the tag has characters a tag can't have"));
     }
@@ -277,6 +275,19 @@ pub fn path_and_tag(
         reference: tag.to_string(),
         tag: Some(tag.to_string()),
     })
+}
+
+/// Refuses an empty path, where a transport opens a path (`oci`, `oci-archive`).
+pub fn require_path(scheme: &str, path: &str, syntax: &str) -> Result<(), TransportError> {
+    if path.is_empty() {
+        return Err(TransportError::BadReference {
+            scheme: scheme.to_string(),
+            reference: path.to_string(),
+            message: "no path".to_string(),
+            expected: syntax.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Splits `scheme:rest` off a reference when `scheme` is one `is_scheme` knows;

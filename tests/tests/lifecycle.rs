@@ -8,21 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
 use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
 use sarde_e2e::{fails, ok, sarde};
 use serde_json::Value;
-
-fn enabled(test: &str) -> bool {
-    if !vm::libvirt_enabled(test) {
-        return false;
-    }
-    if !registry_tools_available() {
-        println!("SKIPPED {test}: docker-registry or its tools missing");
-        return false;
-    }
-    true
-}
 
 /// A VM with one qcow2 disk of `size` holding `data_mib` MiB of random data.
 struct DataVm {
@@ -125,7 +114,7 @@ fn kill9(child: &mut Child) {
 
 #[test]
 fn rm_refuses_vms_in_use_and_keeps_blobs_another_tag_uses() {
-    if !enabled("rm_refuses_vms_in_use_and_keeps_blobs_another_tag_uses") {
+    if !registry_tests_enabled("rm_refuses_vms_in_use_and_keeps_blobs_another_tag_uses") {
         return;
     }
     let mut source = data_vm("sarde-rm", "32M", 4, 5);
@@ -227,7 +216,9 @@ fn rm_refuses_vms_in_use_and_keeps_blobs_another_tag_uses() {
 
 #[test]
 fn prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said() {
-    if !enabled("prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said") {
+    if !registry_tests_enabled(
+        "prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said",
+    ) {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
@@ -374,7 +365,7 @@ impl Drop for Undefine {
 
 #[test]
 fn a_prune_killed_at_any_point_leaves_every_tag_complete() {
-    if !enabled("a_prune_killed_at_any_point_leaves_every_tag_complete") {
+    if !registry_tests_enabled("a_prune_killed_at_any_point_leaves_every_tag_complete") {
         return;
     }
     let source = data_vm("sarde-prune-kill", "64M", 0, 0);
@@ -437,7 +428,7 @@ fn a_prune_killed_at_any_point_leaves_every_tag_complete() {
 
 #[test]
 fn concurrent_pulls_racing_a_prune_loop_all_succeed() {
-    if !enabled("concurrent_pulls_racing_a_prune_loop_all_succeed") {
+    if !registry_tests_enabled("concurrent_pulls_racing_a_prune_loop_all_succeed") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
@@ -528,7 +519,9 @@ impl Drop for SmallDisk {
 
 #[test]
 fn a_pull_that_cannot_fit_fails_first_and_auto_prune_frees_only_the_shortfall() {
-    if !enabled("a_pull_that_cannot_fit_fails_first_and_auto_prune_frees_only_the_shortfall") {
+    if !registry_tests_enabled(
+        "a_pull_that_cannot_fit_fails_first_and_auto_prune_frees_only_the_shortfall",
+    ) {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());

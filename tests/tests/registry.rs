@@ -6,22 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
 use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content, sha256};
 use sarde_e2e::{fails, ok, sarde};
 use serde_json::Value;
-
-/// Whether the registry tests can run here; prints why not.
-fn enabled(test: &str) -> bool {
-    if !vm::libvirt_enabled(test) {
-        return false;
-    }
-    if !registry_tools_available() {
-        println!("SKIPPED {test}: docker-registry, htpasswd, openssl or curl missing");
-        return false;
-    }
-    true
-}
 
 /// A VM with a backing chain: base (random and patterned data) and an overlay.
 struct ChainVm {
@@ -80,7 +68,7 @@ fn assert_imported(home: &Path, vm_name: &str, chain: &ChainVm) {
 
 #[test]
 fn round_trip_through_a_plain_registry() {
-    if !enabled("round_trip_through_a_plain_registry") {
+    if !registry_tests_enabled("round_trip_through_a_plain_registry") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
@@ -205,7 +193,7 @@ fn round_trip_through_a_plain_registry() {
 
 #[test]
 fn round_trip_with_basic_auth() {
-    if !enabled("round_trip_with_basic_auth") {
+    if !registry_tests_enabled("round_trip_with_basic_auth") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions {
@@ -262,7 +250,7 @@ fn round_trip_with_basic_auth() {
 
 #[test]
 fn round_trip_over_tls_with_a_private_ca() {
-    if !enabled("round_trip_over_tls_with_a_private_ca") {
+    if !registry_tests_enabled("round_trip_over_tls_with_a_private_ca") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions {
@@ -312,7 +300,7 @@ fn skopeo(args: &[&str]) -> String {
 
 #[test]
 fn skopeo_reads_what_sarde_pushes() {
-    if !enabled("skopeo_reads_what_sarde_pushes") {
+    if !registry_tests_enabled("skopeo_reads_what_sarde_pushes") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());
@@ -350,7 +338,7 @@ fn skopeo_reads_what_sarde_pushes() {
 
 #[test]
 fn sarde_pulls_an_image_the_python_tool_wrote() {
-    if !enabled("sarde_pulls_an_image_the_python_tool_wrote") {
+    if !registry_tests_enabled("sarde_pulls_an_image_the_python_tool_wrote") {
         return;
     }
     let Some(python) = vm::python_sarde("sarde_pulls_an_image_the_python_tool_wrote") else {
@@ -422,7 +410,7 @@ fn cached_layers(home: &Path, addr: &str, repo: &str, tag: &str) -> Vec<(String,
 
 #[test]
 fn an_update_moves_only_the_changed_pieces() {
-    if !enabled("an_update_moves_only_the_changed_pieces") {
+    if !registry_tests_enabled("an_update_moves_only_the_changed_pieces") {
         return;
     }
     let registry = TestRegistry::start(RegistryOptions::default());

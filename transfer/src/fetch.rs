@@ -21,7 +21,7 @@ use crate::error::VerifyFailure;
 use crate::lock::{BlobLock, state_dir};
 use crate::manifest::{self, MAX_DEPTH, Refs};
 use crate::progress::{Event, Progress};
-use crate::retry::{backoff, retrying};
+use crate::retry::backoff;
 use crate::{BlobGate, MAX_BACKOFF, Summary, TransferError, TransferOptions};
 
 /// Bytes read from the network per write to the partial file.
@@ -224,15 +224,14 @@ impl FetchRequest {
         reference: &str,
         options: &TransferOptions,
     ) -> Result<RawManifest, TransferError> {
-        let what = format!("{}: manifest {reference}", self.image);
-        let (result, _) = retrying(options, &what, |_| async {
-            Ok(self
-                .source
-                .get_manifest(&self.repository, reference)
-                .await?)
-        })
-        .await;
-        result
+        manifest::get(
+            self.source.as_ref(),
+            &self.repository,
+            reference,
+            &self.image,
+            options,
+        )
+        .await
     }
 
     /// Downloads every blob the layout lacks, `options.concurrency` at a time,

@@ -2,13 +2,32 @@
 //! Registry content is untrusted: shapes, digests and counts are checked before
 //! anything is requested or written.
 
+use sarde_api::Transport;
 use sarde_api::digest::Algorithm;
 use sarde_api::limits::{MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE};
 use sarde_api::oci::{Descriptor, media_types};
 use sarde_api::transport::RawManifest;
 use serde::Deserialize;
 
-use crate::TransferError;
+use crate::retry::retrying;
+use crate::{TransferError, TransferOptions};
+
+/// Reads a manifest from `source`, retrying transient failures; `image` names
+/// it in messages.
+pub(crate) async fn get(
+    source: &dyn Transport,
+    repository: &str,
+    reference: &str,
+    image: &str,
+    options: &TransferOptions,
+) -> Result<RawManifest, TransferError> {
+    let what = format!("{image}: manifest {reference}");
+    let (result, _) = retrying(options, &what, |_| async {
+        Ok(source.get_manifest(repository, reference).await?)
+    })
+    .await;
+    result
+}
 
 /// More blobs than any real VM image has (a 60 GiB disk in 64 MiB pieces is ~1000).
 const MAX_BLOBS: usize = 100_000;

@@ -101,15 +101,14 @@ impl PushRequest {
         reference: &str,
         options: &TransferOptions,
     ) -> Result<RawManifest, TransferError> {
-        let what = format!("{}: manifest {reference}", self.image);
-        let (result, _) = retrying(options, &what, |_| async {
-            Ok(self
-                .source
-                .get_manifest(&self.repository, reference)
-                .await?)
-        })
-        .await;
-        let manifest = result?;
+        let manifest = manifest::get(
+            self.source.as_ref(),
+            &self.repository,
+            reference,
+            &self.image,
+            options,
+        )
+        .await?;
         // Whatever a (plugin) source claims, the bytes are what is checked.
         let actual = sarde_api::Digest::sha256_of(&manifest.bytes);
         let asked = reference.parse::<sarde_api::Digest>().ok();

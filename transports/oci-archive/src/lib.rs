@@ -20,10 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use sarde_api::limits::MAX_MANIFEST_SIZE;
+use sarde_api::limits::{MAX_INDEX_SIZE, MAX_MANIFEST_SIZE};
 use sarde_api::oci::{Descriptor, ImageIndex, media_types};
 use sarde_api::transport::{
     Access, BlobReader, RawManifest, TransportOptions, TransportReference, path_and_tag,
+    require_path,
 };
 use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
 use sarde_transport_oci_dir::OciDirTransport;
@@ -32,8 +33,6 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 /// The URL scheme of this transport, as in skopeo.
 pub const SCHEME: &str = "oci-archive";
 const SYNTAX: &str = "oci-archive:FILE[:TAG]";
-/// The largest `index.json` read from an archive.
-const MAX_INDEX_SIZE: u64 = 16 << 20;
 
 /// Opens `oci-archive` transports.
 #[derive(Debug, Clone, Copy, Default)]
@@ -57,14 +56,7 @@ impl TransportFactory for OciArchiveFactory {
         location: &str,
         _options: &TransportOptions,
     ) -> Result<Box<dyn Transport>, TransportError> {
-        if location.is_empty() {
-            return Err(TransportError::BadReference {
-                scheme: SCHEME.to_string(),
-                reference: String::new(),
-                message: "no file".to_string(),
-                expected: SYNTAX.to_string(),
-            });
-        }
+        require_path(SCHEME, location, SYNTAX)?;
         Ok(Box::new(OciArchiveTransport::new(location)))
     }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use sarde_api::Digest;
 use sarde_api::digest::Algorithm;
+use sarde_api::limits::MAX_INDEX_SIZE;
 use sarde_api::oci::{Descriptor, ImageIndex, media_types};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256, Sha512};
@@ -25,9 +26,6 @@ use crate::error::{LayoutError, io_error};
 /// The largest blob [`Layout::read_blob`] reads into memory: manifests, configs and
 /// domain XML are far smaller; anything bigger is a disk layer named by mistake.
 pub const MAX_IN_MEMORY_BLOB: u64 = 16 << 20;
-
-/// The largest `index.json` read; real ones are a few KiB.
-const MAX_INDEX_SIZE: u64 = 16 << 20;
 
 const OCI_LAYOUT_FILE: &str = "oci-layout";
 const INDEX_FILE: &str = "index.json";

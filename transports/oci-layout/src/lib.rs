@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use sarde_api::transport::{TransportOptions, TransportReference, path_and_tag};
+use sarde_api::transport::{TransportOptions, TransportReference, path_and_tag, require_path};
 use sarde_api::{Registrar, RegistryError, Transport, TransportError, TransportFactory};
 use sarde_transport_oci_dir::OciDirTransport;
 
@@ -38,14 +38,7 @@ impl TransportFactory for OciLayoutFactory {
         location: &str,
         _options: &TransportOptions,
     ) -> Result<Box<dyn Transport>, TransportError> {
-        if location.is_empty() {
-            return Err(TransportError::BadReference {
-                scheme: SCHEME.to_string(),
-                reference: String::new(),
-                message: "no directory".to_string(),
-                expected: SYNTAX.to_string(),
-            });
-        }
+        require_path(SCHEME, location, SYNTAX)?;
         Ok(Box::new(OciDirTransport::layout(location)))
     }
 }

@@ -7,10 +7,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sarde_api::oci::Descriptor;
 use sarde_api::transport::{TransportOptions, TransportReference, split_scheme};
 use sarde_api::{ImageReference, Transport};
 use sarde_transfer::{
-    BlobGate, FetchRequest, Fetched, Progress, PushRequest, PushTarget, Pushed, ResolvedImage,
+    BlobGate, Copied, CopyRequest, Counting, Destination, Progress, SourceImage, Summary,
     TransferError, TransferOptions,
 };
 use sarde_transport_oci_dir::Layout;
@@ -22,8 +23,9 @@ use crate::{Engine, EngineError, ImageLocation};
 
 /// The default transport scheme.
 pub const DEFAULT_SCHEME: &str = "docker";
-/// The transport of one OCI layout directory, through which push reads the cache.
-pub const LAYOUT_SCHEME: &str = "oci";
+/// The transport of the cache (`oci-dir`): fetch and pull write through it,
+/// push reads through it.
+pub const CACHE_SCHEME: &str = "oci-dir";
 
 /// How sarde reaches registries.
 #[derive(Debug, Clone, Default)]
@@ -109,6 +111,17 @@ impl std::fmt::Display for RemoteReference {
     }
 }
 
+/// What a fetch did.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub manifest: Descriptor,
+    /// The image's name in the cache.
+    pub image: ImageReference,
+    pub summary: Summary,
+    /// The cache had the image under that name already.
+    pub up_to_date: bool,
+}
+
 /// What a pull did.
 #[derive(Debug, Clone)]
 pub struct Pulled {
@@ -159,6 +172,28 @@ impl Engine {
         })
     }
 
+    /// The IMAGE argument of fetch, pull and clone: a registry reference (the
+    /// image's name in the cache and where it comes from), or `scheme:rest` of
+    /// another transport (where it comes from; the cache name is made by
+    /// [`Engine::cache_name`], `None` when only the digest will tell). The
+    /// `transport` setting does not apply: an IMAGE without a scheme is always
+    /// a registry reference, as an image's own name is.
+    pub fn parse_image_argument(
+        &self,
+        text: &str,
+    ) -> Result<(RemoteReference, Option<ImageReference>), RemoteError> {
+        let known = |scheme: &str| self.registry.transport(scheme).is_ok();
+        if split_scheme(text, known).is_some() {
+            let source = self.parse_remote(text)?;
+            let name = self.cache_name(&source, None)?;
+            return Ok((source, name));
+        }
+        let image: ImageReference = text.parse().map_err(|e| {
+            RemoteError::Refused(format!("{text:?} is not an image reference: {e}"))
+        })?;
+        Ok((RemoteReference::registry(&image), Some(image)))
+    }
+
     /// Opens the transport a reference names, with the TLS settings of its registry.
     pub fn open_remote(
         &self,
@@ -190,6 +225,7 @@ impl Engine {
                 .map(|(_, c)| c.clone()),
             concurrency: self.remote.transfer.concurrency,
             bounds: self.remote.bounds,
+            ..TransportOptions::default()
         };
         if let Some(ca) = &options.ca_file {
             tracing::debug!("{location}: trusting the CA in {}", ca.display());
@@ -203,7 +239,7 @@ impl Engine {
         image: &ImageReference,
         targets: &[RemoteReference],
         progress: Arc<dyn Progress>,
-    ) -> Result<Pushed, RemoteError> {
+    ) -> Result<Copied, RemoteError> {
         let location = ImageLocation::cached(&self.ocidir, image);
         let own;
         let targets = if targets.is_empty() {
@@ -212,120 +248,192 @@ impl Engine {
         } else {
             targets
         };
-        let mut push_targets = Vec::new();
+        let mut destinations = Vec::new();
         for target in targets {
-            push_targets.push(PushTarget {
-                transport: self.open_remote(target)?,
-                repository: target.target.repository.clone(),
-                tag: target.target.tag.clone(),
-                name: target.to_string(),
-            });
+            destinations.push(self.destination(target)?);
         }
         // The image stays while its blobs are read and sent.
         let _lease = self.lease_image("push", &location, false)?;
-        let request = PushRequest {
-            source: self.open_layout(&location)?,
-            repository: String::new(),
+        let request = CopyRequest {
+            source: self.open_cache()?,
+            repository: cache_repository(image),
             reference: location.reference,
             image: image.to_string(),
-            targets: push_targets,
+            destinations,
             mount_from: vec![(image.registry_location(), image.repository().to_string())],
+            check_source_blobs: true,
+            counting: Counting::Sent,
+            gate: None,
         };
         Ok(request.run(&self.remote.transfer, progress).await?)
     }
 
     /// Copies an image between two transports, neither of them necessarily the
-    /// cache: the push engine with another source.
+    /// cache.
     pub async fn copy(
         &self,
         source: &RemoteReference,
         destination: &RemoteReference,
         progress: Arc<dyn Progress>,
-    ) -> Result<Pushed, RemoteError> {
-        let request = PushRequest {
+    ) -> Result<Copied, RemoteError> {
+        let request = CopyRequest {
             source: self.open_remote(source)?,
             repository: source.target.repository.clone(),
             reference: source.target.reference.clone(),
             image: source.to_string(),
-            targets: vec![PushTarget {
-                transport: self.open_remote(destination)?,
-                repository: destination.target.repository.clone(),
-                tag: destination.target.tag.clone(),
-                name: destination.to_string(),
-            }],
+            destinations: vec![self.destination(destination)?],
             // A registry mounts blobs of the source repository it holds too.
             mount_from: vec![(
                 source.target.location.clone(),
                 source.target.repository.clone(),
             )],
+            check_source_blobs: source.scheme != DEFAULT_SCHEME,
+            counting: Counting::Both,
+            gate: None,
         };
         Ok(request.run(&self.remote.transfer, progress).await?)
     }
 
-    /// A layout of the cache (or a `--raw` one) as a transport: the `oci`
-    /// transport, one layout directory.
-    fn open_layout(&self, location: &ImageLocation) -> Result<Arc<dyn Transport>, RemoteError> {
+    fn destination(&self, target: &RemoteReference) -> Result<Destination, RemoteError> {
+        Ok(Destination {
+            transport: self.open_remote(target)?,
+            repository: target.target.repository.clone(),
+            tag: target.target.tag.clone(),
+            name: target.to_string(),
+        })
+    }
+
+    /// The cache as a transport (`oci-dir`, one layout per repository): the
+    /// destination of fetch and pull, the source of push.
+    fn open_cache(&self) -> Result<Arc<dyn Transport>, RemoteError> {
         let factory = self
             .registry
-            .transport(LAYOUT_SCHEME)
+            .transport(CACHE_SCHEME)
             .map_err(EngineError::from)?;
-        let path = location.layout.to_string_lossy();
+        let root = self.ocidir.root().to_string_lossy();
         Ok(Arc::from(
-            factory.open(&path, &TransportOptions::default())?,
+            factory.open(&root, &TransportOptions::default())?,
         ))
     }
 
-    fn fetch_request(
+    /// The name an image read from `source` gets in the cache when the user
+    /// gives none: a registry reference is its own name; an image of another
+    /// transport is `localhost/<file or directory name>` with the source's tag,
+    /// or with its manifest digest when the source names no tag (an archive
+    /// entry with no name). `digest` is needed only then.
+    pub fn cache_name(
         &self,
         source: &RemoteReference,
-        image: &ImageReference,
+        digest: Option<&sarde_api::Digest>,
+    ) -> Result<Option<ImageReference>, RemoteError> {
+        if source.scheme == DEFAULT_SCHEME {
+            let text = source.rest.strip_prefix("//").unwrap_or(&source.rest);
+            return Ok(Some(text.parse().map_err(|e| {
+                RemoteError::Refused(format!("{source} is not an image reference: {e}"))
+            })?));
+        }
+        let stem = local_repository_name(&source.target.location, &source.target.repository);
+        let named = match (&source.target.tag, digest) {
+            (Some(tag), _) => format!("localhost/{stem}:{tag}"),
+            (None, Some(digest)) => format!("localhost/{stem}@{digest}"),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(named.parse().map_err(|e| {
+            RemoteError::Refused(format!(
+                "{source}: no cache name can be made of it ({named}: {e}); name the image: `sarde pull --source {source} NAME`"
+            ))
+        })?))
+    }
+
+    /// Reads `source` and decides its cache name: what fetch and pull do before
+    /// any blob moves.
+    async fn prepare_fetch(
+        &self,
+        source: &RemoteReference,
+        image: Option<&ImageReference>,
         command: &str,
-    ) -> Result<FetchRequest, RemoteError> {
-        // The layout is made only once the source answered: a name that does not
-        // exist leaves no empty repository behind.
-        let location = ImageLocation::cached(&self.ocidir, image);
+        gate: Option<Arc<BlobGate>>,
+    ) -> Result<PreparedFetch, RemoteError> {
+        let mut request = CopyRequest {
+            source: self.open_remote(source)?,
+            repository: source.target.repository.clone(),
+            reference: source.target.reference.clone(),
+            image: source.to_string(),
+            destinations: Vec::new(),
+            mount_from: Vec::new(),
+            check_source_blobs: false,
+            counting: Counting::Received,
+            gate,
+        };
+        let options = &self.remote.transfer;
+        let resolved = request.resolve(options).await?;
+        let image = match image {
+            Some(image) => image.clone(),
+            None => self
+                .cache_name(source, Some(&resolved.manifest.digest))?
+                .expect("a digest always makes a name"),
+        };
+        let location = ImageLocation::cached(&self.ocidir, &image);
         let lease = match self.lease_image(command, &location, false)? {
             Some(lease) => lease,
             None => sarde_lifecycle::Lease::take(self.ocidir.root(), command)
                 .map_err(EngineError::from)?,
         };
-        Ok(FetchRequest {
-            lease: Arc::new(lease),
-            source: self.open_remote(source)?,
-            repository: source.target.repository.clone(),
-            reference: source.target.reference.clone(),
-            cache: self.ocidir.root().to_path_buf(),
-            layout: self.ocidir.layout_for(image),
+        request.destinations.push(Destination {
+            transport: self.open_cache()?,
+            repository: cache_repository(&image),
             tag: image.tag_or_default().map(str::to_string),
-            image: source.to_string(),
+            name: source.to_string(),
+        });
+        let up_to_date = request.up_to_date(&resolved, options).await?;
+        Ok(PreparedFetch {
+            request,
+            resolved,
+            image,
+            location,
+            lease,
+            up_to_date,
         })
     }
 
-    /// Fetches `source` into the cache as `image`.
+    /// Fetches `source` into the cache as `image` (named after the source when
+    /// `None`, see [`Engine::cache_name`]).
     pub async fn fetch(
         &self,
         source: &RemoteReference,
-        image: &ImageReference,
-        progress: &dyn Progress,
+        image: Option<&ImageReference>,
+        progress: Arc<dyn Progress>,
     ) -> Result<Fetched, RemoteError> {
-        let request = self.fetch_request(source, image, "fetch")?;
-        let options = &self.remote.transfer;
         let started = std::time::Instant::now();
-        let resolved = request.resolve(options).await?;
-        let location = ImageLocation::cached(&self.ocidir, image);
-        if !resolved.up_to_date {
+        let prepared = self.prepare_fetch(source, image, "fetch", None).await?;
+        let options = &self.remote.transfer;
+        let summary = if prepared.up_to_date {
+            progress.event(&sarde_transfer::Event::Finish {
+                image: &source.to_string(),
+            });
+            let mut summary = prepared.resolved.up_to_date_summary(Counting::Received);
+            summary.seconds = started.elapsed().as_secs_f64();
+            summary
+        } else {
             let need = SpaceNeed {
-                cache: self.claim_blobs(&request, &resolved)?,
+                cache: self.claim_blobs(&prepared)?,
                 vms: 0,
             };
-            self.make_room_off_thread(need, location.clone(), None)
+            self.make_room_off_thread(need, prepared.location.clone(), None)
                 .await?;
-        }
-        let fetched = request
-            .finish(&resolved, options, progress, started)
-            .await?;
-        self.record_image_use(&location, &fetched.manifest.digest);
-        Ok(fetched)
+            prepared
+                .request
+                .copy_resolved(&prepared.resolved, options, progress, started)
+                .await?
+                .summary
+        };
+        self.record_image_use(&prepared.location, &prepared.resolved.manifest.digest);
+        Ok(Fetched {
+            manifest: prepared.resolved.descriptor(),
+            image: prepared.image,
+            summary,
+            up_to_date: prepared.up_to_date,
+        })
     }
 
     /// [`Engine::make_room`] on a blocking thread (it reads the whole cache).
@@ -342,25 +450,29 @@ impl Engine {
         Ok(())
     }
 
-    /// Claims every blob of a resolved image in the fetch's lease (so no reclaim
-    /// or prune takes one from now on, shared ones included) and returns the bytes
-    /// of those no repository of the cache holds yet: what the fetch will write.
-    fn claim_blobs(
-        &self,
-        request: &FetchRequest,
-        resolved: &ResolvedImage,
-    ) -> Result<u64, RemoteError> {
-        let layout = Layout::create(&request.layout)?;
+    /// Claims the image and every blob of it in the fetch's lease (so no
+    /// reclaim or prune takes one from now on, shared ones included) and
+    /// returns the bytes of those no repository of the cache holds yet: what
+    /// the fetch will write.
+    fn claim_blobs(&self, prepared: &PreparedFetch) -> Result<u64, RemoteError> {
+        let layout = Layout::create(&prepared.location.layout)?;
+        let resolved = &prepared.resolved;
         let digests = resolved
-            .blobs
-            .iter()
-            .map(|b| &b.digest)
-            .chain(resolved.children.iter().map(|c| &c.digest))
-            .chain([&resolved.manifest.digest]);
-        request
-            .lease
+            .contents()
+            .into_iter()
+            .map(|b| b.digest)
+            .chain([resolved.manifest.digest.clone()])
+            .collect::<Vec<_>>();
+        let lease = &prepared.lease;
+        let reference = prepared
+            .image
+            .tag_or_default()
+            .map(str::to_string)
+            .unwrap_or_else(|| prepared.location.reference.clone());
+        lease
             .protect_layout(&layout)
-            .and_then(|()| request.lease.protect_blobs(&layout, digests))
+            .and_then(|()| lease.protect_image(&layout, &reference))
+            .and_then(|()| lease.protect_blobs(&layout, digests.iter()))
             .map_err(EngineError::from)?;
         let layouts: Vec<Layout> = self
             .ocidir
@@ -382,26 +494,30 @@ impl Engine {
     pub async fn pull(
         &self,
         source: &RemoteReference,
-        image: &ImageReference,
+        image: Option<&ImageReference>,
         mut import: ImportRequest,
-        progress: &dyn Progress,
+        progress: Arc<dyn Progress>,
     ) -> Result<Pulled, RemoteError> {
         let started = std::time::Instant::now();
         let options = &self.remote.transfer;
-        let request = self.fetch_request(source, image, "pull")?;
-        let resolved = request.resolve(options).await?;
-        import.image = ImageLocation::cached(&self.ocidir, image);
+        let gate = Arc::new(BlobGate::new());
+        let prepared = self
+            .prepare_fetch(source, image, "pull", Some(gate.clone()))
+            .await?;
+        import.image = prepared.location.clone();
         let engine = self.clone();
-        if resolved.up_to_date {
+        let resolved = &prepared.resolved;
+        if prepared.up_to_date {
             self.record_image_use(&import.image, &resolved.manifest.digest);
             let outcome = tokio::task::spawn_blocking(move || engine.import(&import))
                 .await
                 .map_err(|e| RemoteError::Refused(format!("the import task failed: {e}")))??;
-            let mut summary = resolved.up_to_date_summary();
+            let mut summary = resolved.up_to_date_summary(Counting::Received);
             summary.seconds = started.elapsed().as_secs_f64();
             return Ok(Pulled {
                 fetched: Fetched {
                     manifest: resolved.descriptor(),
+                    image: prepared.image,
                     summary,
                     up_to_date: true,
                 },
@@ -409,36 +525,30 @@ impl Engine {
             });
         }
         let need = SpaceNeed {
-            cache: self.claim_blobs(&request, &resolved)?,
+            cache: self.claim_blobs(&prepared)?,
             vms: self.disk_bytes_to_write(&resolved.manifest.bytes, &import),
         };
         let keep_vm = self.import_name(&resolved.manifest.bytes, &import);
         self.make_room_off_thread(need, import.image.clone(), keep_vm)
             .await?;
-        let gate = Arc::new(BlobGate::new());
         import.incoming = Some(Incoming {
             manifest: resolved.descriptor(),
             manifest_bytes: resolved.manifest.bytes.clone(),
-            gate: gate.clone(),
+            gate,
         });
         let mut import_task = tokio::task::spawn_blocking(move || engine.import(&import));
-        let fetch = async {
-            let mut summary = request
-                .fetch_blobs(&resolved, options, progress, Some(&gate))
-                .await?;
-            request.commit(&resolved)?;
-            summary.bytes_received += resolved.manifest_bytes;
-            Ok::<_, RemoteError>(summary)
-        };
+        let fetch = prepared
+            .request
+            .copy_resolved(resolved, options, progress, started);
         tokio::pin!(fetch);
         let task_failed = |e: tokio::task::JoinError| {
             RemoteError::Refused(format!("the import task failed: {e}"))
         };
-        let (summary, outcome) = tokio::select! {
-            fetched = &mut fetch => {
+        let (copied, outcome) = tokio::select! {
+            copied = &mut fetch => {
                 // On failure the gate is failed too, so the import stops waiting.
                 let outcome = import_task.await.map_err(task_failed)?;
-                (fetched?, outcome?)
+                (copied?, outcome?)
             }
             imported = &mut import_task => {
                 // An import that fails (a hostile image, a name taken) stops the download.
@@ -446,19 +556,66 @@ impl Engine {
                 (fetch.await?, outcome)
             }
         };
-        let mut summary = summary;
+        let mut summary = copied.summary;
         summary.seconds = started.elapsed().as_secs_f64();
-        self.record_image_use(
-            &ImageLocation::cached(&self.ocidir, image),
-            &resolved.manifest.digest,
-        );
+        self.record_image_use(&prepared.location, &resolved.manifest.digest);
         Ok(Pulled {
             fetched: Fetched {
                 manifest: resolved.descriptor(),
+                image: prepared.image,
                 summary,
                 up_to_date: false,
             },
             import: outcome,
         })
+    }
+}
+
+/// A fetch or pull once its source is read and its cache name decided.
+struct PreparedFetch {
+    request: CopyRequest,
+    resolved: SourceImage,
+    image: ImageReference,
+    location: ImageLocation,
+    lease: sarde_lifecycle::Lease,
+    up_to_date: bool,
+}
+
+/// An image's repository in the cache transport: `host[:port]/path`.
+fn cache_repository(image: &ImageReference) -> String {
+    image.cache_path_components().join("/")
+}
+
+/// A repository name made of the last component of a path (`win11` of
+/// `/mnt/usb/win11.tar`) or of a plugin's repository: lower case, characters
+/// a repository can't have turned into `-`.
+fn local_repository_name(location: &str, repository: &str) -> String {
+    let base = if repository.is_empty() {
+        let name = std::path::Path::new(location)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.strip_suffix(".tar")
+            .map(str::to_string)
+            .unwrap_or(name)
+    } else {
+        repository.to_string()
+    };
+    let mut out = String::new();
+    for c in base.to_lowercase().chars() {
+        let keep = c.is_ascii_alphanumeric()
+            || c == '/'
+            || ((c == '.' || c == '_' || c == '-') && !out.is_empty());
+        let c = if keep { c } else { '-' };
+        if (c == '-' || c == '/') && (out.ends_with('-') || out.ends_with('/') || out.is_empty()) {
+            continue;
+        }
+        out.push(c);
+    }
+    let out = out.trim_end_matches(['-', '.', '_', '/']).to_string();
+    if out.is_empty() {
+        "image".to_string()
+    } else {
+        out
     }
 }

@@ -3,7 +3,9 @@
 //! `~/.config/gitlab-runner/gitlab-sardinecake-executor.ini`, or the files in
 //! `GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES` (colon-separated). `[DEFAULT]` applies
 //! to every image; a section named after an image (wildcards `*` and `?` allowed;
-//! the longest matching pattern wins) overrides it for that image.
+//! the longest matching pattern wins) overrides it for that image. Images and
+//! patterns are `scheme:rest` as sarde reads references (`oci-archive:/srv/*`);
+//! one without a scheme is a registry reference, and matches only those.
 //!
 //! Precedence, lowest first: built-in defaults, `[DEFAULT]`, command-line flags,
 //! the image's section.
@@ -204,11 +206,15 @@ impl Files {
     }
 
     /// The section that applies to `image`: the longest matching pattern (the
-    /// later one among equally long ones).
-    pub fn section_for(&self, image: &str) -> Option<&(String, Values)> {
+    /// later one among equally long ones). `is_scheme` tells transport schemes.
+    pub fn section_for(
+        &self,
+        image: &str,
+        is_scheme: &dyn Fn(&str) -> bool,
+    ) -> Option<&(String, Values)> {
         self.sections
             .iter()
-            .filter(|(pattern, _)| wildcard_match(pattern, image))
+            .filter(|(pattern, _)| image_matches(pattern, image, is_scheme))
             .max_by_key(|(pattern, _)| pattern.len())
     }
 
@@ -218,16 +224,36 @@ impl Files {
         image: Option<&str>,
         flags: &BTreeMap<String, String>,
         root: bool,
+        is_scheme: &dyn Fn(&str) -> bool,
     ) -> Result<Settings, ConfigError> {
         let mut merged: BTreeMap<String, (String, String)> = self.defaults.clone();
         for (k, v) in flags {
             merged.insert(normalise(k), (v.clone(), "command line".into()));
         }
-        if let Some((_, section)) = image.and_then(|i| self.section_for(i)) {
+        if let Some((_, section)) = image.and_then(|i| self.section_for(i, is_scheme)) {
             merged.extend(section.clone());
         }
         Settings::from_values(&merged, root)
     }
+}
+
+/// Whether `pattern` (an allow-list entry, a section name) matches `image` as a
+/// job names it: the transport schemes agree (none and `docker://` both mean
+/// a registry) and the rest matches with wildcards.
+pub fn image_matches(pattern: &str, image: &str, is_scheme: &dyn Fn(&str) -> bool) -> bool {
+    let split = |text: &'_ str| -> (String, String) {
+        match sarde_api::transport::split_scheme(text, is_scheme) {
+            Some(("docker", rest)) => (
+                "docker".into(),
+                rest.strip_prefix("//").unwrap_or(rest).into(),
+            ),
+            Some((scheme, rest)) => (scheme.into(), rest.into()),
+            None => ("docker".into(), text.into()),
+        }
+    };
+    let (pattern_scheme, pattern_rest) = split(pattern);
+    let (image_scheme, image_rest) = split(image);
+    pattern_scheme == image_scheme && wildcard_match(&pattern_rest, &image_rest)
 }
 
 /// `*` matches any run of characters, `?` one character.
@@ -397,9 +423,12 @@ impl Settings {
     }
 
     /// Whether the allow-list admits `image` (an empty list admits all).
-    pub fn allows(&self, image: &str) -> bool {
+    pub fn allows(&self, image: &str, is_scheme: &dyn Fn(&str) -> bool) -> bool {
         self.allowed_images.is_empty()
-            || self.allowed_images.iter().any(|p| wildcard_match(p, image))
+            || self
+                .allowed_images
+                .iter()
+                .any(|p| image_matches(p, image, is_scheme))
     }
 }
 
@@ -421,6 +450,29 @@ mod tests {
         assert!(!wildcard_match("a*b*c", "aXXbYY"));
     }
 
+    fn schemes(s: &str) -> bool {
+        matches!(s, "docker" | "oci" | "oci-archive")
+    }
+
+    #[test]
+    fn patterns_match_scheme_and_rest() {
+        let m = |p: &str, i: &str| image_matches(p, i, &schemes);
+        assert!(m(
+            "oci-archive:/shared/*",
+            "oci-archive:/shared/win11.tar:1"
+        ));
+        assert!(!m("oci-archive:/shared/*", "oci-archive:/home/x.tar"));
+        assert!(!m("oci:/shared/*", "oci-archive:/shared/x.tar"));
+        // No scheme: registry references only, `docker://` included.
+        assert!(m("*", "debian:12"));
+        assert!(!m("*", "oci-archive:/shared/x.tar"));
+        assert!(m("r.example/*", "docker://r.example/x:1"));
+        assert!(m("docker://r.example/*", "r.example/x:1"));
+        // A port is no scheme.
+        assert!(m("docker:5000/*", "docker:5000/vm:1"));
+        assert!(!m("docker:5000/*", "docker://other/vm:1"));
+    }
+
     #[test]
     fn the_longest_matching_section_wins_over_flags_and_default() {
         let dir = tempfile::tempdir().unwrap();
@@ -439,6 +491,7 @@ mod tests {
                 Some("registry.example.org/sardines/win11:latest"),
                 &flags,
                 true,
+                &schemes,
             )
             .unwrap();
         assert_eq!(win.username.as_deref(), Some("admin"));
@@ -450,10 +503,13 @@ mod tests {
                 Some("registry.example.org/sardines/debian:12"),
                 &flags,
                 true,
+                &schemes,
             )
             .unwrap();
         assert_eq!(deb.username.as_deref(), Some("generic"));
-        let other = files.settings(Some("other/x"), &flags, true).unwrap();
+        let other = files
+            .settings(Some("other/x"), &flags, true, &schemes)
+            .unwrap();
         assert_eq!(other.username.as_deref(), Some("flag"));
         assert_eq!(other.password.as_deref(), Some("vagrant"));
         assert_eq!(other.pull_policy, PullPolicy::Always);
@@ -466,7 +522,7 @@ mod tests {
         std::fs::write(&file, "[DEFAULT]\npull-policy = sometimes\n").unwrap();
         let files = Files::read(std::slice::from_ref(&file)).unwrap();
         let e = files
-            .settings(None, &BTreeMap::new(), true)
+            .settings(None, &BTreeMap::new(), true, &schemes)
             .unwrap_err()
             .to_string();
         assert!(
@@ -478,10 +534,18 @@ mod tests {
     #[test]
     fn allow_list() {
         let files = Files::default();
-        let mut s = files.settings(None, &BTreeMap::new(), true).unwrap();
-        assert!(s.allows("any/image"));
-        s.allowed_images = vec!["registry.example.org/sardines/*".into()];
-        assert!(s.allows("registry.example.org/sardines/debian:12"));
-        assert!(!s.allows("evil.example/x"));
+        let mut s = files
+            .settings(None, &BTreeMap::new(), true, &schemes)
+            .unwrap();
+        assert!(s.allows("any/image", &schemes));
+        s.allowed_images = vec![
+            "registry.example.org/sardines/*".into(),
+            "oci-archive:/shared/images/*".into(),
+        ];
+        assert!(s.allows("registry.example.org/sardines/debian:12", &schemes));
+        assert!(!s.allows("evil.example/x", &schemes));
+        assert!(s.allows("oci-archive:/shared/images/win11.tar", &schemes));
+        assert!(!s.allows("oci-archive:/tmp/evil.tar", &schemes));
+        assert!(!s.allows("oci:/shared/images/win11", &schemes));
     }
 }

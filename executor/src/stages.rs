@@ -147,14 +147,17 @@ pub async fn prepare(
     let image_text = job.image.clone().ok_or_else(|| {
         StageError::Build("the job names no image (`image:` in .gitlab-ci.yml)".into())
     })?;
-    if !settings.allows(&image_text) {
+    let is_scheme = |scheme: &str| engine.registry.transport(scheme).is_ok();
+    if !settings.allows(&image_text, &is_scheme) {
         return Err(StageError::Build(format!(
             "image {image_text} is not in this runner's allowed-images ({})",
             settings.allowed_images.join(", ")
         )));
     }
-    let image: ImageReference = image_text
-        .parse()
+    // A registry reference, or `scheme:rest` of another transport (an archive
+    // on a shared file system), cached under a name made from it.
+    let (source, name) = engine
+        .parse_image_argument(&image_text)
         .map_err(|e| StageError::Build(format!("image {image_text:?}: {e}")))?;
     let vm = job.vm_name()?;
     let hv = engine.registry.connect(&engine.connect).map_err(system)?;
@@ -189,7 +192,9 @@ pub async fn prepare(
     if let (Some(registry), Some(user), Some(password)) =
         (&job.registry, &job.registry_user, &job.registry_password)
     {
-        if *registry == image.registry_location() {
+        if source.scheme == sarde_engine::remote::DEFAULT_SCHEME
+            && *registry == source.target.location
+        {
             engine.remote.credentials.push((
                 registry.clone(),
                 Credentials {
@@ -205,7 +210,7 @@ pub async fn prepare(
         "Getting image {image_text} ({:?} pull policy)…",
         settings.pull_policy
     );
-    let mut source_vm = source_vm(engine, settings, &image).await?;
+    let (mut source_vm, image) = source_vm(engine, settings, &source, name.as_ref()).await?;
     times.pull = t.elapsed().as_secs_f64();
 
     let overlay_dirs = overlay_dirs(hv.as_ref(), settings, &source_vm)?;
@@ -213,6 +218,7 @@ pub async fn prepare(
         vm: vm.clone(),
         source_vm: source_vm.clone(),
         image: image_text.clone(),
+        cached_as: Some(image.to_string()),
         login: login_for(engine, settings, &image, "0.0.0.0".into()),
         overlay_dirs,
     };
@@ -241,7 +247,9 @@ pub async fn prepare(
         eprintln!(
             "{source_vm} was removed meanwhile (a newer version arrived); getting {image_text} again…"
         );
-        source_vm = self::source_vm(engine, settings, &image).await?;
+        source_vm = self::source_vm(engine, settings, &source, Some(&image))
+            .await?
+            .0;
         state.source_vm = source_vm.clone();
         state.overlay_dirs = self::overlay_dirs(hv.as_ref(), settings, &source_vm)?;
         state
@@ -299,12 +307,24 @@ pub async fn prepare(
 }
 
 /// The local VM of the image, per the pull policy: imported under the image id,
-/// so every job of one image shares one base VM.
+/// so every job of one image shares one base VM; and the image's cache name.
+/// An image of another transport whose name only its digest can make (an
+/// archive entry with no tag) is read each time: nothing moves when it is
+/// cached already.
 async fn source_vm(
     engine: &Engine,
     settings: &Settings,
-    image: &ImageReference,
-) -> Result<String, StageError> {
+    source: &RemoteReference,
+    name: Option<&ImageReference>,
+) -> Result<(String, ImageReference), StageError> {
+    let Some(image) = name else {
+        if settings.pull_policy == PullPolicy::Never {
+            return Err(StageError::Build(format!(
+                "image {source} names no tag, so only reading it tells its cache name, and the pull policy is never: name a tag"
+            )));
+        }
+        return pull_source_vm(engine, source, None).await;
+    };
     let location = ImageLocation::cached(&engine.ocidir, image);
     let import = sarde_engine::import::ImportRequest {
         image: location.clone(),
@@ -328,20 +348,41 @@ async fn source_vm(
         }
     };
     if pull {
-        let source = RemoteReference::registry(image);
-        let pulled = engine
-            .pull(&source, image, import, &NoProgress)
-            .await
-            .map_err(|e| system(format!("pulling {image}: {e}")))?;
-        Ok(pulled.import.name)
+        pull_source_vm(engine, source, Some(image)).await
     } else {
         let engine = engine.clone();
-        tokio::task::spawn_blocking(move || engine.import(&import))
+        let name = tokio::task::spawn_blocking(move || engine.import(&import))
             .await
             .map_err(system)?
             .map(|o| o.name)
-            .map_err(|e| system(format!("importing {image} from the cache: {e}")))
+            .map_err(|e| system(format!("importing {image} from the cache: {e}")))?;
+        Ok((name, image.clone()))
     }
+}
+
+async fn pull_source_vm(
+    engine: &Engine,
+    source: &RemoteReference,
+    name: Option<&ImageReference>,
+) -> Result<(String, ImageReference), StageError> {
+    let import = sarde_engine::import::ImportRequest {
+        // Set by the pull once the name is known.
+        image: ImageLocation {
+            layout: engine.ocidir.root().to_path_buf(),
+            reference: String::new(),
+            name: String::new(),
+        },
+        name: None,
+        replace: false,
+        allow_unsafe_xml: false,
+        incoming: None,
+        imported_by: Some(crate::EXECUTOR_NAME.to_string()),
+    };
+    let pulled = engine
+        .pull(source, name, import, std::sync::Arc::new(NoProgress))
+        .await
+        .map_err(|e| system(format!("pulling {source}: {e}")))?;
+    Ok((pulled.import.name, pulled.fetched.image))
 }
 
 fn overlay_dirs(
@@ -478,7 +519,8 @@ pub async fn cleanup(
     JobState::remove(&settings.state_dir, &vm);
     release_slot(&settings.state_dir, &vm);
     // This job's base VM may be an older version nobody uses any more.
-    if let Some(image) = state.and_then(|s| s.image.parse::<ImageReference>().ok()) {
+    let cached_as = state.and_then(|s| s.cached_as.or(Some(s.image)));
+    if let Some(image) = cached_as.and_then(|name| name.parse::<ImageReference>().ok()) {
         remove_superseded(engine, &image).await;
     }
     Ok(done)

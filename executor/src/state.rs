@@ -18,7 +18,11 @@ pub struct JobState {
     pub vm: String,
     /// The VM the clone was made from (its disks are the clone's backing files).
     pub source_vm: String,
+    /// The image as the job names it.
     pub image: String,
+    /// Its name in the cache (older state files have none).
+    #[serde(default)]
+    pub cached_as: Option<String>,
     pub login: Login,
     /// Directories holding the clone's overlays.
     pub overlay_dirs: Vec<PathBuf>,

@@ -106,6 +106,11 @@ pub struct TransportOptions {
     pub concurrency: usize,
     /// How long requests may wait; see [`TimeBounds`].
     pub bounds: TimeBounds,
+    /// The `containers-registries.conf(5)` files that apply, in the order they
+    /// are merged (the main file, then `registries.conf.d/` in name order). A
+    /// registry transport resolves `prefix`, `location`, `blocked`, `insecure`
+    /// and mirrors from them per repository; other transports ignore them.
+    pub registries_conf: Vec<std::path::PathBuf>,
 }
 
 /// What an operation will do in a repository, declared before its first
@@ -140,6 +145,53 @@ pub struct RawManifest {
     pub media_type: String,
     pub digest: Digest,
     pub bytes: Vec<u8>,
+}
+
+/// How a destination takes a blob: it has it already (or linked it from
+/// another repository it holds), or it opened a [`BlobSink`] for it.
+pub enum BlobWrite<'a> {
+    /// The blob is there, complete; `linked` when it was made available from
+    /// another repository of the same location just now, without copying bytes.
+    Present {
+        linked: bool,
+    },
+    Write(Box<dyn BlobSink + 'a>),
+}
+
+/// One blob being written. A destination that keeps what an interrupted write
+/// stored resumes: [`BlobSink::offset`] says from which byte the data must come.
+/// The sink verifies the whole blob (the bytes it kept and the new ones) by size
+/// and digest before it is committed, and holds whatever lock makes concurrent
+/// writers of the same blob wait, until it is dropped.
+#[async_trait]
+pub trait BlobSink: Send {
+    /// The first byte the sink still needs (0 when nothing was kept).
+    fn offset(&self) -> u64;
+
+    /// Stores the blob from [`BlobSink::offset`] on; `Ok` only once it is
+    /// complete and verified. On failure the bytes received may be kept for a
+    /// later sink to resume from.
+    async fn write(self: Box<Self>, data: BlobReader) -> Result<(), TransportError>;
+}
+
+/// The sink of a transport that does not resume: [`Transport::put_blob`] from 0.
+struct WholeBlob<'a, T: Transport + ?Sized> {
+    transport: &'a T,
+    repository: String,
+    blob: Descriptor,
+}
+
+#[async_trait]
+impl<T: Transport + ?Sized> BlobSink for WholeBlob<'_, T> {
+    fn offset(&self) -> u64 {
+        0
+    }
+
+    async fn write(self: Box<Self>, data: BlobReader) -> Result<(), TransportError> {
+        self.transport
+            .put_blob(&self.repository, &self.blob, data)
+            .await
+    }
 }
 
 /// One storage location opened by a factory.
@@ -190,6 +242,73 @@ pub trait Transport: Send + Sync {
         data: BlobReader,
     ) -> Result<(), TransportError>;
 
+    /// Begins storing a blob: [`BlobWrite::Present`] when the location has it,
+    /// else a sink to write it into. The default asks [`Transport::blob_exists`]
+    /// and writes with [`Transport::put_blob`] from byte 0; a transport that can
+    /// resume an interrupted write, share a blob between its repositories or
+    /// must serialise writers of one blob overrides it.
+    async fn start_blob_write<'a>(
+        &'a self,
+        repository: &str,
+        blob: &Descriptor,
+    ) -> Result<BlobWrite<'a>, TransportError> {
+        if self.blob_exists(repository, blob).await? {
+            return Ok(BlobWrite::Present { linked: false });
+        }
+        Ok(BlobWrite::Write(Box::new(WholeBlob {
+            transport: self,
+            repository: repository.to_string(),
+            blob: blob.clone(),
+        })))
+    }
+
+    /// The image just written under `reference` (its tag, or its digest when
+    /// untagged) is complete: the copy engine calls this after the image's last
+    /// manifest. A transport that writes in one piece (an archive: a temporary
+    /// file renamed into place) commits now; others need not do anything.
+    async fn finish_image(
+        &self,
+        _repository: &str,
+        _reference: &str,
+    ) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// Whether the repository holds this manifest and everything it names, so a
+    /// copy only has to write the tag. The default trusts the manifest's presence
+    /// (a registry refuses a manifest whose blobs it lacks); a transport whose
+    /// blobs can go missing behind its back (a directory) checks them.
+    async fn holds_image(
+        &self,
+        repository: &str,
+        manifest: &RawManifest,
+        _blobs: &[Descriptor],
+    ) -> Result<bool, TransportError> {
+        match self
+            .get_manifest(repository, &manifest.digest.to_string())
+            .await
+        {
+            Ok(m) => Ok(m.digest == manifest.digest),
+            Err(TransportError::ManifestUnknown { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The manifests that name `subject` as theirs (signatures, attestations,
+    /// SBOMs), as the OCI referrers API lists them, filtered by `artifact_type`
+    /// when given. `Ok(None)` when the location has no such list; callers then
+    /// look for the tag schema (`sha256-<hex>.sig`, as cosign writes it), which
+    /// every transport serves through [`Transport::get_manifest`]. A referrer is
+    /// written as any manifest, with its `subject` field set.
+    async fn list_referrers(
+        &self,
+        _repository: &str,
+        _subject: &Digest,
+        _artifact_type: Option<&str>,
+    ) -> Result<Option<Vec<Descriptor>>, TransportError> {
+        Ok(None)
+    }
+
     /// Asks the location whether its credentials are accepted (for `sarde login`).
     /// `Ok(())` also when the location needs none.
     async fn check_credentials(&self) -> Result<(), TransportError> {
@@ -217,7 +336,7 @@ pub trait Transport: Send + Sync {
 
 /// Where an image is, in one transport's own terms: what a factory made of the
 /// part of a reference after its scheme.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransportReference {
     /// What the factory opens: `host[:port]`, a directory, a file.
     pub location: String,
@@ -227,6 +346,16 @@ pub struct TransportReference {
     pub reference: String,
     /// The tag a write sets; `None` writes by digest only.
     pub tag: Option<String>,
+    /// The registry reference (`host/repository[:tag]`) a signature of this
+    /// image must claim (`critical.identity.docker-reference`), when the
+    /// transport has one; `None` for places with no registry name (a layout
+    /// directory, an archive), whose policy needs `signedIdentity`.
+    pub identity: Option<String>,
+    /// The scopes of `containers-policy.json(5)` that apply, most specific first
+    /// (for a registry: `host/repo:tag`, `host/repo`, its parent namespaces,
+    /// `host`; for a path: the path and its parent directories). The transport's
+    /// default (`""` scope) is not listed.
+    pub policy_scopes: Vec<String>,
 }
 
 impl From<&crate::ImageReference> for TransportReference {
@@ -238,13 +367,63 @@ impl From<&crate::ImageReference> for TransportReference {
             repository: image.repository().to_string(),
             reference: image.reference_for_registry(),
             tag: image.tag_or_default().map(str::to_string),
+            identity: Some(image.to_string()),
+            policy_scopes: registry_scopes(image),
         }
     }
 }
 
+/// The policy scopes of a registry image as containers/image lists them: the
+/// full reference, the repository, each parent namespace, the host, then
+/// `*.domain` wildcards from the most specific.
+pub fn registry_scopes(image: &crate::ImageReference) -> Vec<String> {
+    let mut scopes = vec![image.to_string()];
+    let mut name = image.name();
+    scopes.push(name.clone());
+    while let Some((parent, _)) = name.rsplit_once('/') {
+        scopes.push(parent.to_string());
+        name = parent.to_string();
+    }
+    let host = image.registry();
+    let mut labels: &str = host;
+    // `*.example.org` for `registry.example.org`; never for an IP address.
+    if host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[') {
+        while let Some((_, rest)) = labels.split_once('.') {
+            scopes.push(format!("*.{rest}"));
+            labels = rest;
+        }
+    }
+    scopes
+}
+
+/// The policy scopes of an image at a path (`oci:`, `oci-archive:`): the
+/// absolute path with `:tag`, then the path, then each parent directory, as
+/// containers/image lists them.
+pub fn path_scopes(path: &str, tag: Option<&str>) -> Vec<String> {
+    let absolute = std::path::absolute(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| path.to_string());
+    let mut scopes = Vec::new();
+    if let Some(tag) = tag {
+        scopes.push(format!("{absolute}:{tag}"));
+    }
+    let mut current = std::path::PathBuf::from(&absolute);
+    scopes.push(absolute.clone());
+    while let Some(parent) = current.parent() {
+        if parent.as_os_str().is_empty() {
+            break;
+        }
+        scopes.push(parent.to_string_lossy().into_owned());
+        current = parent.to_path_buf();
+    }
+    scopes
+}
+
 /// `PATH[:TAG]`, the syntax of skopeo's `oci:` and `oci-archive:` (the path
-/// ends at the first `:`, the tag defaults to `latest`), for transports that
-/// keep one set of images at a path: location PATH, no repository.
+/// ends at the first `:`), for transports that keep one set of images at a
+/// path: location PATH, no repository. Without a tag, as in skopeo, a read
+/// takes the one image the path holds (`reference` is empty) and a write adds
+/// the image untagged (`tag` is `None`).
 pub fn path_and_tag(
     scheme: &str,
     rest: &str,
@@ -261,19 +440,17 @@ pub fn path_and_tag(
     if path.ends_with("@sha256") || path.ends_with("@sha512") {
         return Err(bad("a digest can't name an image here: use a tag"));
     }
-    let tag = if tag.is_empty() {
-        crate::reference::DEFAULT_TAG
-    } else {
-        tag
-    };
-    if !crate::reference::is_tag(tag) {
+    if !tag.is_empty() && !crate::reference::is_tag(tag) {
         return Err(bad("the tag has characters a tag can't have"));
     }
+    let tag = (!tag.is_empty()).then(|| tag.to_string());
     Ok(TransportReference {
         location: path.to_string(),
         repository: String::new(),
-        reference: tag.to_string(),
-        tag: Some(tag.to_string()),
+        reference: tag.clone().unwrap_or_default(),
+        policy_scopes: path_scopes(path, tag.as_deref()),
+        tag,
+        identity: None,
     })
 }
 

@@ -1,7 +1,4 @@
-use std::path::PathBuf;
-
 use sarde_api::{Digest, TransportError};
-use sarde_transport_oci_dir::LayoutError;
 use thiserror::Error;
 
 /// Why a transfer failed; every message names the image and the object.
@@ -9,8 +6,6 @@ use thiserror::Error;
 pub enum TransferError {
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error(transparent)]
-    Layout(#[from] LayoutError),
     /// The registry's manifest is not something sarde copies.
     #[error("{image}: manifest {digest}: {message}")]
     Manifest {
@@ -31,13 +26,6 @@ pub enum TransferError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {context}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
     /// Another part of the same transfer failed first.
     #[error("{0}")]
     Aborted(String),
@@ -50,19 +38,6 @@ pub enum TransferError {
 }
 
 impl TransferError {
-    pub(crate) fn io(
-        path: impl Into<PathBuf>,
-        context: impl Into<String>,
-    ) -> impl FnOnce(std::io::Error) -> Self {
-        let path = path.into();
-        let context = context.into();
-        move |source| TransferError::Io {
-            path,
-            context,
-            source,
-        }
-    }
-
     /// Whether trying again may help.
     pub fn is_transient(&self) -> bool {
         match self {

@@ -1,31 +1,29 @@
 //! # sarde-transfer
 //!
-//! Moves images between a [`Transport`](sarde_api::Transport) (a registry, or any
-//! plugin's) and the local cache of OCI layouts — `push` one way, `fetch` the other.
+//! The one copy engine ([`CopyRequest`]): an image from any
+//! [`Transport`](sarde_api::Transport) to any others, talking only to the trait
+//! on both sides — `push` (the cache to a registry), `fetch` and `pull` (any
+//! source to the cache, which is a transport like the others) and `copy`.
 //!
-//! - Several blobs at a time; a blob the other side has is skipped (HEAD before
-//!   upload; a local blob under any repository of the cache is linked, not
-//!   downloaded); a blob in another repository of the same registry is mounted.
-//! - Downloads go to a partial file per blob in the cache and resume with a range
-//!   request, in the same run after a network error and in a later run after an
-//!   interruption. A blob enters a layout only once its size and digest are
-//!   verified; manifests and tags are written last, so a cut transfer leaves no
-//!   half image.
-//! - One lock per blob, cache-wide: processes fetching the same image download
-//!   each blob once and all succeed.
+//! - Several blobs at a time; a blob the destination has is skipped, one it can
+//!   link from another of its repositories is linked (the cache), one in
+//!   another repository of the same registry is mounted.
+//! - What a destination kept of an interrupted blob is resumed from (the
+//!   cache's partial files), in the same run after a network error and in a
+//!   later run; locking concurrent writers of one blob is the destination's
+//!   business too. Every blob is verified by size and digest on its way;
+//!   manifests and tags are written last, so a cut copy leaves no half image.
 //! - Transient failures (network errors, timeouts, 5xx, 429) are retried with
 //!   exponential backoff, `retries` times per request and at most
 //!   `retry_budget` times in all; everything else fails at once with the
 //!   transport's error.
 
+pub mod copy;
 mod counters;
 mod error;
-pub mod fetch;
 mod gate;
-mod lock;
 mod manifest;
 pub mod progress;
-pub mod push;
 mod retry;
 mod verify;
 
@@ -33,11 +31,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use copy::{Copied, CopyRequest, Counting, Destination, SourceImage};
 pub use error::{TransferError, VerifyFailure};
-pub use fetch::{FetchRequest, Fetched, ResolvedImage};
 pub use gate::BlobGate;
 pub use progress::{Event, NoProgress, Progress};
-pub use push::{PushRequest, PushTarget, Pushed};
 pub use retry::RetryBudget;
 
 /// How transfers behave.

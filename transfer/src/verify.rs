@@ -1,11 +1,18 @@
 //! A blob on its way from one transport to another, verified as it streams: the
 //! read that would complete it fails instead when the size or the digest is not
 //! the descriptor's, so the destination never receives a whole wrong blob and
-//! commits nothing, whatever the destination transport checks itself.
+//! commits nothing, whatever the destination transport checks itself. (A
+//! resumed blob starts past bytes this reader never saw: it checks the size,
+//! and the destination that kept those bytes checks the digest.)
+//!
+//! Why a read failed is recorded for the engine, which sees the destination's
+//! error first: a source that broke off is retried and resumed, a source with
+//! the wrong content is not.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use sarde_api::Digest;
@@ -15,29 +22,69 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::progress::{Event, Progress};
 
+/// Why the source's stream failed.
+#[derive(Debug)]
+pub(crate) enum ReadFailure {
+    /// Reading broke off after `received` bytes of the blob (offset included).
+    Broke { received: u64, error: io::Error },
+    /// The content is not the descriptor's.
+    Mismatch { what: &'static str, actual: String },
+}
+
+impl ReadFailure {
+    pub fn slot() -> Arc<Mutex<Option<ReadFailure>>> {
+        Arc::default()
+    }
+}
+
 pub(crate) struct VerifyingReader<R> {
     inner: R,
     blob: Descriptor,
     /// The source's location, for messages.
     source: String,
     hasher: Sha256,
+    /// Whether the digest can be checked (the stream starts at byte 0).
+    whole: bool,
     seen: u64,
     progress: Arc<dyn Progress>,
+    /// Bytes read, for the summary.
+    moved: Arc<AtomicU64>,
+    failure: Arc<Mutex<Option<ReadFailure>>>,
 }
 
 impl<R> VerifyingReader<R> {
-    pub fn new(inner: R, blob: Descriptor, source: String, progress: Arc<dyn Progress>) -> Self {
+    pub fn new(
+        inner: R,
+        blob: Descriptor,
+        offset: u64,
+        source: String,
+        progress: Arc<dyn Progress>,
+        moved: Arc<AtomicU64>,
+        failure: Arc<Mutex<Option<ReadFailure>>>,
+    ) -> Self {
         VerifyingReader {
             inner,
             blob,
             source,
             hasher: Sha256::new(),
-            seen: 0,
+            whole: offset == 0,
+            seen: offset,
             progress,
+            moved,
+            failure,
         }
     }
 
-    fn mismatch(&self, what: &str, actual: String) -> io::Error {
+    fn record(&self, failure: ReadFailure) {
+        let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(failure);
+    }
+
+    fn mismatch(&self, what: &'static str, actual: String) -> io::Error {
+        self.record(ReadFailure::Mismatch {
+            what,
+            actual: actual.clone(),
+        });
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
@@ -67,7 +114,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {}
-            other => return other,
+            Poll::Ready(Err(e)) => {
+                this.record(ReadFailure::Broke {
+                    received: this.seen,
+                    error: io::Error::new(e.kind(), e.to_string()),
+                });
+                return Poll::Ready(Err(e));
+            }
+            Poll::Pending => return Poll::Pending,
         }
         let chunk = &buf.filled()[before..];
         if chunk.is_empty() {
@@ -76,7 +130,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
                     this.mismatch("size", format!("{} (it ended)", this.seen))
                 ));
             }
-            if this.blob.size == 0 {
+            if this.blob.size == 0 && this.whole {
                 // An empty blob never reaches the check below.
                 let actual =
                     Digest::from_sha256(std::mem::take(&mut this.hasher).finalize().into());
@@ -92,9 +146,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
             let more = format!("more than {}", this.blob.size);
             return Poll::Ready(Err(this.mismatch("size", more)));
         }
-        this.hasher.update(chunk);
+        if this.whole {
+            this.hasher.update(chunk);
+        }
         this.seen += n;
-        if this.seen == this.blob.size {
+        this.moved.fetch_add(n, Ordering::Relaxed);
+        if this.seen == this.blob.size && this.whole {
             let actual = Digest::from_sha256(std::mem::take(&mut this.hasher).finalize().into());
             if actual != this.blob.digest {
                 // The last bytes never reach the destination.
@@ -120,8 +177,11 @@ mod tests {
         let mut reader = VerifyingReader::new(
             std::io::Cursor::new(data.to_vec()),
             blob.clone(),
+            0,
             "src".into(),
             Arc::new(NoProgress),
+            Arc::default(),
+            ReadFailure::slot(),
         );
         let mut out = Vec::new();
         reader.read_to_end(&mut out).await.map(|_| out)

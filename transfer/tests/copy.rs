@@ -9,8 +9,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sarde_api::oci::{Descriptor, ImageManifest, media_types};
 use sarde_api::transport::{BlobReader, RawManifest};
-use sarde_api::{Digest, Transport, TransportError};
-use sarde_transfer::{NoProgress, PushRequest, PushTarget, TransferOptions};
+use sarde_api::{Digest, Transport, TransportError, TransportFactory};
+use sarde_transfer::{CopyRequest, Counting, Destination, NoProgress, TransferOptions};
 use sarde_transport_oci_dir::{Layout, LayoutError, OciDirTransport};
 
 /// An image of a config and three layers in a new layout at `dir`, tagged `v1`.
@@ -40,20 +40,31 @@ fn make_image(dir: &Path) -> (Descriptor, Vec<Descriptor>) {
     (descriptor, layers)
 }
 
-fn request(source: Arc<dyn Transport>, destination: &Path) -> PushRequest {
-    PushRequest {
+fn request(source: Arc<dyn Transport>, destination: &Path) -> CopyRequest {
+    CopyRequest {
         source,
         repository: String::new(),
         reference: "v1".into(),
         image: "source".into(),
-        targets: vec![PushTarget {
+        destinations: vec![Destination {
             transport: Arc::new(OciDirTransport::layout(destination)),
             repository: String::new(),
             tag: Some("v1".into()),
             name: format!("oci:{}:v1", destination.display()),
         }],
         mount_from: Vec::new(),
+        check_source_blobs: true,
+        counting: Counting::Both,
+        gate: None,
     }
+}
+
+/// The bytes of the config and layers of the image `make_image` made.
+fn blob_bytes(dir: &Path) -> u64 {
+    let layout = Layout::open(dir).unwrap();
+    let manifest: ImageManifest =
+        serde_json::from_slice(&layout.read_blob(&layout.resolve("v1").unwrap()).unwrap()).unwrap();
+    manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>()
 }
 
 fn options() -> TransferOptions {
@@ -194,4 +205,287 @@ async fn a_truncated_source_blob_fails_naming_it() {
     assert!(message.contains(&layers[2].digest.to_string()), "{message}");
     // Found before anything was sent: the destination was not even created.
     assert!(Layout::open(&dst).is_err_and(|e| matches!(e, LayoutError::NotFound { .. })));
+}
+
+/// A source whose stream of one blob breaks off after `cut` bytes, `breaks`
+/// times, as a network connection that drops.
+struct Breaking {
+    inner: OciDirTransport,
+    victim: Digest,
+    cut: usize,
+    breaks: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait]
+impl Transport for Breaking {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn get_manifest(&self, r: &str, reference: &str) -> Result<RawManifest, TransportError> {
+        self.inner.get_manifest(r, reference).await
+    }
+    async fn put_manifest(
+        &self,
+        r: &str,
+        reference: &str,
+        m: &RawManifest,
+    ) -> Result<(), TransportError> {
+        self.inner.put_manifest(r, reference, m).await
+    }
+    async fn list_tags(&self, r: &str) -> Result<Vec<String>, TransportError> {
+        self.inner.list_tags(r).await
+    }
+    async fn blob_exists(&self, r: &str, blob: &Descriptor) -> Result<bool, TransportError> {
+        self.inner.blob_exists(r, blob).await
+    }
+    async fn get_blob(
+        &self,
+        r: &str,
+        blob: &Descriptor,
+        offset: u64,
+    ) -> Result<BlobReader, TransportError> {
+        use std::sync::atomic::Ordering;
+        let reader = self.inner.get_blob(r, blob, offset).await?;
+        let breaking = blob.digest == self.victim
+            && self
+                .breaks
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if !breaking {
+            return Ok(reader);
+        }
+        let head = tokio::io::AsyncReadExt::take(reader, self.cut as u64);
+        let broken = tokio_io_error(std::io::ErrorKind::ConnectionReset);
+        Ok(Box::pin(tokio::io::AsyncReadExt::chain(head, broken)))
+    }
+    async fn put_blob(
+        &self,
+        r: &str,
+        blob: &Descriptor,
+        data: BlobReader,
+    ) -> Result<(), TransportError> {
+        self.inner.put_blob(r, blob, data).await
+    }
+}
+
+/// A reader that fails at once.
+fn tokio_io_error(kind: std::io::ErrorKind) -> impl tokio::io::AsyncRead + Send + Unpin {
+    struct Failing(std::io::ErrorKind);
+    impl tokio::io::AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::Error::new(self.0, "connection dropped")))
+        }
+    }
+    Failing(kind)
+}
+
+/// The cache (one layout per repository under a root) as the destination.
+fn into_cache(source: Arc<dyn Transport>, cache: &Path, repository: &str) -> CopyRequest {
+    let mut request = request(source, cache);
+    request.destinations = vec![Destination {
+        transport: Arc::new(OciDirTransport::new(cache)),
+        repository: repository.into(),
+        tag: Some("v1".into()),
+        name: format!("cache {repository}"),
+    }];
+    request.counting = Counting::Received;
+    request.check_source_blobs = false;
+    request
+}
+
+#[tokio::test]
+async fn an_interrupted_copy_into_the_cache_resumes_where_it_broke_off() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, cache) = (work.path().join("src"), work.path().join("cache"));
+    let (manifest, layers) = make_image(&src);
+    let victim = layers[0].clone();
+    let cut = 150_000;
+    let source: Arc<dyn Transport> = Arc::new(Breaking {
+        inner: OciDirTransport::layout(&src),
+        victim: victim.digest.clone(),
+        cut,
+        breaks: 1.into(),
+    });
+    // No retries: the run ends at the break, as an interrupted command would.
+    let no_retries = TransferOptions {
+        retries: 0,
+        concurrency: 1,
+        ..options()
+    };
+    let e = into_cache(source.clone(), &cache, "h/x")
+        .run(&no_retries, Arc::new(NoProgress))
+        .await
+        .unwrap_err();
+    assert!(e.is_transient(), "a dropped connection is retried: {e:#}");
+    let layout = Layout::open(cache.join("h/x")).unwrap();
+    assert!(!layout.has_blob(&victim));
+    assert!(layout.resolve("v1").is_err(), "no tag for a half image");
+
+    // The next run sends only what is missing of that blob.
+    let done = into_cache(source, &cache, "h/x")
+        .run(&no_retries, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let total = blob_bytes(&src);
+    let before: u64 = done.summary.bytes_received;
+    assert!(
+        before < total - cut as u64 + 4096,
+        "received {before} of {total} again"
+    );
+    assert_eq!(layout.resolve("v1").unwrap().digest, manifest.digest);
+    for layer in &layers {
+        layout.read_blob(layer).expect("every blob verifies");
+    }
+}
+
+#[tokio::test]
+async fn a_break_within_a_run_is_retried_from_the_partial_blob() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, cache) = (work.path().join("src"), work.path().join("cache"));
+    let (manifest, layers) = make_image(&src);
+    let source: Arc<dyn Transport> = Arc::new(Breaking {
+        inner: OciDirTransport::layout(&src),
+        victim: layers[2].digest.clone(),
+        cut: 70_000,
+        breaks: 2.into(),
+    });
+    let done = into_cache(source, &cache, "h/x")
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(done.summary.retries, 2, "{:?}", done.summary);
+    // Each retry starts where the bytes stopped: nothing is received twice.
+    let blobs = blob_bytes(&src);
+    assert_eq!(
+        done.summary.bytes_received,
+        blobs + done.manifest.size,
+        "{:?}",
+        done.summary
+    );
+    let layout = Layout::open(cache.join("h/x")).unwrap();
+    assert_eq!(layout.resolve("v1").unwrap().digest, manifest.digest);
+}
+
+#[tokio::test]
+async fn a_damaged_partial_blob_is_written_again_from_the_start() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, cache) = (work.path().join("src"), work.path().join("cache"));
+    let (manifest, layers) = make_image(&src);
+    let victim = &layers[1];
+    // What an earlier run left, with a bit flipped (a disk, a crash mid-write).
+    let partial = cache
+        .join(".sarde/partial")
+        .join(format!("sha256-{}", victim.digest.hex()));
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    let mut data = std::fs::read(Layout::open(&src).unwrap().blob_path(&victim.digest)).unwrap();
+    data.truncate(120_000);
+    data[10] ^= 1;
+    std::fs::write(&partial, &data).unwrap();
+    let source: Arc<dyn Transport> = Arc::new(OciDirTransport::layout(&src));
+    into_cache(source, &cache, "h/x")
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let layout = Layout::open(cache.join("h/x")).unwrap();
+    assert_eq!(layout.resolve("v1").unwrap().digest, manifest.digest);
+    layout.read_blob(victim).expect("the blob verifies");
+    assert!(!partial.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cache_links_blobs_another_repository_holds_and_serialises_writers() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, cache) = (work.path().join("src"), work.path().join("cache"));
+    let (manifest, layers) = make_image(&src);
+    let source: Arc<dyn Transport> = Arc::new(OciDirTransport::layout(&src));
+    // Two copies of one image into one repository at once: each blob is
+    // written once, both succeed.
+    let (first, second) = (
+        into_cache(source.clone(), &cache, "h/x"),
+        into_cache(source.clone(), &cache, "h/x"),
+    );
+    let o = options();
+    let (a, b) = tokio::join!(
+        first.run(&o, Arc::new(NoProgress)),
+        second.run(&o, Arc::new(NoProgress)),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.summary.blobs_transferred + b.summary.blobs_transferred,
+        layers.len() + 1,
+        "{:?} {:?}",
+        a.summary,
+        b.summary
+    );
+    // Another repository of the cache gets them by link, not by copy.
+    let other = into_cache(source, &cache, "h/y")
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert_eq!(other.summary.blobs_transferred, 0, "{:?}", other.summary);
+    assert_eq!(other.summary.blobs_mounted, layers.len() + 1);
+    let y = Layout::open(cache.join("h/y")).unwrap();
+    assert_eq!(y.resolve("v1").unwrap().digest, manifest.digest);
+    use std::os::unix::fs::MetadataExt;
+    let x = Layout::open(cache.join("h/x")).unwrap();
+    let inode = |l: &Layout| {
+        std::fs::metadata(l.blob_path(&layers[0].digest))
+            .unwrap()
+            .ino()
+    };
+    assert_eq!(inode(&x), inode(&y), "one file, two links");
+}
+
+#[tokio::test]
+async fn directory_archive_and_cache_carry_the_same_image() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, cache) = (work.path().join("src"), work.path().join("cache"));
+    let archive = work.path().join("usb/image.tar");
+    std::fs::create_dir_all(archive.parent().unwrap()).unwrap();
+    let (manifest, layers) = make_image(&src);
+    let archive_transport = || -> Arc<dyn Transport> {
+        Arc::from(
+            sarde_transport_oci_archive::OciArchiveFactory
+                .open(
+                    &archive.to_string_lossy(),
+                    &sarde_api::transport::TransportOptions::default(),
+                )
+                .unwrap(),
+        )
+    };
+    // Directory → archive (untagged: the archive's only image).
+    let mut to_archive = request(Arc::new(OciDirTransport::layout(&src)), &src);
+    to_archive.destinations = vec![Destination {
+        transport: archive_transport(),
+        repository: String::new(),
+        tag: None,
+        name: "archive".into(),
+    }];
+    to_archive
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    // Archive (its only image, no tag named) → cache → directory.
+    let mut from_archive = into_cache(archive_transport(), &cache, "h/x");
+    from_archive.reference = String::new();
+    from_archive
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let out = work.path().join("out");
+    let mut to_dir = request(Arc::new(OciDirTransport::new(&cache)), &out);
+    to_dir.repository = "h/x".into();
+    let copied = to_dir.run(&options(), Arc::new(NoProgress)).await.unwrap();
+    assert_eq!(copied.manifest.digest, manifest.digest);
+    let out = Layout::open(&out).unwrap();
+    for layer in &layers {
+        assert_eq!(
+            std::fs::read(out.blob_path(&layer.digest)).unwrap(),
+            std::fs::read(Layout::open(&src).unwrap().blob_path(&layer.digest)).unwrap()
+        );
+    }
 }

@@ -68,7 +68,13 @@ impl TransportFactory for FilesFactory {
     }
 
     fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
-        path_and_tag(SCHEME, rest, SYNTAX)
+        let mut reference = path_and_tag(SCHEME, rest, SYNTAX)?;
+        // This transport's own grammar: no tag means `latest`.
+        if reference.tag.is_none() {
+            reference.reference = "latest".into();
+            reference.tag = Some("latest".into());
+        }
+        Ok(reference)
     }
 
     fn open(

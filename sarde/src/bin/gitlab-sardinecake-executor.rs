@@ -116,11 +116,18 @@ impl Flags {
     }
 }
 
-fn engine(settings: &Settings) -> Result<Engine> {
+/// The factories: built in, and the plugins of the default plugin directory.
+fn registry() -> Result<Arc<sarde_api::Registry>> {
     let defaults = SardeSettings::defaults(running_as_root(), home_dir().as_deref());
-    let loaded = builtin::load_registry(&defaults.plugin_dir, &[])?;
+    Ok(Arc::new(
+        builtin::load_registry(&defaults.plugin_dir, &[])?.registry,
+    ))
+}
+
+fn engine(settings: &Settings, registry: Arc<sarde_api::Registry>) -> Result<Engine> {
+    let defaults = SardeSettings::defaults(running_as_root(), home_dir().as_deref());
     Ok(Engine {
-        registry: Arc::new(loaded.registry),
+        registry,
         connect: settings.connect.clone(),
         ocidir: OciDir::new(settings.ocidir.clone()),
         vmdir: settings.vmdir.clone(),
@@ -178,10 +185,18 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli, job: &Job) -> Result<ExitCode> {
     let files = Files::read(&config_files()).context("reading the configuration")?;
+    let registry = registry()?;
+    // Section names and images are `scheme:rest` of the transports sarde knows.
+    let is_scheme = |scheme: &str| registry.transport(scheme).is_ok();
     let settings = files
-        .settings(job.image.as_deref(), &cli.flags.values(), running_as_root())
+        .settings(
+            job.image.as_deref(),
+            &cli.flags.values(),
+            running_as_root(),
+            &is_scheme,
+        )
         .context("invalid configuration")?;
-    let mut engine = engine(&settings)?;
+    let mut engine = engine(&settings, registry.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.concurrency.clamp(2, 16))
         .enable_all()

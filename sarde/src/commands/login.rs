@@ -84,6 +84,7 @@ pub fn login(cli: &Cli, config: &Config, args: &LoginArgs) -> Result<ExitCode> {
         credentials: Some(credentials.clone()),
         concurrency: 1,
         bounds: engine.remote.bounds,
+        ..TransportOptions::default()
     };
     let transport = engine
         .registry

@@ -58,25 +58,46 @@ fn engine_for(
     Ok((engine, refs))
 }
 
-/// The engine and where `fetch` or `pull` reads: `--source`, or the image's own
-/// name in a registry.
+/// The engine, where `fetch`, `pull` or `clone` reads, and the image's name in
+/// the cache: IMAGE names both (a registry reference), or IMAGE is a
+/// reference of another transport (`oci-archive:/mnt/usb/win11.tar`) and the
+/// name is made from it; `--source` reads from elsewhere into the name IMAGE.
 fn engine_and_source(
     cli: &Cli,
     config: &Config,
     insecure: bool,
     source: Option<&str>,
-    image: &ImageReference,
-) -> Result<(Engine, RemoteReference)> {
+    image: &str,
+) -> Result<(Engine, RemoteReference, Option<ImageReference>)> {
+    let (mut engine, _) = engine_for(cli, config, false, &[])?;
+    let (own, name) = engine
+        .parse_image_argument(image)
+        .with_context(|| format!("{image:?} is not an image reference"))?;
     let Some(source) = source else {
-        // The image's own name is a registry reference, whatever `transport` says.
-        let (mut engine, _) = engine_for(cli, config, false, &[])?;
         if insecure {
-            engine.remote.insecure.push(image.registry_location());
+            engine.remote.insecure.push(own.target.location.clone());
         }
-        return Ok((engine, RemoteReference::registry(image)));
+        return Ok((engine, own, name));
     };
+    if own.scheme != sarde_engine::remote::DEFAULT_SCHEME {
+        anyhow::bail!(
+            "{image} names where the image comes from, and so does --source {source}: give one of them (IMAGE then is the cache name)"
+        );
+    }
     let (engine, mut refs) = engine_for(cli, config, insecure, &[source])?;
-    Ok((engine, refs.remove(0)))
+    Ok((engine, refs.remove(0), name))
+}
+
+/// A placeholder for the image an import reads, until the pull has decided it.
+fn pending_location(engine: &Engine, name: Option<&ImageReference>) -> sarde_engine::ImageLocation {
+    match name {
+        Some(image) => sarde_engine::ImageLocation::cached(&engine.ocidir, image),
+        None => sarde_engine::ImageLocation {
+            layout: engine.ocidir.root().to_path_buf(),
+            reference: String::new(),
+            name: String::new(),
+        },
+    }
 }
 
 fn parse_image(text: &str) -> Result<ImageReference> {
@@ -98,7 +119,12 @@ fn summary_line(s: &Summary) -> String {
 }
 
 pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
-    let image = parse_image(&args.image)?;
+    let image = parse_image(&args.image).with_context(|| {
+        format!(
+            "push sends an image of the cache, named as in `sarde list`; to send one from another transport use `sarde copy {} DESTINATION`",
+            args.image
+        )
+    })?;
     let texts: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let (mut engine, mut targets) = engine_for(cli, config, args.insecure, &texts)?;
     if targets.is_empty() {
@@ -168,14 +194,18 @@ pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
 }
 
 pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
-    let image = parse_image(&args.image)?;
-    let (engine, source) =
-        engine_and_source(cli, config, args.insecure, args.source.as_deref(), &image)?;
-    let progress = Reporter::new(quiet(cli, config));
+    let (engine, source, name) = engine_and_source(
+        cli,
+        config,
+        args.insecure,
+        args.source.as_deref(),
+        &args.image,
+    )?;
+    let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let fetched = runtime(config)?
-        .block_on(engine.fetch(&source, &image, &progress))
+        .block_on(engine.fetch(&source, name.as_ref(), progress))
         .with_context(|| format!("fetching {source}"))?;
-    drop(progress);
+    let image = &fetched.image;
     if fetched.up_to_date {
         tracing::info!("{image} is up to date ({})", fetched.manifest.digest);
     } else {
@@ -196,17 +226,19 @@ pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
 }
 
 pub fn pull(cli: &Cli, config: &Config, args: &PullArgs) -> Result<ExitCode> {
-    let image = parse_image(&args.image)?;
-    let (engine, source) =
-        engine_and_source(cli, config, args.insecure, args.source.as_deref(), &image)?;
-    let import = args
-        .vm
-        .request(sarde_engine::ImageLocation::cached(&engine.ocidir, &image));
-    let progress = Reporter::new(quiet(cli, config));
+    let (engine, source, name) = engine_and_source(
+        cli,
+        config,
+        args.insecure,
+        args.source.as_deref(),
+        &args.image,
+    )?;
+    let import = args.vm.request(pending_location(&engine, name.as_ref()));
+    let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let pulled = runtime(config)?
-        .block_on(engine.pull(&source, &image, import, &progress))
+        .block_on(engine.pull(&source, name.as_ref(), import, progress))
         .with_context(|| format!("pulling {source}"))?;
-    drop(progress);
+    let image = &pulled.fetched.image;
     tracing::info!(
         "pulled {image} as VM {:?}: {}",
         pulled.import.name,
@@ -231,32 +263,31 @@ pub fn pull(cli: &Cli, config: &Config, args: &PullArgs) -> Result<ExitCode> {
 }
 
 pub fn clone(cli: &Cli, config: &Config, args: &CloneArgs) -> Result<ExitCode> {
-    let mut engine = engine(cli, config)?;
+    let engine = engine(cli, config)?;
     let hv = engine.registry.connect(&engine.connect)?;
     // A VM by that name wins; otherwise SOURCE is an image, imported under its id.
     let source_vm = if hv.exists(&args.source)? {
         args.source.clone()
     } else {
-        let image = parse_image(&args.source).with_context(|| {
-            format!(
-                "no VM {:?}, and it is not an image reference either",
-                args.source
-            )
-        })?;
-        let source = RemoteReference::registry(&image);
-        if args.insecure {
-            engine.remote.insecure.push(image.registry_location());
-        }
+        let (engine, source, name) =
+            engine_and_source(cli, config, args.insecure, None, &args.source).with_context(
+                || {
+                    format!(
+                        "no VM {:?}, and it is not an image reference either",
+                        args.source
+                    )
+                },
+            )?;
         let import = ImportFlags {
             name: None,
             print_uuid: false,
             replace: false,
             allow_unsafe_xml: false,
         }
-        .request(sarde_engine::ImageLocation::cached(&engine.ocidir, &image));
-        let progress = Reporter::new(quiet(cli, config));
+        .request(pending_location(&engine, name.as_ref()));
+        let progress = Arc::new(Reporter::new(quiet(cli, config)));
         let pulled = runtime(config)?
-            .block_on(engine.pull(&source, &image, import, &progress))
+            .block_on(engine.pull(&source, name.as_ref(), import, progress))
             .with_context(|| format!("pulling {source} to clone it"))?;
         pulled.import.name
     };

@@ -2,7 +2,8 @@
 //!
 //! The `oci-archive` transport: an OCI image layout packed in one tar file, named
 //! as containers/image (skopeo, podman) names it, `oci-archive:FILE[:TAG]` (the
-//! file ends at the first `:`, the tag defaults to `latest`).
+//! file ends at the first `:`; without a tag, the only image when read, untagged
+//! when written, as in skopeo).
 //!
 //! - Reading never unpacks: the tar's headers are indexed once (`tar` seeks past
 //!   the data), and a blob is streamed from its offset in the file.
@@ -44,7 +45,7 @@ impl TransportFactory for OciArchiveFactory {
     }
 
     fn description(&self) -> &str {
-        "an OCI image layout in one tar file, as skopeo's oci-archive: (FILE ends at the first ':'; TAG defaults to latest): oci-archive:FILE[:TAG]"
+        "an OCI image layout in one tar file, as skopeo's oci-archive: (FILE ends at the first ':'; without TAG: the only image when read, untagged when written): oci-archive:FILE[:TAG]"
     }
 
     fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
@@ -306,11 +307,22 @@ impl Transport for OciArchiveTransport {
         }
         let index = self.index()?;
         let by_digest = reference.parse::<Digest>().ok();
+        if reference.is_empty() && index.manifests.len() != 1 {
+            // As skopeo: no tag reads the archive's only image.
+            return Err(TransportError::Protocol {
+                location: self.location(),
+                message: format!(
+                    "the archive holds {} images and the reference names none: add :TAG",
+                    index.manifests.len()
+                ),
+            });
+        }
         let descriptor = index
             .manifests
             .iter()
             .rev()
             .find(|m| match &by_digest {
+                None if reference.is_empty() => true,
                 Some(d) => m.digest == *d,
                 None => {
                     m.annotations
@@ -377,9 +389,17 @@ impl Transport for OciArchiveTransport {
         self.prepare_staging()?;
         self.staging
             .put_manifest(repository, reference, manifest)
-            .await?;
-        if reference.parse::<Digest>().is_ok() {
-            // A child of an index: the tagged manifest comes last.
+            .await
+    }
+
+    /// Packs the staged layout into the archive (a temporary file renamed over
+    /// FILE): only now does the archive change.
+    async fn finish_image(
+        &self,
+        _repository: &str,
+        _reference: &str,
+    ) -> Result<(), TransportError> {
+        if !self.writing() {
             return Ok(());
         }
         self.pack()
@@ -464,8 +484,9 @@ mod tests {
             (r.location.as_str(), r.reference.as_str()),
             ("/mnt/usb/win11.tar", "2024")
         );
+        // No tag: the archive's only image when read, untagged when written.
         let r = OciArchiveFactory.parse_reference("w.tar").unwrap();
-        assert_eq!(r.reference, "latest");
+        assert_eq!((r.reference.as_str(), r.tag), ("", None));
         let e = OciArchiveFactory
             .parse_reference(":x")
             .unwrap_err()
@@ -505,6 +526,7 @@ mod tests {
             bytes,
         };
         archive.put_manifest("", tag, &raw).await.unwrap();
+        archive.finish_image("", tag).await.unwrap();
         (raw, layer)
     }
 

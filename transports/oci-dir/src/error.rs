@@ -35,6 +35,16 @@ pub enum LayoutError {
     )]
     ManifestNotFound { path: PathBuf, digest: Digest },
 
+    #[error(
+        "{} holds {count} images and the reference names none: add :TAG ({})",
+        path.display(), describe_tags(available)
+    )]
+    NoSingleImage {
+        path: PathBuf,
+        count: usize,
+        available: Vec<String>,
+    },
+
     #[error("{reference:?} is not a valid digest (looking it up in {}): {reason}", path.display())]
     InvalidReference {
         path: PathBuf,

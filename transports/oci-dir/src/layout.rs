@@ -320,8 +320,20 @@ impl Layout {
 
     /// Finds a manifest by tag or by digest (`sha256:…`). A digest not listed in the
     /// index is still found when its blob is stored (e.g. a child of an index).
+    /// An empty reference means the layout's only manifest, as skopeo reads
+    /// `oci:PATH` without a tag.
     pub fn resolve(&self, reference: &str) -> Result<Descriptor> {
         let index = self.index()?;
+        if reference.is_empty() {
+            return match index.manifests.as_slice() {
+                [only] => Ok(only.clone()),
+                all => Err(LayoutError::NoSingleImage {
+                    path: self.path.clone(),
+                    count: all.len(),
+                    available: tags_of(&index).into_iter().map(|(tag, _)| tag).collect(),
+                }),
+            };
+        }
         if reference.starts_with("sha256:") || reference.starts_with("sha512:") {
             let digest: Digest =
                 reference

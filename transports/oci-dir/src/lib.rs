@@ -14,6 +14,7 @@
 mod cache;
 mod error;
 mod layout;
+mod partial;
 mod transport;
 
 pub use cache::{OciDir, RepositoryEntry};

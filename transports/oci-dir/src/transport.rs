@@ -16,7 +16,9 @@ use sarde_api::digest::Algorithm;
 use sarde_api::limits::MAX_MANIFEST_SIZE;
 use sarde_api::oci::{Descriptor, ImageIndex, ImageManifest, media_types};
 use sarde_api::reference::ReferenceError;
-use sarde_api::transport::{BlobReader, RawManifest, TransportOptions, TransportReference};
+use sarde_api::transport::{
+    BlobReader, BlobWrite, RawManifest, TransportOptions, TransportReference,
+};
 use sarde_api::{
     Digest, ImageReference, Registrar, RegistryError, Transport, TransportError, TransportFactory,
 };
@@ -26,6 +28,7 @@ use tokio::sync::mpsc;
 use crate::cache::OciDir;
 use crate::error::LayoutError;
 use crate::layout::Layout;
+use crate::partial::{BlobLock, PartialBlob};
 
 /// The URL scheme of this transport.
 pub const SCHEME: &str = "oci-dir";
@@ -71,6 +74,9 @@ impl TransportFactory for OciDirFactory {
             repository: image.cache_path_components().join("/"),
             reference: image.reference_for_registry(),
             tag: image.tag_or_default().map(str::to_string),
+            // The cache keeps images under their registry names.
+            identity: Some(image.to_string()),
+            policy_scopes: sarde_api::transport::registry_scopes(&image),
         })
     }
 
@@ -100,6 +106,8 @@ pub struct OciDirTransport {
     dir: OciDir,
     /// One layout that every repository name means (the `oci` transport's view).
     single: Option<PathBuf>,
+    /// The cache's layouts, listed once, to link blobs from instead of writing them.
+    others: Arc<std::sync::OnceLock<Vec<PathBuf>>>,
 }
 
 impl OciDirTransport {
@@ -107,6 +115,7 @@ impl OciDirTransport {
         OciDirTransport {
             dir: OciDir::new(root),
             single: None,
+            others: Arc::default(),
         }
     }
 
@@ -117,6 +126,7 @@ impl OciDirTransport {
         OciDirTransport {
             dir: OciDir::new(&path),
             single: Some(path),
+            others: Arc::default(),
         }
     }
 
@@ -521,6 +531,103 @@ impl Transport for OciDirTransport {
                 ),
             }),
         }
+    }
+
+    /// Present, linked from another repository of the cache, or a sink that
+    /// resumes what an interrupted write left; one writer per blob at a time.
+    async fn start_blob_write<'a>(
+        &'a self,
+        repository: &str,
+        blob: &Descriptor,
+    ) -> Result<BlobWrite<'a>, TransportError> {
+        if blob.digest.algorithm() != Algorithm::Sha256 {
+            return Err(self.error(
+                repository,
+                LayoutError::UnsupportedAlgorithm {
+                    dir: self.dir.root().to_path_buf(),
+                    digest: blob.digest.clone(),
+                },
+            ));
+        }
+        let path = self.layout_path(repository)?;
+        let this = self.clone();
+        let (repo, descriptor) = (repository.to_string(), blob.clone());
+        let layout = self
+            .blocking(move || Layout::create(path).map_err(|e| this.error(&repo, e)))
+            .await?;
+        if layout.has_blob(blob) {
+            return Ok(BlobWrite::Present { linked: false });
+        }
+        let root = self.dir.root().to_path_buf();
+        let lock = BlobLock::acquire(&root, &blob.digest)
+            .await
+            .map_err(|source| TransportError::Io {
+                location: self.location(),
+                context: format!("locking blob {}", blob.digest),
+                source,
+            })?;
+        let this = self.clone();
+        let repo = repository.to_string();
+        self.blocking(move || {
+            // Another process may have written it while we waited for the lock.
+            if layout.has_blob(&descriptor) {
+                return Ok(BlobWrite::Present { linked: false });
+            }
+            if this.single.is_none() {
+                let others = this.others.get_or_init(|| {
+                    let all = this.dir.repositories().unwrap_or_default();
+                    all.into_iter().map(|r| r.path).collect()
+                });
+                for other in others.iter().filter(|p| p.as_path() != layout.path()) {
+                    let Ok(other) = Layout::open(other) else {
+                        continue;
+                    };
+                    if layout
+                        .mount_blob_from(&other, &descriptor)
+                        .map_err(|e| this.error(&repo, e))?
+                    {
+                        tracing::debug!(
+                            "{}: linked from {}",
+                            descriptor.digest,
+                            other.path().display()
+                        );
+                        return Ok(BlobWrite::Present { linked: true });
+                    }
+                }
+            }
+            let location = this.location();
+            let sink = PartialBlob::open(lock, &root, layout, &descriptor, location, repo.clone())
+                .map_err(|source| TransportError::Io {
+                    location: this.location(),
+                    context: format!("opening the partial blob {}", descriptor.digest),
+                    source,
+                })?;
+            Ok(BlobWrite::Write(Box::new(sink)))
+        })
+        .await
+    }
+
+    /// A directory's blobs can go (a prune, a hand): every one is looked for.
+    async fn holds_image(
+        &self,
+        repository: &str,
+        manifest: &RawManifest,
+        blobs: &[Descriptor],
+    ) -> Result<bool, TransportError> {
+        let this = self.clone();
+        let repository = repository.to_string();
+        let manifest = Descriptor::new(
+            manifest.media_type.clone(),
+            manifest.digest.clone(),
+            manifest.bytes.len() as u64,
+        );
+        let blobs = blobs.to_vec();
+        self.blocking(move || {
+            Ok(this.open_layout(&repository)?.is_some_and(|layout| {
+                layout.has_blob(&manifest) && blobs.iter().all(|b| layout.has_blob(b))
+            }))
+        })
+        .await
     }
 
     async fn mount_blob(

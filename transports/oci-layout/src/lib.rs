@@ -2,8 +2,9 @@
 //!
 //! The `oci` transport: one OCI image layout directory named by a reference as
 //! containers/image (skopeo, podman) names it, `oci:PATH[:REF]`. The path ends at
-//! the first `:`; REF is the tag (the index's `org.opencontainers.image.ref.name`),
-//! `latest` when omitted. The directory is read and written by the cache's layout
+//! the first `:`; REF is the tag (the index's `org.opencontainers.image.ref.name`).
+//! Without one, as in skopeo, a read takes the layout's only image and a write
+//! adds the image untagged. The directory is read and written by the cache's layout
 //! code (`sarde-transport-oci-dir`), so blobs are verified and committed the same way.
 
 use std::sync::Arc;
@@ -26,7 +27,7 @@ impl TransportFactory for OciLayoutFactory {
     }
 
     fn description(&self) -> &str {
-        "an OCI image layout directory, as skopeo's oci: (PATH ends at the first ':'; TAG defaults to latest): oci:PATH[:TAG]"
+        "an OCI image layout directory, as skopeo's oci: (PATH ends at the first ':'; without TAG: the only image when read, untagged when written): oci:PATH[:TAG]"
     }
 
     fn parse_reference(&self, rest: &str) -> Result<TransportReference, TransportError> {
@@ -64,10 +65,10 @@ mod tests {
         assert_eq!(r.tag.as_deref(), Some("2024-06"));
         let r = parse("relative/dir").unwrap();
         assert_eq!(
-            (r.location.as_str(), r.reference.as_str()),
-            ("relative/dir", "latest")
+            (r.location.as_str(), r.reference.as_str(), r.tag),
+            ("relative/dir", "", None)
         );
-        assert_eq!(parse("d:").unwrap().reference, "latest");
+        assert_eq!(parse("d:").unwrap().reference, "");
     }
 
     #[test]

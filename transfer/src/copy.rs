@@ -1,0 +1,588 @@
+//! The copy engine: an image of one [`Transport`] to one or more tags of
+//! others — `push` (the cache to registries), `fetch` (anything to the cache),
+//! `copy` (anything to anything) are this one code with other ends.
+//!
+//! - Every blob is verified by size and digest on its way (a wrong one never
+//!   completes at the destination); the destination verifies again what it
+//!   resumed.
+//! - A destination that has a blob, or links it from another of its
+//!   repositories, is not sent it; one at the same location as a source
+//!   repository mounts it; a destination holding the whole image gets the tag.
+//! - A destination that kept part of a blob from an interrupted run (the
+//!   cache, a directory) is sent only the rest; transient failures are retried
+//!   with backoff and resume the same way.
+//! - Manifests go last (children first), so a cut copy leaves no half image.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures_util::{StreamExt, TryStreamExt};
+use sarde_api::oci::Descriptor;
+use sarde_api::transport::{Access, BlobWrite, RawManifest};
+use sarde_api::{Transport, TransportError};
+
+use crate::counters::Counters;
+use crate::manifest::{self, MAX_DEPTH, Refs};
+use crate::progress::{Event, Progress};
+use crate::retry::retrying;
+use crate::verify::{ReadFailure, VerifyingReader};
+use crate::{BlobGate, Summary, TransferError, TransferOptions, VerifyFailure};
+
+/// One destination of a copy.
+#[derive(Clone)]
+pub struct Destination {
+    pub transport: Arc<dyn Transport>,
+    pub repository: String,
+    /// Tag to set; `None` writes by digest only.
+    pub tag: Option<String>,
+    /// The destination's name in messages.
+    pub name: String,
+}
+
+/// Which bytes a summary counts as moved over the network: what was read from
+/// a remote source (`bytes_received`), written to a remote destination
+/// (`bytes_sent`), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counting {
+    Received,
+    Sent,
+    Both,
+}
+
+/// What to copy, from where, to where.
+#[derive(Clone)]
+pub struct CopyRequest {
+    pub source: Arc<dyn Transport>,
+    pub repository: String,
+    /// Tag or digest at the source (empty: the one image a layout holds).
+    pub reference: String,
+    /// The image's name in messages.
+    pub image: String,
+    pub destinations: Vec<Destination>,
+    /// Repositories (`location`, `repository`) that may already hold the blobs,
+    /// to mount from when a destination is at the same location.
+    pub mount_from: Vec<(String, String)>,
+    /// Ask the source for every blob before writing anything, so a missing one
+    /// fails before the first byte moves (for a local source, where asking is
+    /// cheap; a registry source fails on the blob itself).
+    pub check_source_blobs: bool,
+    pub counting: Counting,
+    /// Told about each blob as it is complete at the (first) destination, so a
+    /// consumer (pull's import) can use it while the rest still moves.
+    pub gate: Option<Arc<BlobGate>>,
+}
+
+/// What a copy did.
+#[derive(Debug, Clone)]
+pub struct Copied {
+    pub manifest: Descriptor,
+    /// Per destination: its name and whether only the manifest had to be written.
+    pub targets: Vec<(String, bool)>,
+    pub summary: Summary,
+}
+
+/// An image as read from the source: its manifest, child manifests (children
+/// before the index that names them) and blobs.
+#[derive(Debug, Clone)]
+pub struct SourceImage {
+    pub manifest: RawManifest,
+    pub children: Vec<RawManifest>,
+    /// Every blob, once, in manifest order.
+    pub blobs: Vec<Descriptor>,
+    /// Bytes of manifests read.
+    pub manifest_bytes: u64,
+}
+
+impl SourceImage {
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor::new(
+            self.manifest.media_type.clone(),
+            self.manifest.digest.clone(),
+            self.manifest.bytes.len() as u64,
+        )
+    }
+
+    /// The blobs and child manifests: what a destination must hold besides
+    /// the manifest.
+    pub fn contents(&self) -> Vec<Descriptor> {
+        let children = self
+            .children
+            .iter()
+            .map(|c| Descriptor::new(c.media_type.clone(), c.digest.clone(), c.bytes.len() as u64));
+        self.blobs.iter().cloned().chain(children).collect()
+    }
+
+    /// What copying this image moves when every destination holds all of it.
+    pub fn up_to_date_summary(&self, counting: Counting) -> Summary {
+        let mut summary = Summary {
+            blobs_skipped: self.blobs.len(),
+            bytes_skipped: self.blobs.iter().map(|b| b.size).sum(),
+            ..Summary::default()
+        };
+        if counting != Counting::Sent {
+            summary.bytes_received = self.manifest_bytes;
+        }
+        summary
+    }
+}
+
+impl CopyRequest {
+    /// Reads the source, then copies to every destination.
+    pub async fn run(
+        &self,
+        options: &TransferOptions,
+        progress: Arc<dyn Progress>,
+    ) -> Result<Copied, TransferError> {
+        let started = Instant::now();
+        let image = self.resolve(options).await?;
+        self.copy_resolved(&image, options, progress, started).await
+    }
+
+    /// Reads the manifest, its children, and (with `check_source_blobs`)
+    /// checks the source has every blob.
+    pub async fn resolve(&self, options: &TransferOptions) -> Result<SourceImage, TransferError> {
+        self.source.will_access(&self.repository, Access::Pull);
+        let manifest = self.get_manifest(&self.reference, options).await?;
+        let mut manifest_bytes = manifest.bytes.len() as u64;
+        let mut children = Vec::new();
+        let mut blobs = Vec::new();
+        let mut pending = vec![(manifest.clone(), 0usize)];
+        while let Some((m, depth)) = pending.pop() {
+            match manifest::references(&self.image, &m)? {
+                Refs::Image(b) => blobs.extend(b),
+                Refs::Index(refs) => {
+                    if depth + 1 >= MAX_DEPTH {
+                        return Err(TransferError::Manifest {
+                            image: self.image.clone(),
+                            digest: m.digest.to_string(),
+                            message: "an index inside an index: sarde copies one level".into(),
+                        });
+                    }
+                    for child in refs {
+                        if !manifest::is_manifest(&child.media_type) {
+                            // An artifact index may name plain blobs.
+                            blobs.push(child);
+                            continue;
+                        }
+                        let raw = self
+                            .get_manifest(&child.digest.to_string(), options)
+                            .await?;
+                        manifest_bytes += raw.bytes.len() as u64;
+                        if raw.digest != child.digest || raw.bytes.len() as u64 != child.size {
+                            return Err(TransferError::Manifest {
+                                image: self.image.clone(),
+                                digest: child.digest.to_string(),
+                                message: format!(
+                                    "the source answered with {} ({} bytes) instead",
+                                    raw.digest,
+                                    raw.bytes.len()
+                                ),
+                            });
+                        }
+                        pending.push((raw.clone(), depth + 1));
+                        // Children are written before the index that names them.
+                        children.insert(0, raw);
+                    }
+                }
+            }
+        }
+        let blobs = manifest::unique(blobs);
+        if self.check_source_blobs {
+            for blob in &blobs {
+                if !self.source.blob_exists(&self.repository, blob).await? {
+                    return Err(TransferError::Transport(TransportError::BlobUnknown {
+                        location: self.source.location(),
+                        repository: self.repository.clone(),
+                        digest: blob.digest.clone(),
+                    }));
+                }
+            }
+        }
+        Ok(SourceImage {
+            manifest,
+            children,
+            blobs,
+            manifest_bytes,
+        })
+    }
+
+    /// Whether every destination holds the whole image under its tag already,
+    /// so the copy would write nothing.
+    pub async fn up_to_date(
+        &self,
+        image: &SourceImage,
+        options: &TransferOptions,
+    ) -> Result<bool, TransferError> {
+        let contents = image.contents();
+        for d in &self.destinations {
+            let t = d.transport.as_ref();
+            let (holds, _) = retrying(options, &d.name, |_| async {
+                Ok(t.holds_image(&d.repository, &image.manifest, &contents)
+                    .await?)
+            })
+            .await;
+            if !holds? {
+                return Ok(false);
+            }
+            let Some(tag) = &d.tag else { continue };
+            match t.get_manifest(&d.repository, tag).await {
+                Ok(m) if m.digest == image.manifest.digest => {}
+                Ok(_) | Err(TransportError::ManifestUnknown { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    async fn get_manifest(
+        &self,
+        reference: &str,
+        options: &TransferOptions,
+    ) -> Result<RawManifest, TransferError> {
+        let manifest = manifest::get(
+            self.source.as_ref(),
+            &self.repository,
+            reference,
+            &self.image,
+            options,
+        )
+        .await?;
+        // Whatever a (plugin) source claims, the bytes are what is checked.
+        let actual = sarde_api::Digest::sha256_of(&manifest.bytes);
+        let asked = reference.parse::<sarde_api::Digest>().ok();
+        if actual != manifest.digest || asked.is_some_and(|d| d != actual) {
+            return Err(TransferError::Manifest {
+                image: self.image.clone(),
+                digest: manifest.digest.to_string(),
+                message: format!("the source's bytes hash to {actual}"),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Copies a resolved image to every destination.
+    pub async fn copy_resolved(
+        &self,
+        image: &SourceImage,
+        options: &TransferOptions,
+        progress: Arc<dyn Progress>,
+        started: Instant,
+    ) -> Result<Copied, TransferError> {
+        let counters = Counters::default();
+        let moved = Arc::new(AtomicU64::new(0));
+        let mut mount_from = self.mount_from.clone();
+        let mut outcomes = Vec::new();
+        for (i, destination) in self.destinations.iter().enumerate() {
+            let gate = if i == 0 { self.gate.as_deref() } else { None };
+            let result = self
+                .copy_to(
+                    image,
+                    destination,
+                    &mount_from,
+                    options,
+                    &progress,
+                    &counters,
+                    &moved,
+                    gate,
+                )
+                .await;
+            let manifest_only = match result {
+                Ok(manifest_only) => manifest_only,
+                Err(e) => {
+                    if let Some(gate) = gate {
+                        gate.fail(e.to_string());
+                    }
+                    return Err(e);
+                }
+            };
+            outcomes.push((destination.name.clone(), manifest_only));
+            mount_from.push((
+                destination.transport.location(),
+                destination.repository.clone(),
+            ));
+            progress.event(&Event::Finish {
+                image: &destination.name,
+            });
+        }
+        let mut summary = counters.into_summary(started.elapsed().as_secs_f64());
+        let moved = moved.load(Ordering::Relaxed);
+        let written = (image.manifest_bytes) * self.destinations.len() as u64;
+        if self.counting != Counting::Received {
+            summary.bytes_sent = moved + written;
+        }
+        if self.counting != Counting::Sent {
+            summary.bytes_received = moved + image.manifest_bytes;
+        }
+        Ok(Copied {
+            manifest: image.descriptor(),
+            targets: outcomes,
+            summary,
+        })
+    }
+
+    /// Copies to one destination; `Ok(true)` when it had the whole image and
+    /// only the tag was written.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_to(
+        &self,
+        image: &SourceImage,
+        destination: &Destination,
+        mount_from: &[(String, String)],
+        options: &TransferOptions,
+        progress: &Arc<dyn Progress>,
+        counters: &Counters,
+        moved: &Arc<AtomicU64>,
+        gate: Option<&BlobGate>,
+    ) -> Result<bool, TransferError> {
+        let t = destination.transport.as_ref();
+        let location = t.location();
+        let total: u64 = image.blobs.iter().map(|b| b.size).sum();
+        progress.event(&Event::Start {
+            image: &destination.name,
+            blobs: image.blobs.len(),
+            bytes: total,
+        });
+        let sources: Vec<&str> = mount_from
+            .iter()
+            .filter(|(l, r)| *l == location && *r != destination.repository)
+            .map(|(_, r)| r.as_str())
+            .collect();
+        // One token for the destination and every mount source.
+        t.will_access(&destination.repository, Access::Push);
+        for from in &sources {
+            t.will_access(from, Access::Pull);
+        }
+        let contents = image.contents();
+        let (holds, _) = retrying(options, &destination.name, |_| async {
+            Ok(
+                t.holds_image(&destination.repository, &image.manifest, &contents)
+                    .await?,
+            )
+        })
+        .await;
+        let manifest_only = holds?;
+        if manifest_only {
+            tracing::info!(
+                "{}: holds {}; writing the tag only",
+                destination.name,
+                image.manifest.digest
+            );
+            for blob in &image.blobs {
+                counters.skip(blob, false, progress.as_ref());
+                if let Some(gate) = gate {
+                    gate.ready(&blob.digest, false);
+                }
+            }
+        } else {
+            futures_util::stream::iter(image.blobs.iter())
+                .map(|blob| {
+                    let sources = &sources;
+                    async move {
+                        let verified = self
+                            .copy_blob(
+                                blob,
+                                destination,
+                                sources,
+                                options,
+                                progress,
+                                counters,
+                                moved,
+                            )
+                            .await?;
+                        if let Some(gate) = gate {
+                            gate.ready(&blob.digest, verified);
+                        }
+                        Ok::<(), TransferError>(())
+                    }
+                })
+                .buffer_unordered(options.concurrency.max(1))
+                .try_collect::<Vec<()>>()
+                .await?;
+            for child in &image.children {
+                self.put_manifest(destination, &child.digest.to_string(), child, options)
+                    .await?;
+            }
+        }
+        let reference = destination
+            .tag
+            .clone()
+            .unwrap_or_else(|| image.manifest.digest.to_string());
+        self.put_manifest(destination, &reference, &image.manifest, options)
+            .await?;
+        t.finish_image(&destination.repository, &reference).await?;
+        Ok(manifest_only)
+    }
+
+    async fn put_manifest(
+        &self,
+        destination: &Destination,
+        reference: &str,
+        manifest: &RawManifest,
+        options: &TransferOptions,
+    ) -> Result<(), TransferError> {
+        let (result, _) = retrying(options, &destination.name, |_| async {
+            Ok(destination
+                .transport
+                .put_manifest(&destination.repository, reference, manifest)
+                .await?)
+        })
+        .await;
+        result
+    }
+
+    /// Makes `blob` present at the destination; `Ok(true)` when it was moved
+    /// (and so verified) now, `Ok(false)` when it was there, linked or mounted.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_blob(
+        &self,
+        blob: &Descriptor,
+        destination: &Destination,
+        mount_sources: &[&str],
+        options: &TransferOptions,
+        progress: &Arc<dyn Progress>,
+        counters: &Counters,
+        moved: &Arc<AtomicU64>,
+    ) -> Result<bool, TransferError> {
+        let t = destination.transport.as_ref();
+        let what = format!("{}: blob {}", destination.name, blob.digest);
+        let skip = |mounted: bool| counters.skip(blob, mounted, progress.as_ref());
+        if !mount_sources.is_empty() {
+            let (exists, retries) = retrying(options, &what, |_| async {
+                Ok(t.blob_exists(&destination.repository, blob).await?)
+            })
+            .await;
+            counters.retries.fetch_add(retries, Ordering::Relaxed);
+            if exists? {
+                skip(false);
+                return Ok(false);
+            }
+            for from in mount_sources {
+                let (mounted, _) = retrying(options, &what, |_| async {
+                    Ok(t.mount_blob(&destination.repository, from, blob).await?)
+                })
+                .await;
+                match mounted {
+                    Ok(true) => {
+                        tracing::debug!("{what}: mounted from {from}");
+                        skip(true);
+                        return Ok(false);
+                    }
+                    Ok(false) => {}
+                    // A refused mount is no reason to fail: copy instead.
+                    Err(e) => tracing::debug!("{what}: mount from {from} failed: {e}"),
+                }
+            }
+        }
+        let (result, retries) = retrying(options, &what, |_| async move {
+            self.write_blob(blob, destination, progress, moved).await
+        })
+        .await;
+        counters.retries.fetch_add(retries, Ordering::Relaxed);
+        match result? {
+            BlobOutcome::Present { linked } => {
+                skip(linked);
+                Ok(false)
+            }
+            BlobOutcome::Written => {
+                counters.transferred.fetch_add(1, Ordering::Relaxed);
+                progress.event(&Event::Done {
+                    digest: &blob.digest,
+                    size: blob.size,
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    /// One attempt at writing a blob: opens the destination's sink and streams
+    /// the source into it from where the sink resumes. A resumed blob that
+    /// fails its digest is written once more from the start (the kept bytes may
+    /// be the damaged part).
+    async fn write_blob(
+        &self,
+        blob: &Descriptor,
+        destination: &Destination,
+        progress: &Arc<dyn Progress>,
+        moved: &Arc<AtomicU64>,
+    ) -> Result<BlobOutcome, TransferError> {
+        let t = destination.transport.as_ref();
+        let mut started_over = false;
+        loop {
+            let sink = match t.start_blob_write(&destination.repository, blob).await? {
+                BlobWrite::Present { linked } => return Ok(BlobOutcome::Present { linked }),
+                BlobWrite::Write(sink) => sink,
+            };
+            let offset = sink.offset();
+            if offset > blob.size {
+                return Err(TransferError::Transport(TransportError::Protocol {
+                    location: t.location(),
+                    message: format!(
+                        "resumes blob {} at byte {offset}, past its {} bytes",
+                        blob.digest, blob.size
+                    ),
+                }));
+            }
+            if offset > 0 {
+                progress.event(&Event::Bytes {
+                    digest: &blob.digest,
+                    n: offset,
+                });
+            }
+            let data = self.source.get_blob(&self.repository, blob, offset).await?;
+            let failure = ReadFailure::slot();
+            let reader = VerifyingReader::new(
+                tokio::io::BufReader::with_capacity(1 << 20, data),
+                blob.clone(),
+                offset,
+                self.source.location(),
+                progress.clone(),
+                moved.clone(),
+                failure.clone(),
+            );
+            let Err(e) = sink.write(Box::pin(reader)).await else {
+                return Ok(BlobOutcome::Written);
+            };
+            let failure = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match failure {
+                Some(ReadFailure::Broke { received, error }) => {
+                    return Err(TransferError::Stream {
+                        location: self.source.location(),
+                        digest: blob.digest.clone(),
+                        received,
+                        source: error,
+                    });
+                }
+                Some(ReadFailure::Mismatch { what, actual }) => {
+                    return Err(TransferError::Verify(Box::new(VerifyFailure {
+                        image: self.image.clone(),
+                        location: self.source.location(),
+                        digest: blob.digest.clone(),
+                        what,
+                        expected: match what {
+                            "size" => blob.size.to_string(),
+                            _ => blob.digest.to_string(),
+                        },
+                        actual,
+                    })));
+                }
+                None => {}
+            }
+            if offset > 0 && !started_over && matches!(e, TransportError::Mismatch { .. }) {
+                tracing::warn!(
+                    "{}: {} did not verify after resuming ({e}); writing it again from the start",
+                    destination.name,
+                    blob.digest
+                );
+                started_over = true;
+                continue;
+            }
+            return Err(e.into());
+        }
+    }
+}
+
+enum BlobOutcome {
+    Present { linked: bool },
+    Written,
+}

@@ -619,3 +619,26 @@ fn local_repository_name(location: &str, repository: &str) -> String {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_names_are_made_of_the_last_path_component() {
+        assert_eq!(local_repository_name("/mnt/usb/Win 11.tar", ""), "win-11");
+        assert_eq!(
+            local_repository_name("/srv/images/debian_12", ""),
+            "debian_12"
+        );
+        assert_eq!(local_repository_name("relative", ""), "relative");
+        assert_eq!(local_repository_name("/", ""), "image");
+        assert_eq!(local_repository_name("/x/..tar", ""), "image");
+        assert_eq!(local_repository_name("/x/-A--b-.tar", ""), "a-b");
+        assert_eq!(local_repository_name("ignored", "team/Vm"), "team/vm");
+        for made in ["win-11", "debian_12", "a-b", "team/vm", "image"] {
+            let image: ImageReference = format!("localhost/{made}:1").parse().unwrap();
+            assert_eq!(image.to_string(), format!("localhost/{made}:1"));
+        }
+    }
+}

@@ -170,7 +170,10 @@ pub trait BlobSink: Send {
 
     /// Stores the blob from [`BlobSink::offset`] on; `Ok` only once it is
     /// complete and verified. On failure the bytes received may be kept for a
-    /// later sink to resume from.
+    /// later sink to resume from — unless reading `data` failed with
+    /// [`std::io::ErrorKind::InvalidData`]: the data is wrong (the copy engine
+    /// found another size or digest than the descriptor's), and nothing of it
+    /// may be kept.
     async fn write(self: Box<Self>, data: BlobReader) -> Result<(), TransportError>;
 }
 

@@ -454,3 +454,84 @@ fn write_allow_list(s: &Setup) -> PathBuf {
     std::fs::write(&path, ini).unwrap();
     path
 }
+
+#[test]
+fn a_job_runs_from_an_archive_on_a_shared_file_system() {
+    let Some((s, _guest)) = setup("a_job_runs_from_an_archive_on_a_shared_file_system", "") else {
+        return;
+    };
+    // The build host copies the image into an archive on the shared file system.
+    let shared = s.work.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let archive = format!("oci-archive:{}:1", shared.join("guest.tar").display());
+    let publisher = vm::workdir();
+    ok(sarde(publisher.path()).args(["copy", "--insecure", &s.image, &archive]));
+
+    // Archives there, and only there, are allowed; their section applies.
+    let pattern = format!("oci-archive:{}/*", shared.display());
+    let ini = std::fs::read_to_string(&s.config).unwrap().replacen(
+        "[DEFAULT]\n",
+        &format!("[DEFAULT]\nallowed-images = {pattern}\n"),
+        1,
+    );
+    let marker = s.work.path().join("section.sh");
+    std::fs::write(&marker, "touch /root/from-the-archive-section\n").unwrap();
+    let config = s.work.path().join("archives.ini");
+    std::fs::write(
+        &config,
+        format!(
+            "{ini}\n[{pattern}]\nprepare-script = {}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let executor = |job: &str, image: &str| {
+        let mut cmd = s.executor(job, image);
+        cmd.env("GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES", &config);
+        cmd
+    };
+    let job = format!("{}ar", std::process::id());
+    let prepared = executor(&job, &archive).arg("prepare").output().unwrap();
+    assert_ok("prepare from the archive", &prepared);
+    let script = s.script(
+        &job,
+        "step_script",
+        "test -e /root/from-the-archive-section && echo from-archive-ok",
+    );
+    let out = executor(&job, &archive)
+        .arg("run")
+        .arg(&script)
+        .arg("step_script")
+        .output()
+        .unwrap();
+    assert_ok("step_script", &out);
+    assert!(text(&out).0.contains("from-archive-ok"), "{:?}", text(&out));
+    assert_ok(
+        "cleanup",
+        &executor(&job, &archive).arg("cleanup").output().unwrap(),
+    );
+    s.assert_gone(&job);
+    // The archive's image is cached under a name made of it.
+    // (The executor's cache is the setup's `ocidir`, which `sarde` reads as its own.)
+    let listed = ok(sarde(s.work.path()).args(["list", "--format", "json"]));
+    assert!(listed.contains("localhost/guest"), "{listed}");
+
+    // A registry image, and an archive elsewhere, are refused as the job's fault.
+    for image in [
+        s.image.clone(),
+        "oci-archive:/tmp/elsewhere.tar:1".to_string(),
+    ] {
+        let refused = executor("refused", &image).arg("prepare").output().unwrap();
+        assert_eq!(
+            refused.status.code(),
+            Some(BUILD_FAILURE),
+            "{image}: {:?}",
+            text(&refused)
+        );
+        assert!(
+            text(&refused).1.contains("allowed-images"),
+            "{:?}",
+            text(&refused)
+        );
+    }
+}

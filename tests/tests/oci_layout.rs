@@ -359,3 +359,97 @@ fn an_archive_carries_an_image_and_skopeo_agrees() {
     let list = ok(sarde(fresh.path()).args(["list", "--format", "json"]));
     assert!(!list.contains("e2e/cut"), "{list}");
 }
+
+#[test]
+fn an_image_named_by_its_transport_is_cached_under_a_name_made_of_it() {
+    if !enabled("an_image_named_by_its_transport_is_cached_under_a_name_made_of_it") {
+        return;
+    }
+    let work = vm::workdir();
+    let disk = work.path().join("disk.qcow2");
+    qcow2(&disk, "24M", None);
+    fill_random(&disk, 0, 3, 7);
+    let name = vm::unique("sarde-named");
+    let mut source_vm = TestVm::define(&name, &[&disk], None);
+    let home = vm::workdir();
+    ok(sarde(home.path()).args(["export", "--chunksize", "2MiB", &name, "e2e/named:1"]));
+
+    // An archive whose only image has no name, as `skopeo copy … oci-archive:F` writes one.
+    let archive = work.path().join("Win 11.tar");
+    let pushed = json(&ok(sarde(home.path()).args([
+        "push",
+        "--format",
+        "json",
+        "-t",
+        &format!("oci-archive:{}", archive.display()),
+        "e2e/named:1",
+    ])));
+    let manifest = pushed["manifest"].as_str().expect("digest").to_string();
+    let index = json(&skopeo(&[
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}", archive.display()),
+    ]));
+    assert!(
+        index["layers"].is_array(),
+        "skopeo reads its only image: {index}"
+    );
+
+    // IMAGE names the transport: no cache name given, the digest makes one.
+    let runner = vm::workdir();
+    let pulled = vm::unique("sarde-named-pulled");
+    source_vm.cleanup_also(&pulled);
+    let out = json(&ok(sarde(runner.path()).args([
+        "pull",
+        "--format",
+        "json",
+        "-n",
+        &pulled,
+        &format!("oci-archive:{}", archive.display()),
+    ])));
+    let expected = format!("localhost/win-11@{manifest}");
+    assert_eq!(out["image"], expected.as_str(), "{out}");
+    assert_eq!(out["manifest"], manifest.as_str(), "{out}");
+    let imported = runner.path().join("VMs").join(&pulled).join("disk.qcow2");
+    assert!(
+        same_guest_content(&disk, &imported),
+        "guest content differs"
+    );
+    let listed = ok(sarde(runner.path()).args(["list", "--format", "json"]));
+    assert!(listed.contains("localhost/win-11"), "{listed}");
+
+    // Again: nothing moves.
+    let again = json(&ok(sarde(runner.path()).args([
+        "fetch",
+        "--format",
+        "json",
+        &format!("oci-archive:{}", archive.display()),
+    ])));
+    assert_eq!(again["up_to_date"], true, "{again}");
+    assert_eq!(again["blobs_transferred"], 0, "{again}");
+
+    // A tagged source names the cache entry by its tag.
+    let dir = work.path().join("layout");
+    ok(sarde(home.path()).args([
+        "copy",
+        &format!("oci-archive:{}", archive.display()),
+        &format!("oci:{}:v7", dir.display()),
+    ]));
+    let fetched = json(&ok(sarde(runner.path()).args([
+        "fetch",
+        "--format",
+        "json",
+        &format!("oci:{}:v7", dir.display()),
+    ])));
+    assert_eq!(fetched["image"], "localhost/layout:v7", "{fetched}");
+    // Both IMAGE and --source naming a place is refused; push reads the cache only.
+    let err = fails(sarde(runner.path()).args([
+        "fetch",
+        "-s",
+        &format!("oci:{}:v7", dir.display()),
+        &format!("oci:{}:v7", dir.display()),
+    ]));
+    assert!(err.contains("--source"), "{err}");
+    let err = fails(sarde(runner.path()).args(["push", &format!("oci:{}:v7", dir.display())]));
+    assert!(err.contains("sarde copy"), "{err}");
+}

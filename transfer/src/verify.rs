@@ -126,9 +126,17 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
         let chunk = &buf.filled()[before..];
         if chunk.is_empty() {
             if this.seen < this.blob.size {
-                return Poll::Ready(Err(
-                    this.mismatch("size", format!("{} (it ended)", this.seen))
-                ));
+                // A stream that ends early is a connection cut short more often
+                // than a wrong blob: retried, and resumed where it stopped.
+                let message = format!(
+                    "{}: blob {} ended after {} of {} bytes (it ended early)",
+                    this.source, this.blob.digest, this.seen, this.blob.size
+                );
+                this.record(ReadFailure::Broke {
+                    received: this.seen,
+                    error: io::Error::new(io::ErrorKind::UnexpectedEof, message.clone()),
+                });
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, message)));
             }
             if this.blob.size == 0 && this.whole {
                 // An empty blob never reaches the check below.

@@ -489,3 +489,78 @@ async fn directory_archive_and_cache_carry_the_same_image() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_wrong_blob_leaves_no_partial_blob_to_resume_from() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, cache) = (work.path().join("src"), work.path().join("cache"));
+    let (_, layers) = make_image(&src);
+    let victim = layers[0].clone();
+    let source: Arc<dyn Transport> = Arc::new(Corrupting {
+        inner: OciDirTransport::layout(&src),
+        victim: victim.digest.clone(),
+    });
+    let e = into_cache(source, &cache, "h/x")
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap_err();
+    assert!(!e.is_transient(), "wrong content is final: {e:#}");
+    let partial = cache
+        .join(".sarde/partial")
+        .join(format!("sha256-{}", victim.digest.hex()));
+    assert!(!partial.exists(), "the wrong bytes were kept");
+}
+
+#[tokio::test]
+async fn an_interrupted_copy_into_a_directory_resumes_and_leaves_it_clean() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, dst) = (work.path().join("src"), work.path().join("dst"));
+    let (manifest, layers) = make_image(&src);
+    let victim = layers[2].clone();
+    let source: Arc<dyn Transport> = Arc::new(Breaking {
+        inner: OciDirTransport::layout(&src),
+        victim: victim.digest.clone(),
+        cut: 120_000,
+        breaks: 1.into(),
+    });
+    let no_retries = TransferOptions {
+        retries: 0,
+        concurrency: 1,
+        ..options()
+    };
+    let mut first = request(source.clone(), &dst);
+    first.counting = Counting::Received;
+    first
+        .run(&no_retries, Arc::new(NoProgress))
+        .await
+        .unwrap_err();
+    let partial = dst
+        .join("blobs/sha256")
+        .join(format!(".partial-{}", victim.digest.hex()));
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), 120_000);
+    let mut second = request(source, &dst);
+    second.counting = Counting::Received;
+    let done = second.run(&no_retries, Arc::new(NoProgress)).await.unwrap();
+    assert!(
+        done.summary.bytes_received < blob_bytes(&src) - 100_000,
+        "{:?}",
+        done.summary
+    );
+    let target = Layout::open(&dst).unwrap();
+    assert_eq!(target.resolve("v1").unwrap().digest, manifest.digest);
+    target
+        .read_blob(&victim)
+        .expect("the resumed blob verifies");
+    // No partial file and no state directory are left (only the layout's own
+    // lock files beside index.json and blobs/).
+    let mut top: Vec<String> = std::fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(
+        top,
+        ["blobs", "blobs.lock", "index.json", "index.json.lock", "oci-layout"]
+    );
+    assert!(!partial.exists());
+}

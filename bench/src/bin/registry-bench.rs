@@ -27,6 +27,11 @@
 //! `bytes_received` (from `--format json`) with the blobs that are new in the
 //! manifest, and also says how many of those hold unchanged bytes (same
 //! `org.sardinecake.piece.digest`), i.e. were merely compressed differently.
+//!
+//! The air-gapped path is measured in the same run against the registry's:
+//! the exported image pushed into an `oci-archive:` file instead of the
+//! registry, and pulled from that file into an empty cache and VM directory
+//! instead of from the registry (archive vs registry, same machine, same image).
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -93,6 +98,8 @@ struct Args {
 struct Outcome {
     /// Operation, sarde seconds, baseline seconds (table order).
     rows: Vec<(String, f64, f64)>,
+    /// Operation, seconds through an archive, seconds through the registry.
+    archive_rows: Vec<(String, f64, f64)>,
     repull_cold: Option<f64>,
     update_ratio: Option<f64>,
 }
@@ -117,6 +124,8 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 }
 
 const EXPORT_PUSH: &str = "export + push";
+const ARCHIVE_PUSH: &str = "push (to the archive / the registry)";
+const ARCHIVE_PULL: &str = "pull, empty cache and VM dir (from the archive / the registry)";
 const PULL: &str = "pull (empty cache and VM dir)";
 
 /// 64 MiB: sarde's default piece size and the update's unit.
@@ -555,6 +564,24 @@ fn summarize(outcomes: &[Outcome]) {
         ),
         repull.map(|r| r < 0.2),
     );
+    for op in [ARCHIVE_PUSH, ARCHIVE_PULL] {
+        let rows: Vec<&(String, f64, f64)> = outcomes
+            .iter()
+            .filter_map(|o| o.archive_rows.iter().find(|r| r.0 == op))
+            .collect();
+        let ratio = median(rows.iter().map(|r| r.2 / r.1).collect());
+        verdict(
+            format!(
+                "{op}: the archive no slower than the registry, within 5% ({}; archive {} s, registry {} s)",
+                ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+                median(rows.iter().map(|r| r.1).collect())
+                    .map_or("-".into(), |v| format!("{v:.2}")),
+                median(rows.iter().map(|r| r.2).collect())
+                    .map_or("-".into(), |v| format!("{v:.2}")),
+            ),
+            ratio.map(|r| r >= 0.95),
+        );
+    }
     let update = med(&|o| o.update_ratio);
     verdict(
         format!(
@@ -573,7 +600,12 @@ fn one_run(args: &Args, sarde: &Path, number: usize) -> Result<Outcome> {
     let vm = format!("sarde-rbench-{}-{number}", std::process::id());
     let mut cleanup = Cleanup {
         connect: args.connect.clone(),
-        vms: vec![vm.clone(), format!("{vm}-sarde"), format!("{vm}-python")],
+        vms: vec![
+            vm.clone(),
+            format!("{vm}-sarde"),
+            format!("{vm}-python"),
+            format!("{vm}-archive"),
+        ],
         registry: None,
         dir: dir.clone(),
         keep: args.keep,
@@ -793,6 +825,51 @@ fn bench(
     let make = || python_cmd(&py_pull_args);
     let py_repull = best_of_3("Python re-pull (cold page cache)", &make, true)?;
     let py_repull_warm = best_of_3("Python re-pull (warm)", &make, false)?;
+
+    // 5b: the air-gapped path: push into an archive, pull from it, cold.
+    let mut archive_push = None;
+    let mut archive_pull = None;
+    if sarde_on {
+        let archive = format!("oci-archive:{}:{TAG}", dir.join("image.tar").display());
+        let push_args = [
+            "--ocidir",
+            &sarde_push_oci,
+            "--format",
+            "json",
+            "-t",
+            &archive,
+            &image,
+        ];
+        archive_push = Some(runner.measure(
+            "sarde push to an archive",
+            &mut sarde_cmd("push", &push_args),
+            true,
+        )?);
+        let archive_vms = s(&dir.join("sarde-archive-vms"));
+        std::fs::create_dir_all(&archive_vms)?;
+        let archive_oci = s(&dir.join("sarde-oci-archive-pull"));
+        let archive_vm = format!("{vm}-archive");
+        let pull_args = [
+            "-n",
+            &archive_vm,
+            "--ocidir",
+            &archive_oci,
+            "--vmdir",
+            &archive_vms,
+            "--connect",
+            &args.connect,
+            "--format",
+            "json",
+            "--source",
+            &archive,
+            "bench/archive:latest",
+        ];
+        archive_pull = Some(runner.measure(
+            "sarde pull from the archive (empty cache and VM dir)",
+            &mut sarde_cmd("pull", &pull_args),
+            true,
+        )?);
+    }
 
     // 6: the update: random data over ~1% of the 64 MiB data regions.
     let regions = (args.data_mib << 20).div_ceil(REGION).max(1);
@@ -1077,6 +1154,32 @@ fn bench(
     }
     // The verdicts come from the median over runs (see `summarize`).
     outcome.repull_cold = sarde_repull.as_ref().map(|r| r.seconds);
+    if let (Some(ap), Some(rp), Some(al), Some(rl)) =
+        (&archive_push, &sarde_push, &archive_pull, &sarde_pull)
+    {
+        println!();
+        println!(
+            "the air-gapped path, same image: through an archive file vs through the registry"
+        );
+        println!();
+        println!(
+            "| operation | archive s | registry s | archive speed-up | peak RSS archive / registry |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (op, a, r) in [(ARCHIVE_PUSH, ap, rp), (ARCHIVE_PULL, al, rl)] {
+            println!(
+                "| {op} | {:.2} | {:.2} | {:.2}x | {:.0} / {:.0} MiB |",
+                a.seconds,
+                r.seconds,
+                r.seconds / a.seconds,
+                a.peak_rss_mib,
+                r.peak_rss_mib
+            );
+            outcome
+                .archive_rows
+                .push((op.to_string(), a.seconds, r.seconds));
+        }
+    }
     outcome.update_ratio = update_ratio;
     Ok(outcome)
 }

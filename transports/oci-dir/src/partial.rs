@@ -2,12 +2,15 @@
 //! `oci-dir` transport (the cache, or one `oci:` layout) offers the copy engine
 //! through [`sarde_api::transport::BlobSink`].
 //!
-//! - One lock per blob under the root (`flock` on `.sarde/locks/<algo>-<hex>`),
-//!   so processes fetching the same image write each blob once; held by the
-//!   open file, so it goes when the process dies.
-//! - The bytes go to `.sarde/partial/<algo>-<hex>` first; an interrupted write
-//!   leaves them there and the next sink resumes after them (they are hashed
-//!   again, so nothing unverified counts).
+//! - In the cache, one lock per blob under the root (`flock` on
+//!   `.sarde/locks/<algo>-<hex>`), so processes fetching the same image write
+//!   each blob once; held by the open file, so it goes when the process dies.
+//! - The bytes go to a partial file first (in the cache
+//!   `.sarde/partial/<algo>-<hex>`, where prune finds it; in a user's layout
+//!   directory `blobs/<algo>/.partial-<hex>`, beside the blobs, so the directory
+//!   stays what skopeo expects); an interrupted write leaves them there and the
+//!   next sink resumes after them (they are hashed again, so nothing unverified
+//!   counts).
 //! - Verified by size and digest, synced, then renamed into the layout.
 
 use std::fs::{self, File};
@@ -70,9 +73,20 @@ impl BlobLock {
     }
 }
 
+/// Where the cache keeps the partial file of a blob.
+pub(crate) fn cache_partial_path(root: &Path, digest: &Digest) -> PathBuf {
+    state_dir(root).join("partial").join(blob_file_name(digest))
+}
+
+/// Where a layout directory keeps the partial file of a blob.
+pub(crate) fn layout_partial_path(layout: &Layout, digest: &Digest) -> PathBuf {
+    let blob = layout.blob_path(digest);
+    blob.with_file_name(format!(".partial-{}", digest.hex()))
+}
+
 /// A blob being written into a layout through its partial file.
 pub(crate) struct PartialBlob {
-    _lock: BlobLock,
+    _lock: Option<BlobLock>,
     layout: Layout,
     blob: Descriptor,
     path: PathBuf,
@@ -88,16 +102,16 @@ impl PartialBlob {
     /// Opens (or starts) the partial file of `blob` under `root` and hashes what
     /// it holds; a file longer than the blob starts over. Blocking.
     pub(crate) fn open(
-        lock: BlobLock,
-        root: &Path,
+        lock: Option<BlobLock>,
+        path: PathBuf,
         layout: Layout,
         blob: &Descriptor,
         location: String,
         repository: String,
     ) -> io::Result<PartialBlob> {
-        let dir = state_dir(root).join("partial");
-        fs::create_dir_all(&dir)?;
-        let path = dir.join(blob_file_name(&blob.digest));
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
         let mut file = File::options()
             .read(true)
             .write(true)
@@ -205,17 +219,23 @@ impl BlobSink for PartialBlob {
     async fn write(mut self: Box<Self>, mut data: BlobReader) -> Result<(), TransportError> {
         let mut buf = vec![0u8; READ_CHUNK];
         while self.have < self.blob.size {
-            let n = data
-                .read(&mut buf)
-                .await
-                .map_err(|source| TransportError::Io {
-                    location: self.location.clone(),
-                    context: format!(
-                        "reading blob {} for {} after {} bytes",
-                        self.blob.digest, self.repository, self.have
-                    ),
-                    source,
-                })?;
+            let n = match data.read(&mut buf).await {
+                Ok(n) => n,
+                Err(source) => {
+                    if source.kind() == io::ErrorKind::InvalidData {
+                        // The data is wrong, not cut short: keep none of it.
+                        let _ = fs::remove_file(&self.path);
+                    }
+                    return Err(TransportError::Io {
+                        location: self.location.clone(),
+                        context: format!(
+                            "reading blob {} for {} after {} bytes",
+                            self.blob.digest, self.repository, self.have
+                        ),
+                        source,
+                    });
+                }
+            };
             if n == 0 {
                 return Err(TransportError::Mismatch {
                     location: self.location.clone(),

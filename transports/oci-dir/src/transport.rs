@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use crate::cache::OciDir;
 use crate::error::LayoutError;
 use crate::layout::Layout;
-use crate::partial::{BlobLock, PartialBlob};
+use crate::partial::{BlobLock, PartialBlob, cache_partial_path, layout_partial_path};
 
 /// The URL scheme of this transport.
 pub const SCHEME: &str = "oci-dir";
@@ -559,13 +559,20 @@ impl Transport for OciDirTransport {
             return Ok(BlobWrite::Present { linked: false });
         }
         let root = self.dir.root().to_path_buf();
-        let lock = BlobLock::acquire(&root, &blob.digest)
-            .await
-            .map_err(|source| TransportError::Io {
-                location: self.location(),
-                context: format!("locking blob {}", blob.digest),
-                source,
-            })?;
+        // Writers of one blob take turns in the cache; a user's layout
+        // directory gets no lock files (its blobs land by atomic rename).
+        let lock = match self.single {
+            Some(_) => None,
+            None => Some(
+                BlobLock::acquire(&root, &blob.digest)
+                    .await
+                    .map_err(|source| TransportError::Io {
+                        location: self.location(),
+                        context: format!("locking blob {}", blob.digest),
+                        source,
+                    })?,
+            ),
+        };
         let this = self.clone();
         let repo = repository.to_string();
         self.blocking(move || {
@@ -596,12 +603,16 @@ impl Transport for OciDirTransport {
                 }
             }
             let location = this.location();
-            let sink = PartialBlob::open(lock, &root, layout, &descriptor, location, repo.clone())
+            let path = match this.single {
+                Some(_) => layout_partial_path(&layout, &descriptor.digest),
+                None => cache_partial_path(&root, &descriptor.digest),
+            };
+            let sink = PartialBlob::open(lock, path, layout, &descriptor, location, repo.clone())
                 .map_err(|source| TransportError::Io {
-                    location: this.location(),
-                    context: format!("opening the partial blob {}", descriptor.digest),
-                    source,
-                })?;
+                location: this.location(),
+                context: format!("opening the partial blob {}", descriptor.digest),
+                source,
+            })?;
             Ok(BlobWrite::Write(Box::new(sink)))
         })
         .await

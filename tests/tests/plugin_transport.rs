@@ -103,3 +103,24 @@ fn a_plugin_transport_carries_an_image() {
     ]));
     assert!(err.contains("files"), "{err}");
 }
+
+#[test]
+fn a_transport_plugin_of_the_previous_abi_is_refused() {
+    let lib = build_cdylib("sarde-plugin-example-files", &["previous-abi"]);
+    let home = vm::workdir();
+    let err = fails(with_plugin(home.path(), &lib).args(["plugins"]));
+    let host = sarde_api::plugin::ABI_VERSION;
+    assert!(
+        err.contains(&format!("plugin ABI {}", host - 1))
+            && err.contains(&format!("this sarde uses ABI {host}"))
+            && err.contains("example-files"),
+        "{err}"
+    );
+    let store = home.path().join("store");
+    let err = fails(with_plugin(home.path(), &lib).args([
+        "copy",
+        &format!("files:{}:1", store.display()),
+        &format!("oci:{}:1", home.path().join("out").display()),
+    ]));
+    assert!(err.contains("incompatible"), "{err}");
+}

@@ -107,73 +107,13 @@ async fn a_layout_is_copied_whole_then_only_its_manifest() {
     assert_eq!(again.summary.blobs_transferred, 0);
 }
 
-/// A source that hands out other bytes for one blob than its descriptor says.
-struct Corrupting {
-    inner: OciDirTransport,
-    victim: Digest,
-}
-
-#[async_trait]
-impl Transport for Corrupting {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    async fn get_manifest(&self, r: &str, reference: &str) -> Result<RawManifest, TransportError> {
-        self.inner.get_manifest(r, reference).await
-    }
-    async fn put_manifest(
-        &self,
-        r: &str,
-        reference: &str,
-        m: &RawManifest,
-    ) -> Result<(), TransportError> {
-        self.inner.put_manifest(r, reference, m).await
-    }
-    async fn list_tags(&self, r: &str) -> Result<Vec<String>, TransportError> {
-        self.inner.list_tags(r).await
-    }
-    async fn blob_exists(&self, r: &str, blob: &Descriptor) -> Result<bool, TransportError> {
-        self.inner.blob_exists(r, blob).await
-    }
-    async fn get_blob(
-        &self,
-        r: &str,
-        blob: &Descriptor,
-        offset: u64,
-    ) -> Result<BlobReader, TransportError> {
-        if blob.digest != self.victim {
-            return self.inner.get_blob(r, blob, offset).await;
-        }
-        // Same size, one byte flipped in the middle.
-        let mut data = Vec::new();
-        let mut reader = self.inner.get_blob(r, blob, offset).await?;
-        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut data)
-            .await
-            .unwrap();
-        let middle = data.len() / 2;
-        data[middle] ^= 0xff;
-        Ok(Pin::from(Box::new(std::io::Cursor::new(data)) as Box<_>))
-    }
-    async fn put_blob(
-        &self,
-        r: &str,
-        blob: &Descriptor,
-        data: BlobReader,
-    ) -> Result<(), TransportError> {
-        self.inner.put_blob(r, blob, data).await
-    }
-}
-
 #[tokio::test]
 async fn a_wrong_blob_never_lands_and_the_tag_is_not_written() {
     let work = tempfile::tempdir().unwrap();
     let (src, dst) = (work.path().join("src"), work.path().join("dst"));
     let (_, layers) = make_image(&src);
     let victim = layers[1].clone();
-    let source: Arc<dyn Transport> = Arc::new(Corrupting {
-        inner: OciDirTransport::layout(&src),
-        victim: victim.digest.clone(),
-    });
+    let source: Arc<dyn Transport> = corrupting(&src, &victim);
     let e = request(source, &dst)
         .run(&options(), Arc::new(NoProgress))
         .await
@@ -207,17 +147,45 @@ async fn a_truncated_source_blob_fails_naming_it() {
     assert!(Layout::open(&dst).is_err_and(|e| matches!(e, LayoutError::NotFound { .. })));
 }
 
-/// A source whose stream of one blob breaks off after `cut` bytes, `breaks`
-/// times, as a network connection that drops.
-struct Breaking {
+/// What a [`Faulty`] source does to its victim blob.
+enum Fault {
+    /// Hands out other bytes of the same size (one flipped in the middle).
+    Corrupt,
+    /// Breaks off after `cut` bytes, `breaks` times, as a dropped connection.
+    Break {
+        cut: usize,
+        breaks: std::sync::atomic::AtomicU32,
+    },
+}
+
+/// A layout as a source, with a fault injected into one blob's stream.
+struct Faulty {
     inner: OciDirTransport,
     victim: Digest,
-    cut: usize,
-    breaks: std::sync::atomic::AtomicU32,
+    fault: Fault,
+}
+
+fn corrupting(src: &Path, victim: &Descriptor) -> Arc<dyn Transport> {
+    Arc::new(Faulty {
+        inner: OciDirTransport::layout(src),
+        victim: victim.digest.clone(),
+        fault: Fault::Corrupt,
+    })
+}
+
+fn breaking(src: &Path, victim: &Descriptor, cut: usize, breaks: u32) -> Arc<dyn Transport> {
+    Arc::new(Faulty {
+        inner: OciDirTransport::layout(src),
+        victim: victim.digest.clone(),
+        fault: Fault::Break {
+            cut,
+            breaks: breaks.into(),
+        },
+    })
 }
 
 #[async_trait]
-impl Transport for Breaking {
+impl Transport for Faulty {
     fn location(&self) -> String {
         self.inner.location()
     }
@@ -245,18 +213,32 @@ impl Transport for Breaking {
         offset: u64,
     ) -> Result<BlobReader, TransportError> {
         use std::sync::atomic::Ordering;
-        let reader = self.inner.get_blob(r, blob, offset).await?;
-        let breaking = blob.digest == self.victim
-            && self
-                .breaks
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        if !breaking {
+        let mut reader = self.inner.get_blob(r, blob, offset).await?;
+        if blob.digest != self.victim {
             return Ok(reader);
         }
-        let head = tokio::io::AsyncReadExt::take(reader, self.cut as u64);
-        let broken = tokio_io_error(std::io::ErrorKind::ConnectionReset);
-        Ok(Box::pin(tokio::io::AsyncReadExt::chain(head, broken)))
+        match &self.fault {
+            Fault::Corrupt => {
+                let mut data = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut data)
+                    .await
+                    .unwrap();
+                let middle = data.len() / 2;
+                data[middle] ^= 0xff;
+                Ok(Pin::from(Box::new(std::io::Cursor::new(data)) as Box<_>))
+            }
+            Fault::Break { cut, breaks } => {
+                if breaks
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_err()
+                {
+                    return Ok(reader);
+                }
+                let head = tokio::io::AsyncReadExt::take(reader, *cut as u64);
+                let broken = tokio_io_error(std::io::ErrorKind::ConnectionReset);
+                Ok(Box::pin(tokio::io::AsyncReadExt::chain(head, broken)))
+            }
+        }
     }
     async fn put_blob(
         &self,
@@ -304,12 +286,7 @@ async fn an_interrupted_copy_into_the_cache_resumes_where_it_broke_off() {
     let (manifest, layers) = make_image(&src);
     let victim = layers[0].clone();
     let cut = 150_000;
-    let source: Arc<dyn Transport> = Arc::new(Breaking {
-        inner: OciDirTransport::layout(&src),
-        victim: victim.digest.clone(),
-        cut,
-        breaks: 1.into(),
-    });
+    let source: Arc<dyn Transport> = breaking(&src, &victim, cut, 1);
     // No retries: the run ends at the break, as an interrupted command would.
     let no_retries = TransferOptions {
         retries: 0,
@@ -347,12 +324,7 @@ async fn a_break_within_a_run_is_retried_from_the_partial_blob() {
     let work = tempfile::tempdir().unwrap();
     let (src, cache) = (work.path().join("src"), work.path().join("cache"));
     let (manifest, layers) = make_image(&src);
-    let source: Arc<dyn Transport> = Arc::new(Breaking {
-        inner: OciDirTransport::layout(&src),
-        victim: layers[2].digest.clone(),
-        cut: 70_000,
-        breaks: 2.into(),
-    });
+    let source: Arc<dyn Transport> = breaking(&src, &layers[2], 70_000, 2);
     let done = into_cache(source, &cache, "h/x")
         .run(&options(), Arc::new(NoProgress))
         .await
@@ -496,10 +468,7 @@ async fn a_wrong_blob_leaves_no_partial_blob_to_resume_from() {
     let (src, cache) = (work.path().join("src"), work.path().join("cache"));
     let (_, layers) = make_image(&src);
     let victim = layers[0].clone();
-    let source: Arc<dyn Transport> = Arc::new(Corrupting {
-        inner: OciDirTransport::layout(&src),
-        victim: victim.digest.clone(),
-    });
+    let source: Arc<dyn Transport> = corrupting(&src, &victim);
     let e = into_cache(source, &cache, "h/x")
         .run(&options(), Arc::new(NoProgress))
         .await
@@ -517,12 +486,7 @@ async fn an_interrupted_copy_into_a_directory_resumes_and_leaves_it_clean() {
     let (src, dst) = (work.path().join("src"), work.path().join("dst"));
     let (manifest, layers) = make_image(&src);
     let victim = layers[2].clone();
-    let source: Arc<dyn Transport> = Arc::new(Breaking {
-        inner: OciDirTransport::layout(&src),
-        victim: victim.digest.clone(),
-        cut: 120_000,
-        breaks: 1.into(),
-    });
+    let source: Arc<dyn Transport> = breaking(&src, &victim, 120_000, 1);
     let no_retries = TransferOptions {
         retries: 0,
         concurrency: 1,
@@ -560,7 +524,13 @@ async fn an_interrupted_copy_into_a_directory_resumes_and_leaves_it_clean() {
     top.sort();
     assert_eq!(
         top,
-        ["blobs", "blobs.lock", "index.json", "index.json.lock", "oci-layout"]
+        [
+            "blobs",
+            "blobs.lock",
+            "index.json",
+            "index.json.lock",
+            "oci-layout"
+        ]
     );
     assert!(!partial.exists());
 }

@@ -93,7 +93,25 @@ pub fn register(r: &mut dyn Registrar) -> Result<(), RegistryError> {
     r.register_transport(Arc::new(FilesFactory))
 }
 
+#[cfg(not(feature = "previous-abi"))]
 sarde_api::export_plugin!("example-files", register);
+
+/// The same plugin as built against the sarde-api before the last ABI bump (for
+/// the test that such a library is refused): the declaration by hand, with the
+/// previous ABI version.
+#[cfg(feature = "previous-abi")]
+#[unsafe(no_mangle)]
+pub static sarde_plugin_declaration: sarde_api::plugin::PluginDeclaration =
+    sarde_api::plugin::PluginDeclaration {
+        header: sarde_api::plugin::PluginHeader {
+            magic: sarde_api::plugin::MAGIC,
+            abi_version: sarde_api::plugin::ABI_VERSION - 1,
+            rustc_version: sarde_api::plugin::RUSTC_VERSION.as_ptr().cast(),
+            api_version: sarde_api::plugin::API_VERSION.as_ptr().cast(),
+            name: c"example-files".as_ptr(),
+        },
+        register,
+    };
 
 pub struct Files {
     dir: PathBuf,

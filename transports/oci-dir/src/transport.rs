@@ -226,6 +226,20 @@ impl OciDirTransport {
             })?
     }
 
+    /// Refuses to store a blob of a digest algorithm the layouts don't verify.
+    fn require_sha256(&self, repository: &str, blob: &Descriptor) -> Result<(), TransportError> {
+        if blob.digest.algorithm() == Algorithm::Sha256 {
+            return Ok(());
+        }
+        Err(self.error(
+            repository,
+            LayoutError::UnsupportedAlgorithm {
+                dir: self.dir.root().to_path_buf(),
+                digest: blob.digest.clone(),
+            },
+        ))
+    }
+
     /// Opens the repository's layout; `None` when there is none yet.
     fn open_layout(&self, repository: &str) -> Result<Option<Layout>, TransportError> {
         match Layout::open(self.layout_path(repository)?) {
@@ -456,15 +470,7 @@ impl Transport for OciDirTransport {
         blob: &Descriptor,
         mut data: BlobReader,
     ) -> Result<(), TransportError> {
-        if blob.digest.algorithm() != Algorithm::Sha256 {
-            return Err(self.error(
-                repository,
-                LayoutError::UnsupportedAlgorithm {
-                    dir: self.dir.root().to_path_buf(),
-                    digest: blob.digest.clone(),
-                },
-            ));
-        }
+        self.require_sha256(repository, blob)?;
         let path = self.layout_path(repository)?;
         let this = self.clone();
         let (repo, descriptor) = (repository.to_string(), blob.clone());
@@ -540,15 +546,7 @@ impl Transport for OciDirTransport {
         repository: &str,
         blob: &Descriptor,
     ) -> Result<BlobWrite<'a>, TransportError> {
-        if blob.digest.algorithm() != Algorithm::Sha256 {
-            return Err(self.error(
-                repository,
-                LayoutError::UnsupportedAlgorithm {
-                    dir: self.dir.root().to_path_buf(),
-                    digest: blob.digest.clone(),
-                },
-            ));
-        }
+        self.require_sha256(repository, blob)?;
         let path = self.layout_path(repository)?;
         let this = self.clone();
         let (repo, descriptor) = (repository.to_string(), blob.clone());

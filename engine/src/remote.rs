@@ -318,9 +318,10 @@ impl Engine {
 
     /// The name an image read from `source` gets in the cache when the user
     /// gives none: a registry reference is its own name; an image of another
-    /// transport is `localhost/<file or directory name>` with the source's tag,
-    /// or with its manifest digest when the source names no tag (an archive
-    /// entry with no name). `digest` is needed only then.
+    /// transport is `localhost/<its absolute path>` with the source's tag, or
+    /// with its manifest digest when the source names no tag (an archive entry
+    /// with no name), so two places never share a cache name. `digest` is
+    /// needed only then.
     pub fn cache_name(
         &self,
         source: &RemoteReference,
@@ -332,10 +333,10 @@ impl Engine {
                 RemoteError::Refused(format!("{source} is not an image reference: {e}"))
             })?));
         }
-        let stem = local_repository_name(&source.target.location, &source.target.repository);
+        let path = local_repository_name(&source.target.location, &source.target.repository);
         let named = match (&source.target.tag, digest) {
-            (Some(tag), _) => format!("localhost/{stem}:{tag}"),
-            (None, Some(digest)) => format!("localhost/{stem}@{digest}"),
+            (Some(tag), _) => format!("localhost/{path}:{tag}"),
+            (None, Some(digest)) => format!("localhost/{path}@{digest}"),
             (None, None) => return Ok(None),
         };
         Ok(Some(named.parse().map_err(|e| {
@@ -534,8 +535,11 @@ impl Engine {
         import.incoming = Some(Incoming {
             manifest: resolved.descriptor(),
             manifest_bytes: resolved.manifest.bytes.clone(),
-            gate,
+            gate: gate.clone(),
         });
+        // A pull stopped half way (Ctrl-C, a cancelled job) must not leave the
+        // import waiting for blobs that will never come.
+        let _stop_import = FailOnDrop(gate);
         let mut import_task = tokio::task::spawn_blocking(move || engine.import(&import));
         let fetch = prepared
             .request
@@ -571,6 +575,17 @@ impl Engine {
     }
 }
 
+/// Fails the gate when dropped: the import waiting on it stops. After a
+/// complete copy every blob is ready already, and failing changes nothing.
+struct FailOnDrop(Arc<BlobGate>);
+
+impl Drop for FailOnDrop {
+    fn drop(&mut self) {
+        self.0
+            .fail("the pull stopped before every piece arrived".into());
+    }
+}
+
 /// A fetch or pull once its source is read and its cache name decided.
 struct PreparedFetch {
     request: CopyRequest,
@@ -586,38 +601,83 @@ fn cache_repository(image: &ImageReference) -> String {
     image.cache_path_components().join("/")
 }
 
-/// A repository name made of the last component of a path (`win11` of
-/// `/mnt/usb/win11.tar`) or of a plugin's repository: lower case, characters
-/// a repository can't have turned into `-`.
+/// The repository an image of another transport is cached under: its
+/// location's absolute path (and the plugin's repository, if any), each
+/// component in the repository grammar (lower case; characters it can't have
+/// turned into `-`), so images at different places never share a name. When
+/// anything had to change, or the path is too long for a name, a hash of the
+/// original keeps it apart from the path it now looks like.
 fn local_repository_name(location: &str, repository: &str) -> String {
-    let base = if repository.is_empty() {
-        let name = std::path::Path::new(location)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        name.strip_suffix(".tar")
-            .map(str::to_string)
-            .unwrap_or(name)
-    } else {
-        repository.to_string()
-    };
-    let mut out = String::new();
-    for c in base.to_lowercase().chars() {
-        let keep = c.is_ascii_alphanumeric()
-            || c == '/'
-            || ((c == '.' || c == '_' || c == '-') && !out.is_empty());
-        let c = if keep { c } else { '-' };
-        if (c == '-' || c == '/') && (out.ends_with('-') || out.ends_with('/') || out.is_empty()) {
-            continue;
+    use sha2::Digest as _;
+    let mut parts: Vec<String> = Vec::new();
+    let absolute = std::path::absolute(location).unwrap_or_else(|_| location.into());
+    for component in absolute.components() {
+        match component {
+            std::path::Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            std::path::Component::ParentDir => {
+                parts.pop();
+            }
+            _ => {}
         }
-        out.push(c);
     }
-    let out = out.trim_end_matches(['-', '.', '_', '/']).to_string();
-    if out.is_empty() {
-        "image".to_string()
-    } else {
-        out
+    parts.extend(
+        repository
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string),
+    );
+    let original = parts.join("/");
+    let mut clean: Vec<String> = parts
+        .iter()
+        .map(|p| repository_component(p))
+        .filter(|p| !p.is_empty())
+        .collect();
+    let hash = || {
+        let digest = sha2::Sha256::digest(original.as_bytes());
+        digest[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let mut name = clean.join("/");
+    if name.len() > 200 {
+        let last = clean.pop().unwrap_or_default();
+        let keep: String = last.chars().take(100).collect();
+        name = format!("{keep}-{}", hash());
+    } else if name != original || name.is_empty() {
+        let last = clean.pop().unwrap_or_else(|| "image".into());
+        clean.push(format!("{last}-{}", hash()));
+        name = clean.join("/");
     }
+    name
+}
+
+/// One path component in the grammar of a repository component: lower-case
+/// letters and digits, separated by `.`, `_`, `__` or runs of `-`; any other
+/// run of characters becomes `-`.
+fn repository_component(text: &str) -> String {
+    let lower = text.to_lowercase();
+    let mut out = String::new();
+    let mut run = String::new();
+    let flush = |out: &mut String, run: &mut String| {
+        if run.is_empty() {
+            return;
+        }
+        let allowed = matches!(run.as_str(), "." | "_" | "__") || run.chars().all(|c| c == '-');
+        if !out.is_empty() {
+            out.push_str(if allowed { run } else { "-" });
+        }
+        run.clear();
+    };
+    for c in lower.chars() {
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            flush(&mut out, &mut run);
+            out.push(c);
+        } else {
+            run.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -625,19 +685,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_names_are_made_of_the_last_path_component() {
-        assert_eq!(local_repository_name("/mnt/usb/Win 11.tar", ""), "win-11");
+    fn local_names_are_the_path_in_the_repository_grammar() {
         assert_eq!(
-            local_repository_name("/srv/images/debian_12", ""),
-            "debian_12"
+            local_repository_name("/mnt/usb/win11.tar", ""),
+            "mnt/usb/win11.tar"
         );
-        assert_eq!(local_repository_name("relative", ""), "relative");
-        assert_eq!(local_repository_name("/", ""), "image");
-        assert_eq!(local_repository_name("/x/..tar", ""), "image");
-        assert_eq!(local_repository_name("/x/-A--b-.tar", ""), "a-b");
-        assert_eq!(local_repository_name("ignored", "team/Vm"), "team/vm");
-        for made in ["win-11", "debian_12", "a-b", "team/vm", "image"] {
-            let image: ImageReference = format!("localhost/{made}:1").parse().unwrap();
+        assert_eq!(
+            local_repository_name("/srv/images/../x/debian_12", ""),
+            "srv/x/debian_12"
+        );
+        assert_eq!(local_repository_name("/srv/a", "team/vm"), "srv/a/team/vm");
+        // Changed to fit the grammar: a hash of the original keeps them apart.
+        let spaced = local_repository_name("/mnt/usb/Win 11.tar", "");
+        assert!(spaced.starts_with("mnt/usb/win-11.tar-"), "{spaced}");
+        assert_ne!(spaced, local_repository_name("/mnt/usb/win-11.tar", ""));
+        assert_ne!(
+            local_repository_name("/x/A", ""),
+            local_repository_name("/x/a", "")
+        );
+        for odd in [
+            "/x/a._b",
+            "/x/a..b",
+            "/x/.hidden/-y-",
+            "/",
+            "/x/é",
+            &"/d".repeat(150),
+        ] {
+            let made = local_repository_name(odd, "");
+            let image: ImageReference = format!("localhost/{made}:1")
+                .parse()
+                .unwrap_or_else(|e| panic!("{odd:?} → {made:?}: {e}"));
             assert_eq!(image.to_string(), format!("localhost/{made}:1"));
         }
     }

@@ -253,7 +253,21 @@ pub fn image_matches(pattern: &str, image: &str, is_scheme: &dyn Fn(&str) -> boo
     };
     let (pattern_scheme, pattern_rest) = split(pattern);
     let (image_scheme, image_rest) = split(image);
-    pattern_scheme == image_scheme && wildcard_match(&pattern_rest, &image_rest)
+    // `*` matches `/` too: a path that climbs out (`/srv/images/../../etc`)
+    // or hides a step (`/./`) matches nothing.
+    let unclean = image_scheme != "docker"
+        && image_rest
+            .split(['/', ':'])
+            .any(|part| part == ".." || part == ".");
+    !unclean && pattern_scheme == image_scheme && wildcard_match(&pattern_rest, &image_rest)
+}
+
+/// Whether `image` is a registry reference (no scheme, or `docker://`).
+pub fn is_registry_image(image: &str, is_scheme: &dyn Fn(&str) -> bool) -> bool {
+    matches!(
+        sarde_api::transport::split_scheme(image, is_scheme),
+        None | Some(("docker", _))
+    )
 }
 
 /// `*` matches any run of characters, `?` one character.
@@ -422,13 +436,16 @@ impl Settings {
         })
     }
 
-    /// Whether the allow-list admits `image` (an empty list admits all).
+    /// Whether the allow-list admits `image`. An empty list admits every
+    /// registry reference and nothing else: a job naming a path on the runner
+    /// host (`oci:`, `oci-archive:`) or a plugin's transport needs an entry.
     pub fn allows(&self, image: &str, is_scheme: &dyn Fn(&str) -> bool) -> bool {
-        self.allowed_images.is_empty()
-            || self
-                .allowed_images
-                .iter()
-                .any(|p| image_matches(p, image, is_scheme))
+        if self.allowed_images.is_empty() {
+            return is_registry_image(image, is_scheme);
+        }
+        self.allowed_images
+            .iter()
+            .any(|p| image_matches(p, image, is_scheme))
     }
 }
 
@@ -538,6 +555,11 @@ mod tests {
             .settings(None, &BTreeMap::new(), true, &schemes)
             .unwrap();
         assert!(s.allows("any/image", &schemes));
+        assert!(s.allows("docker://any/image", &schemes));
+        assert!(
+            !s.allows("oci-archive:/srv/x.tar", &schemes),
+            "paths need an entry"
+        );
         s.allowed_images = vec![
             "registry.example.org/sardines/*".into(),
             "oci-archive:/shared/images/*".into(),
@@ -547,5 +569,7 @@ mod tests {
         assert!(s.allows("oci-archive:/shared/images/win11.tar", &schemes));
         assert!(!s.allows("oci-archive:/tmp/evil.tar", &schemes));
         assert!(!s.allows("oci:/shared/images/win11", &schemes));
+        assert!(!s.allows("oci-archive:/shared/images/../../etc/x.tar", &schemes));
+        assert!(!s.allows("oci-archive:/shared/images/./x.tar", &schemes));
     }
 }

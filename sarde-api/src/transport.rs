@@ -107,9 +107,11 @@ pub struct TransportOptions {
     /// How long requests may wait; see [`TimeBounds`].
     pub bounds: TimeBounds,
     /// The `containers-registries.conf(5)` files that apply, in the order they
-    /// are merged (the main file, then `registries.conf.d/` in name order). A
-    /// registry transport resolves `prefix`, `location`, `blocked`, `insecure`
-    /// and mirrors from them per repository; other transports ignore them.
+    /// are merged (the main file, then `registries.conf.d/` in name order), for
+    /// a registry transport to resolve `prefix`, `location`, `blocked`,
+    /// `insecure` and mirrors per repository; other transports ignore them.
+    /// Reserved in this ABI: sarde does not fill it yet, and the built-in
+    /// registry transport does not read it yet.
     pub registries_conf: Vec<std::path::PathBuf>,
 }
 
@@ -169,12 +171,13 @@ pub trait BlobSink: Send {
     fn offset(&self) -> u64;
 
     /// Stores the blob from [`BlobSink::offset`] on; `Ok` only once it is
-    /// complete and verified. On failure the bytes received may be kept for a
-    /// later sink to resume from — unless reading `data` failed with
-    /// [`std::io::ErrorKind::InvalidData`]: the data is wrong (the copy engine
-    /// found another size or digest than the descriptor's), and nothing of it
-    /// may be kept.
-    async fn write(self: Box<Self>, data: BlobReader) -> Result<(), TransportError>;
+    /// complete and verified, and the sink is done. After a failure the caller
+    /// may write again, from the new [`BlobSink::offset`] (what the failed write
+    /// kept; 0 for a sink that keeps nothing) — unless reading `data` failed
+    /// with [`std::io::ErrorKind::InvalidData`]: the data is wrong (the copy
+    /// engine found another size or digest than the descriptor's), and nothing
+    /// of it may be kept.
+    async fn write(&mut self, data: BlobReader) -> Result<(), TransportError>;
 }
 
 /// The sink of a transport that does not resume: [`Transport::put_blob`] from 0.
@@ -190,7 +193,7 @@ impl<T: Transport + ?Sized> BlobSink for WholeBlob<'_, T> {
         0
     }
 
-    async fn write(self: Box<Self>, data: BlobReader) -> Result<(), TransportError> {
+    async fn write(&mut self, data: BlobReader) -> Result<(), TransportError> {
         self.transport
             .put_blob(&self.repository, &self.blob, data)
             .await
@@ -275,6 +278,19 @@ pub trait Transport: Send + Sync {
         _reference: &str,
     ) -> Result<(), TransportError> {
         Ok(())
+    }
+
+    /// Stores a manifest an index names (written before the index): like
+    /// [`Transport::put_manifest`] by digest, which the default calls. A
+    /// transport whose untagged manifests are images of their own (a layout's
+    /// `index.json`) stores it without listing it.
+    async fn put_child_manifest(
+        &self,
+        repository: &str,
+        manifest: &RawManifest,
+    ) -> Result<(), TransportError> {
+        self.put_manifest(repository, &manifest.digest.to_string(), manifest)
+            .await
     }
 
     /// Whether the repository holds this manifest and everything it names, so a

@@ -19,15 +19,15 @@ use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
 use sarde_api::oci::Descriptor;
-use sarde_api::transport::{Access, BlobWrite, RawManifest};
+use sarde_api::transport::{Access, BlobSink, BlobWrite, RawManifest};
 use sarde_api::{Transport, TransportError};
 
 use crate::counters::Counters;
 use crate::manifest::{self, MAX_DEPTH, Refs};
 use crate::progress::{Event, Progress};
-use crate::retry::retrying;
+use crate::retry::{backoff, retrying};
 use crate::verify::{ReadFailure, VerifyingReader};
-use crate::{BlobGate, Summary, TransferError, TransferOptions, VerifyFailure};
+use crate::{BlobGate, MAX_BACKOFF, Summary, TransferError, TransferOptions, VerifyFailure};
 
 /// One destination of a copy.
 #[derive(Clone)]
@@ -228,8 +228,9 @@ impl CopyRequest {
             let Some(tag) = &d.tag else { continue };
             match t.get_manifest(&d.repository, tag).await {
                 Ok(m) if m.digest == image.manifest.digest => {}
-                Ok(_) | Err(TransportError::ManifestUnknown { .. }) => return Ok(false),
-                Err(e) => return Err(e.into()),
+                // A broken tag (its manifest gone or damaged) is repaired by the copy.
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Ok(_) | Err(_) => return Ok(false),
             }
         }
         Ok(true)
@@ -400,8 +401,14 @@ impl CopyRequest {
                 .try_collect::<Vec<()>>()
                 .await?;
             for child in &image.children {
-                self.put_manifest(destination, &child.digest.to_string(), child, options)
-                    .await?;
+                let (result, _) = retrying(options, &destination.name, |_| async {
+                    Ok(destination
+                        .transport
+                        .put_child_manifest(&destination.repository, child)
+                        .await?)
+                })
+                .await;
+                result?;
             }
         }
         let reference = destination
@@ -474,11 +481,9 @@ impl CopyRequest {
                 }
             }
         }
-        let (result, retries) = retrying(options, &what, |_| async move {
-            self.write_blob(blob, destination, progress, moved).await
-        })
-        .await;
-        counters.retries.fetch_add(retries, Ordering::Relaxed);
+        let result = self
+            .write_blob(blob, destination, options, progress, counters, moved)
+            .await;
         match result? {
             BlobOutcome::Present { linked } => {
                 skip(linked);
@@ -495,90 +500,146 @@ impl CopyRequest {
         }
     }
 
-    /// One attempt at writing a blob: opens the destination's sink and streams
-    /// the source into it from where the sink resumes. A resumed blob that
-    /// fails its digest is written once more from the start (the kept bytes may
-    /// be the damaged part).
+    /// Writes a blob through the destination's sink, streaming the source
+    /// into it from where the sink resumes. A transient failure is retried
+    /// with the same sink, from what it kept (nothing is read twice from the
+    /// source or from disk); a resumed blob that fails its digest is written
+    /// once more from the start (the kept bytes may be the damaged part).
     async fn write_blob(
         &self,
         blob: &Descriptor,
         destination: &Destination,
+        options: &TransferOptions,
         progress: &Arc<dyn Progress>,
+        counters: &Counters,
         moved: &Arc<AtomicU64>,
     ) -> Result<BlobOutcome, TransferError> {
         let t = destination.transport.as_ref();
+        let what = format!("{}: blob {}", destination.name, blob.digest);
+        let (started, retries) = retrying(options, &what, |_| async {
+            Ok(t.start_blob_write(&destination.repository, blob).await?)
+        })
+        .await;
+        counters.retries.fetch_add(retries, Ordering::Relaxed);
+        let mut sink = match started? {
+            BlobWrite::Present { linked } => return Ok(BlobOutcome::Present { linked }),
+            BlobWrite::Write(sink) => sink,
+        };
+        let kept = sink.offset();
+        if kept > 0 {
+            progress.event(&Event::Bytes {
+                digest: &blob.digest,
+                n: kept.min(blob.size),
+            });
+        }
+        let mut attempt = 0u32;
         let mut started_over = false;
         loop {
-            let sink = match t.start_blob_write(&destination.repository, blob).await? {
-                BlobWrite::Present { linked } => return Ok(BlobOutcome::Present { linked }),
-                BlobWrite::Write(sink) => sink,
-            };
             let offset = sink.offset();
-            if offset > blob.size {
-                return Err(TransferError::Transport(TransportError::Protocol {
-                    location: t.location(),
-                    message: format!(
-                        "resumes blob {} at byte {offset}, past its {} bytes",
-                        blob.digest, blob.size
-                    ),
-                }));
-            }
-            if offset > 0 {
-                progress.event(&Event::Bytes {
-                    digest: &blob.digest,
-                    n: offset,
-                });
-            }
-            let data = self.source.get_blob(&self.repository, blob, offset).await?;
-            let failure = ReadFailure::slot();
-            let reader = VerifyingReader::new(
-                tokio::io::BufReader::with_capacity(1 << 20, data),
-                blob.clone(),
-                offset,
-                self.source.location(),
-                progress.clone(),
-                moved.clone(),
-                failure.clone(),
-            );
-            let Err(e) = sink.write(Box::pin(reader)).await else {
-                return Ok(BlobOutcome::Written);
+            let result = self
+                .write_once(blob, sink.as_mut(), offset, progress, moved)
+                .await;
+            let e = match result {
+                Ok(()) => return Ok(BlobOutcome::Written),
+                Err(e) => e,
             };
-            let failure = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
-            match failure {
-                Some(ReadFailure::Broke { received, error }) => {
-                    return Err(TransferError::Stream {
-                        location: self.source.location(),
-                        digest: blob.digest.clone(),
-                        received,
-                        source: error,
-                    });
-                }
-                Some(ReadFailure::Mismatch { what, actual }) => {
-                    return Err(TransferError::Verify(Box::new(VerifyFailure {
-                        image: self.image.clone(),
-                        location: self.source.location(),
-                        digest: blob.digest.clone(),
-                        what,
-                        expected: match what {
-                            "size" => blob.size.to_string(),
-                            _ => blob.digest.to_string(),
-                        },
-                        actual,
-                    })));
-                }
-                None => {}
-            }
-            if offset > 0 && !started_over && matches!(e, TransportError::Mismatch { .. }) {
+            let resumed_wrong = offset > 0
+                && matches!(
+                    &e,
+                    TransferError::Transport(TransportError::Mismatch { what: "digest", .. })
+                );
+            if resumed_wrong && !started_over {
                 tracing::warn!(
-                    "{}: {} did not verify after resuming ({e}); writing it again from the start",
-                    destination.name,
-                    blob.digest
+                    "{what}: did not verify after resuming at byte {offset} ({e}); writing it again from the start"
                 );
                 started_over = true;
                 continue;
             }
-            return Err(e.into());
+            if !e.is_transient() || attempt >= options.retries {
+                return Err(e);
+            }
+            if !options.retry_budget.take() {
+                return Err(options.retry_budget.give_up(e));
+            }
+            let wait = e.retry_after().unwrap_or_else(|| backoff(options, attempt));
+            let message = format!(
+                "{what}: {e}; retrying in {:.1}s ({}/{})",
+                wait.as_secs_f64(),
+                attempt + 1,
+                options.retries
+            );
+            tracing::warn!("{message}");
+            progress.event(&Event::Retry { message: &message });
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait.min(MAX_BACKOFF)).await;
+            attempt += 1;
+            // A sink that keeps nothing (a registry upload whose answer never
+            // came) may have stored the blob all the same: don't send it twice.
+            if sink.offset() == 0
+                && t.blob_exists(&destination.repository, blob)
+                    .await
+                    .unwrap_or(false)
+            {
+                return Ok(BlobOutcome::Written);
+            }
         }
+    }
+
+    /// One request to the source, streamed into the sink from `offset`.
+    async fn write_once(
+        &self,
+        blob: &Descriptor,
+        sink: &mut (dyn BlobSink + '_),
+        offset: u64,
+        progress: &Arc<dyn Progress>,
+        moved: &Arc<AtomicU64>,
+    ) -> Result<(), TransferError> {
+        if offset > blob.size {
+            return Err(TransferError::Transport(TransportError::Protocol {
+                location: self.source.location(),
+                message: format!(
+                    "the destination resumes blob {} at byte {offset}, past its {} bytes",
+                    blob.digest, blob.size
+                ),
+            }));
+        }
+        let data = self.source.get_blob(&self.repository, blob, offset).await?;
+        let failure = ReadFailure::slot();
+        let reader = VerifyingReader::new(
+            tokio::io::BufReader::with_capacity(1 << 20, data),
+            blob.clone(),
+            offset,
+            self.source.location(),
+            progress.clone(),
+            moved.clone(),
+            failure.clone(),
+        );
+        let Err(e) = sink.write(Box::pin(reader)).await else {
+            return Ok(());
+        };
+        let failure = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Err(match failure {
+            Some(ReadFailure::Broke { received, error }) => TransferError::Stream {
+                location: self.source.location(),
+                digest: blob.digest.clone(),
+                received,
+                source: error,
+            },
+            Some(ReadFailure::Mismatch { what, actual }) => {
+                TransferError::Verify(Box::new(VerifyFailure {
+                    image: self.image.clone(),
+                    location: self.source.location(),
+                    digest: blob.digest.clone(),
+                    what,
+                    expected: match what {
+                        "size" => blob.size.to_string(),
+                        _ => blob.digest.to_string(),
+                    },
+                    actual,
+                }))
+            }
+            None => e.into(),
+        })
     }
 }
 

@@ -119,7 +119,13 @@ impl<R: AsyncRead + Unpin> AsyncRead for VerifyingReader<R> {
                     received: this.seen,
                     error: io::Error::new(e.kind(), e.to_string()),
                 });
-                return Poll::Ready(Err(e));
+                // Only this reader's own verdict says the data is wrong
+                // (InvalidData: the destination keeps nothing of it).
+                let kind = match e.kind() {
+                    io::ErrorKind::InvalidData => io::ErrorKind::Other,
+                    kind => kind,
+                };
+                return Poll::Ready(Err(io::Error::new(kind, e)));
             }
             Poll::Pending => return Poll::Pending,
         }

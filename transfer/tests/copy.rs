@@ -534,3 +534,113 @@ async fn an_interrupted_copy_into_a_directory_resumes_and_leaves_it_clean() {
     );
     assert!(!partial.exists());
 }
+
+/// An index of two image manifests (a config and a layer each) in a new
+/// layout at `dir`, tagged `v1`: only the index is listed in `index.json`.
+fn make_index_image(dir: &Path) -> Descriptor {
+    let layout = Layout::create(dir).expect("layout");
+    let children: Vec<Descriptor> = (0u8..2)
+        .map(|i| {
+            let config = layout
+                .write_blob(
+                    format!(r#"{{"architecture":"amd64","os":"linux","n":{i}}}"#).as_bytes(),
+                )
+                .unwrap();
+            let layer = layout.write_blob(&vec![i; 50_000]).unwrap();
+            let manifest = ImageManifest::new(
+                Descriptor::new(media_types::IMAGE_CONFIG, config.0, config.1),
+                vec![Descriptor::new(
+                    "application/vnd.sardinecake.test.layer",
+                    layer.0,
+                    layer.1,
+                )],
+            );
+            let bytes = serde_json::to_vec(&manifest).unwrap();
+            let (digest, size) = layout.write_blob(&bytes).unwrap();
+            Descriptor::new(media_types::IMAGE_MANIFEST, digest, size)
+        })
+        .collect();
+    let index = sarde_api::oci::ImageIndex {
+        media_type: Some(media_types::IMAGE_INDEX.to_string()),
+        manifests: children,
+        ..Default::default()
+    };
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let descriptor = layout
+        .put_manifest(&bytes, media_types::IMAGE_INDEX)
+        .unwrap();
+    layout.set_tag("v1", &descriptor).unwrap();
+    descriptor
+}
+
+#[tokio::test]
+async fn an_index_is_the_only_image_its_copy_lists() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, dst, cache) = (
+        work.path().join("src"),
+        work.path().join("dst"),
+        work.path().join("cache"),
+    );
+    let index = make_index_image(&src);
+    let source = || -> Arc<dyn Transport> { Arc::new(OciDirTransport::layout(&src)) };
+    // Untagged into a directory: readable back as its only image.
+    let mut untagged = request(source(), &dst);
+    untagged.destinations[0].tag = None;
+    untagged
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let out = Layout::open(&dst).unwrap();
+    assert_eq!(out.index().unwrap().manifests.len(), 1);
+    assert_eq!(out.resolve("").unwrap().digest, index.digest);
+    // Into the cache: one tagged entry, the children stored as blobs.
+    into_cache(source(), &cache, "h/x")
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let cached = Layout::open(cache.join("h/x")).unwrap();
+    assert_eq!(cached.index().unwrap().manifests.len(), 1);
+    assert_eq!(cached.resolve("v1").unwrap().digest, index.digest);
+}
+
+#[tokio::test]
+async fn a_broken_tag_in_the_cache_is_repaired_by_the_next_copy() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, cache) = (work.path().join("src"), work.path().join("cache"));
+    let (manifest, _) = make_image(&src);
+    let source: Arc<dyn Transport> = Arc::new(OciDirTransport::layout(&src));
+    into_cache(source.clone(), &cache, "h/x")
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let layout = Layout::open(cache.join("h/x")).unwrap();
+    std::fs::remove_file(layout.blob_path(&manifest.digest)).unwrap();
+    let again = into_cache(source, &cache, "h/x")
+        .run(&options(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert!(!again.targets[0].1, "not taken for up to date");
+    assert_eq!(layout.resolve("v1").unwrap().digest, manifest.digest);
+    layout.read_blob(&manifest).expect("the manifest is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_of_one_directory_take_turns_per_blob() {
+    let work = tempfile::tempdir().unwrap();
+    let (src, dst) = (work.path().join("src"), work.path().join("dst"));
+    let (manifest, layers) = make_image(&src);
+    let source: Arc<dyn Transport> = Arc::new(OciDirTransport::layout(&src));
+    let copies: Vec<CopyRequest> = (0..4).map(|_| request(source.clone(), &dst)).collect();
+    let o = options();
+    let results =
+        futures_util::future::join_all(copies.iter().map(|c| c.run(&o, Arc::new(NoProgress))))
+            .await;
+    for result in results {
+        result.unwrap();
+    }
+    let out = Layout::open(&dst).unwrap();
+    assert_eq!(out.resolve("v1").unwrap().digest, manifest.digest);
+    for layer in &layers {
+        out.read_blob(layer).expect("every blob verifies");
+    }
+}

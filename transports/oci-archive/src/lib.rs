@@ -392,6 +392,15 @@ impl Transport for OciArchiveTransport {
             .await
     }
 
+    async fn put_child_manifest(
+        &self,
+        repository: &str,
+        manifest: &RawManifest,
+    ) -> Result<(), TransportError> {
+        self.prepare_staging()?;
+        self.staging.put_child_manifest(repository, manifest).await
+    }
+
     /// Packs the staged layout into the archive (a temporary file renamed over
     /// FILE): only now does the archive change.
     async fn finish_image(

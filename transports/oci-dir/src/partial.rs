@@ -90,7 +90,8 @@ pub(crate) struct PartialBlob {
     layout: Layout,
     blob: Descriptor,
     path: PathBuf,
-    file: File,
+    /// `None` once committed.
+    file: Option<File>,
     hasher: Sha256,
     have: u64,
     /// For messages.
@@ -98,9 +99,45 @@ pub(crate) struct PartialBlob {
     repository: String,
 }
 
+/// Opens the partial file without following a link, as a regular file of this
+/// user: a directory others can write (a shared file system) must not turn
+/// sarde's appends or truncation onto another file.
+fn open_own_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.uid() != me {
+        return Err(io::Error::other(format!(
+            "{} is not a partial blob file of this user: remove it",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Whether `file` is still the file at `path` (not renamed into place or
+/// removed by the writer we waited for).
+fn still_at(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    Ok(fs::symlink_metadata(path).is_ok_and(|m| m.dev() == open.dev() && m.ino() == open.ino()))
+}
+
 impl PartialBlob {
-    /// Opens (or starts) the partial file of `blob` under `root` and hashes what
-    /// it holds; a file longer than the blob starts over. Blocking.
+    /// Opens (or starts) the partial file of `blob` at `path` and hashes what
+    /// it holds; a file longer than the blob starts over. Without `lock` (a
+    /// user's layout directory), the partial file's own `flock` makes writers
+    /// of the blob take turns; `None` when the one we waited for stored it.
+    /// Blocking.
     pub(crate) fn open(
         lock: Option<BlobLock>,
         path: PathBuf,
@@ -108,16 +145,32 @@ impl PartialBlob {
         blob: &Descriptor,
         location: String,
         repository: String,
-    ) -> io::Result<PartialBlob> {
+    ) -> io::Result<Option<PartialBlob>> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let mut file = loop {
+            let file = open_own_file(&path)?;
+            if lock.is_some() {
+                break file;
+            }
+            loop {
+                // SAFETY: flock on a descriptor we own.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            if still_at(&file, &path)? {
+                break file;
+            }
+            if layout.has_blob(blob) {
+                return Ok(None);
+            }
+        };
         let len = file.metadata()?.len();
         let mut hasher = Sha256::new();
         let mut have = 0u64;
@@ -143,88 +196,55 @@ impl PartialBlob {
                 blob.size
             );
         }
-        Ok(PartialBlob {
+        Ok(Some(PartialBlob {
             _lock: lock,
             layout,
             blob: blob.clone(),
             path,
-            file,
+            file: Some(file),
             hasher,
             have,
             location,
             repository,
-        })
+        }))
     }
 
-    fn io(&self, context: &str) -> impl FnOnce(io::Error) -> TransportError + '_ {
-        let context = format!("{context} ({})", self.path.display());
-        move |source| TransportError::Io {
+    fn io_error(&self, context: &str, source: io::Error) -> TransportError {
+        TransportError::Io {
             location: self.location.clone(),
-            context,
+            context: format!("{context} ({})", self.path.display()),
             source,
         }
     }
 
-    /// Verified: synced and renamed into the layout (a verified copy across
-    /// file systems).
-    fn commit(self) -> Result<(), TransportError> {
-        self.file
-            .sync_all()
-            .map_err(self.io("syncing the partial blob"))?;
-        let target = self.layout.blob_path(&self.blob.digest);
-        let dir = target
-            .parent()
-            .expect("blob paths have a directory")
-            .to_path_buf();
-        fs::create_dir_all(&dir).map_err(self.io("creating the blob directory"))?;
-        match fs::rename(&self.path, &target) {
-            Ok(()) => File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(self.io("syncing the blob directory")),
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                let copy = || -> Result<(), crate::LayoutError> {
-                    let mut input =
-                        File::open(&self.path).map_err(|source| crate::LayoutError::Io {
-                            path: self.path.clone(),
-                            context: "reopening the partial blob",
-                            source,
-                        })?;
-                    let mut writer = self.layout.blob_writer()?;
-                    io::copy(&mut input, &mut writer).map_err(|source| crate::LayoutError::Io {
-                        path: target.clone(),
-                        context: "copying the blob into the layout",
-                        source,
-                    })?;
-                    writer.commit(Some((&self.blob.digest, self.blob.size)))?;
-                    Ok(())
-                };
-                copy().map_err(|e| TransportError::Protocol {
-                    location: self.location.clone(),
-                    message: e.to_string(),
-                })?;
-                let _ = fs::remove_file(&self.path);
-                Ok(())
-            }
-            Err(e) => Err(self.io("moving the blob into the layout")(e)),
+    /// Forgets what the file holds: the next write starts at byte 0.
+    fn start_over(&mut self) {
+        if let Some(file) = &mut self.file {
+            let _ = file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0)));
         }
-    }
-}
-
-#[async_trait]
-impl BlobSink for PartialBlob {
-    fn offset(&self) -> u64 {
-        self.have
+        self.hasher = Sha256::new();
+        self.have = 0;
     }
 
-    async fn write(mut self: Box<Self>, mut data: BlobReader) -> Result<(), TransportError> {
+    /// Appends what `data` holds up to the blob's size.
+    async fn append(&mut self, data: &mut BlobReader) -> Result<(), TransportError> {
         let mut buf = vec![0u8; READ_CHUNK];
         while self.have < self.blob.size {
             let n = match data.read(&mut buf).await {
+                Ok(0) => {
+                    return Err(TransportError::Mismatch {
+                        location: self.location.clone(),
+                        object: format!("blob {} for {}", self.blob.digest, self.repository),
+                        what: "size of the data received",
+                        expected: self.blob.size.to_string(),
+                        actual: self.have.to_string(),
+                    });
+                }
                 Ok(n) => n,
                 Err(source) => {
                     if source.kind() == io::ErrorKind::InvalidData {
                         // The data is wrong, not cut short: keep none of it.
-                        let _ = fs::remove_file(&self.path);
+                        self.start_over();
                     }
                     return Err(TransportError::Io {
                         location: self.location.clone(),
@@ -236,33 +256,91 @@ impl BlobSink for PartialBlob {
                     });
                 }
             };
-            if n == 0 {
-                return Err(TransportError::Mismatch {
-                    location: self.location.clone(),
-                    object: format!("blob {} for {}", self.blob.digest, self.repository),
-                    what: "size of the data received",
-                    expected: self.blob.size.to_string(),
-                    actual: self.have.to_string(),
-                });
-            }
             let n = n.min(usize::try_from(self.blob.size - self.have).unwrap_or(usize::MAX));
             // Written from the async task as it arrives: a local file write is
             // short next to a network read, and the kernel writes back behind us.
-            let (file, have) = (&mut self.file, self.have);
-            file.write_all(&buf[..n])
-                .map_err(|source| TransportError::Io {
-                    location: self.location.clone(),
-                    context: format!("writing {}", self.path.display()),
-                    source,
-                })?;
-            sarde_api::writeback::start_writeback(file, have, n as u64);
+            let file = self.file.as_mut().expect("an open sink has its file");
+            if let Err(e) = file.write_all(&buf[..n]) {
+                return Err(self.io_error("writing the partial blob", e));
+            }
+            sarde_api::writeback::start_writeback(file, self.have, n as u64);
             self.hasher.update(&buf[..n]);
             self.have += n as u64;
         }
+        Ok(())
+    }
+}
+
+impl Drop for PartialBlob {
+    /// An empty partial file (nothing received, or wrong data forgotten) is
+    /// not left behind; one with bytes stays for the next run to resume.
+    fn drop(&mut self) {
+        if let Some(file) = &self.file {
+            if self.have == 0 && still_at(file, &self.path).unwrap_or(false) {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Verified: synced and renamed into the layout (a verified copy across file
+/// systems). Blocking.
+fn commit(
+    file: File,
+    path: &Path,
+    layout: &Layout,
+    blob: &Descriptor,
+) -> Result<(), crate::LayoutError> {
+    let io = |context: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| crate::LayoutError::Io {
+            path,
+            context,
+            source,
+        }
+    };
+    file.sync_all()
+        .map_err(io("syncing the partial blob", path))?;
+    // `file` stays open until the rename is done: its flock keeps a writer that
+    // waits for it from taking the file for a partial one meanwhile.
+    let target = layout.blob_path(&blob.digest);
+    let dir = target.parent().expect("blob paths have a directory");
+    fs::create_dir_all(dir).map_err(io("creating the blob directory", dir))?;
+    match fs::rename(path, &target) {
+        Ok(()) => {
+            drop(file);
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("syncing the blob directory", dir))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let mut input = File::open(path).map_err(io("reopening the partial blob", path))?;
+            let mut writer = layout.blob_writer()?;
+            io::copy(&mut input, &mut writer)
+                .map_err(io("copying the blob into the layout", &target))?;
+            writer.commit(Some((&blob.digest, blob.size)))?;
+            let _ = fs::remove_file(path);
+            Ok(())
+        }
+        Err(e) => Err(io("moving the blob into the layout", &target)(e)),
+    }
+}
+
+#[async_trait]
+impl BlobSink for PartialBlob {
+    fn offset(&self) -> u64 {
+        self.have
+    }
+
+    async fn write(&mut self, mut data: BlobReader) -> Result<(), TransportError> {
+        if self.file.is_none() {
+            return Ok(());
+        }
+        self.append(&mut data).await?;
         let actual = Digest::from_sha256(std::mem::take(&mut self.hasher).finalize().into());
         if actual != self.blob.digest {
             // Whatever part is wrong, none of it is kept for a resume.
-            let _ = fs::remove_file(&self.path);
+            self.start_over();
             return Err(TransportError::Mismatch {
                 location: self.location.clone(),
                 object: format!(
@@ -274,11 +352,17 @@ impl BlobSink for PartialBlob {
                 actual: actual.to_string(),
             });
         }
-        tokio::task::spawn_blocking(move || self.commit())
+        let file = self.file.take().expect("checked above");
+        let (path, layout, blob) = (self.path.clone(), self.layout.clone(), self.blob.clone());
+        let committed = tokio::task::spawn_blocking(move || commit(file, &path, &layout, &blob))
             .await
             .map_err(|e| TransportError::Protocol {
-                location: String::new(),
-                message: format!("committing a blob failed: {e}"),
-            })?
+                location: self.location.clone(),
+                message: format!("committing blob {} failed: {e}", self.blob.digest),
+            })?;
+        committed.map_err(|e| TransportError::Protocol {
+            location: self.location.clone(),
+            message: e.to_string(),
+        })
     }
 }

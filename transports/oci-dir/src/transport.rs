@@ -394,6 +394,38 @@ impl Transport for OciDirTransport {
         .await
     }
 
+    /// Stored as a blob, not listed in `index.json`: only the index that names
+    /// it is an image of the layout (a child is found by digest all the same).
+    async fn put_child_manifest(
+        &self,
+        repository: &str,
+        manifest: &RawManifest,
+    ) -> Result<(), TransportError> {
+        let actual = Digest::sha256_of(&manifest.bytes);
+        if actual != manifest.digest {
+            return Err(TransportError::Mismatch {
+                location: self.location(),
+                object: format!("child manifest for {repository}"),
+                what: "digest",
+                expected: manifest.digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let path = self.layout_path(repository)?;
+        let this = self.clone();
+        let (repository, manifest) = (repository.to_string(), manifest.clone());
+        self.blocking(move || {
+            let err = |e| this.error(&repository, e);
+            let layout = Layout::create(path).map_err(err)?;
+            this.check_referenced_blobs(&repository, &layout, &manifest)?;
+            layout
+                .put_manifest(&manifest.bytes, &manifest.media_type)
+                .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn list_tags(&self, repository: &str) -> Result<Vec<String>, TransportError> {
         let this = self.clone();
         let repository = repository.to_string();
@@ -611,7 +643,11 @@ impl Transport for OciDirTransport {
                 context: format!("opening the partial blob {}", descriptor.digest),
                 source,
             })?;
-            Ok(BlobWrite::Write(Box::new(sink)))
+            Ok(match sink {
+                Some(sink) => BlobWrite::Write(Box::new(sink)),
+                // The writer we waited for stored it.
+                None => BlobWrite::Present { linked: false },
+            })
         })
         .await
     }

@@ -514,7 +514,11 @@ fn a_job_runs_from_an_archive_on_a_shared_file_system() {
     // The archive's image is cached under a name made of it.
     // (The executor's cache is the setup's `ocidir`, which `sarde` reads as its own.)
     let listed = ok(sarde(s.work.path()).args(["list", "--format", "json"]));
-    let path = shared.join("guest.tar").display().to_string().to_lowercase();
+    let path = shared
+        .join("guest.tar")
+        .display()
+        .to_string()
+        .to_lowercase();
     assert!(listed.contains(&format!("localhost{path}")), "{listed}");
 
     // A registry image, and an archive elsewhere, are refused as the job's fault.

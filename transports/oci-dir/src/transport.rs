@@ -226,6 +226,25 @@ impl OciDirTransport {
             })?
     }
 
+    /// Refuses a manifest whose bytes are not its sha256 digest.
+    fn check_manifest_digest(
+        &self,
+        manifest: &RawManifest,
+        object: impl FnOnce() -> String,
+    ) -> Result<(), TransportError> {
+        let actual = Digest::sha256_of(&manifest.bytes);
+        if manifest.digest.algorithm() == Algorithm::Sha256 && actual == manifest.digest {
+            return Ok(());
+        }
+        Err(TransportError::Mismatch {
+            location: self.location(),
+            object: object(),
+            what: "digest",
+            expected: manifest.digest.to_string(),
+            actual: actual.to_string(),
+        })
+    }
+
     /// Refuses to store a blob of a digest algorithm the layouts don't verify.
     fn require_sha256(&self, repository: &str, blob: &Descriptor) -> Result<(), TransportError> {
         if blob.digest.algorithm() == Algorithm::Sha256 {
@@ -350,16 +369,9 @@ impl Transport for OciDirTransport {
         reference: &str,
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
-        let actual = Digest::sha256_of(&manifest.bytes);
-        if manifest.digest.algorithm() != Algorithm::Sha256 || actual != manifest.digest {
-            return Err(TransportError::Mismatch {
-                location: self.location(),
-                object: format!("manifest for {repository}:{reference}"),
-                what: "digest",
-                expected: manifest.digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+        self.check_manifest_digest(manifest, || {
+            format!("manifest for {repository}:{reference}")
+        })?;
         let by_digest = reference.parse::<Digest>().ok();
         if let Some(digest) = &by_digest {
             if *digest != manifest.digest {
@@ -401,16 +413,7 @@ impl Transport for OciDirTransport {
         repository: &str,
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
-        let actual = Digest::sha256_of(&manifest.bytes);
-        if actual != manifest.digest {
-            return Err(TransportError::Mismatch {
-                location: self.location(),
-                object: format!("child manifest for {repository}"),
-                what: "digest",
-                expected: manifest.digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+        self.check_manifest_digest(manifest, || format!("child manifest for {repository}"))?;
         let path = self.layout_path(repository)?;
         let this = self.clone();
         let (repository, manifest) = (repository.to_string(), manifest.clone());

@@ -170,6 +170,14 @@ pub trait BlobSink: Send {
     /// The first byte the sink still needs (0 when nothing was kept).
     fn offset(&self) -> u64;
 
+    /// Whether the sink checks the whole blob's digest itself before it
+    /// commits it (and fails with [`TransportError::Mismatch`] of `what`
+    /// "digest" otherwise), so the copy engine need not hash the stream a
+    /// second time. The default says no: the engine hashes what it sends.
+    fn verifies_digest(&self) -> bool {
+        false
+    }
+
     /// Stores the blob from [`BlobSink::offset`] on; `Ok` only once it is
     /// complete and verified, and the sink is done. After a failure the caller
     /// may write again, from the new [`BlobSink::offset`] (what the failed write
@@ -524,6 +532,53 @@ pub trait TransportFactory: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_images_carry_their_identity_and_policy_scopes() {
+        let image: crate::ImageReference =
+            "registry.example.org:5000/team/vm/win:11".parse().unwrap();
+        let r = TransportReference::from(&image);
+        assert_eq!(
+            r.identity.as_deref(),
+            Some("registry.example.org:5000/team/vm/win:11")
+        );
+        assert_eq!(
+            r.policy_scopes,
+            [
+                "registry.example.org:5000/team/vm/win:11",
+                "registry.example.org:5000/team/vm/win",
+                "registry.example.org:5000/team/vm",
+                "registry.example.org:5000/team",
+                "registry.example.org:5000",
+                "*.example.org",
+                "*.org",
+            ]
+        );
+        let ip: crate::ImageReference = "127.0.0.1:5000/x:1".parse().unwrap();
+        assert_eq!(
+            registry_scopes(&ip),
+            ["127.0.0.1:5000/x:1", "127.0.0.1:5000/x", "127.0.0.1:5000"]
+        );
+    }
+
+    #[test]
+    fn paths_have_no_identity_and_their_directories_as_scopes() {
+        let r = path_and_tag("oci", "/srv/images/win:11", "oci:PATH[:TAG]").unwrap();
+        assert_eq!(r.identity, None);
+        assert_eq!(
+            r.policy_scopes,
+            [
+                "/srv/images/win:11",
+                "/srv/images/win",
+                "/srv/images",
+                "/srv",
+                "/"
+            ]
+        );
+        let untagged = path_and_tag("oci", "/srv/w.tar", "oci:PATH[:TAG]").unwrap();
+        assert_eq!((untagged.reference.as_str(), untagged.tag), ("", None));
+        assert_eq!(untagged.policy_scopes, ["/srv/w.tar", "/srv", "/"]);
+    }
 
     #[test]
     fn schemes_split_only_when_known() {

@@ -609,6 +609,7 @@ impl CopyRequest {
             tokio::io::BufReader::with_capacity(1 << 20, data),
             blob.clone(),
             offset,
+            !sink.verifies_digest(),
             self.source.location(),
             progress.clone(),
             moved.clone(),
@@ -635,6 +636,23 @@ impl CopyRequest {
                         "size" => blob.size.to_string(),
                         _ => blob.digest.to_string(),
                     },
+                    actual,
+                }))
+            }
+            // The sink's own digest check of a blob streamed whole: the source's
+            // content is wrong, as the reader would have said.
+            None if offset == 0
+                && matches!(&e, TransportError::Mismatch { what: "digest", .. }) =>
+            {
+                let TransportError::Mismatch { actual, .. } = e else {
+                    unreachable!("matched above")
+                };
+                TransferError::Verify(Box::new(VerifyFailure {
+                    image: self.image.clone(),
+                    location: self.source.location(),
+                    digest: blob.digest.clone(),
+                    what: "digest",
+                    expected: blob.digest.to_string(),
                     actual,
                 }))
             }

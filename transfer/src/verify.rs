@@ -43,7 +43,8 @@ pub(crate) struct VerifyingReader<R> {
     /// The source's location, for messages.
     source: String,
     hasher: Sha256,
-    /// Whether the digest can be checked (the stream starts at byte 0).
+    /// Whether the digest is checked (the stream starts at byte 0 and the
+    /// destination does not check it itself).
     whole: bool,
     seen: u64,
     progress: Arc<dyn Progress>,
@@ -53,10 +54,14 @@ pub(crate) struct VerifyingReader<R> {
 }
 
 impl<R> VerifyingReader<R> {
+    /// `hash`: check the digest of a stream that starts at byte 0 (a
+    /// destination that checks it itself spares the second hashing).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         inner: R,
         blob: Descriptor,
         offset: u64,
+        hash: bool,
         source: String,
         progress: Arc<dyn Progress>,
         moved: Arc<AtomicU64>,
@@ -67,7 +72,7 @@ impl<R> VerifyingReader<R> {
             blob,
             source,
             hasher: Sha256::new(),
-            whole: offset == 0,
+            whole: offset == 0 && hash,
             seen: offset,
             progress,
             moved,
@@ -192,6 +197,7 @@ mod tests {
             std::io::Cursor::new(data.to_vec()),
             blob.clone(),
             0,
+            true,
             "src".into(),
             Arc::new(NoProgress),
             Arc::default(),

@@ -7,11 +7,11 @@
 //!
 //! - Reading never unpacks: the tar's headers are indexed once (`tar` seeks past
 //!   the data), and a blob is streamed from its offset in the file.
-//! - Writing stages an OCI layout beside the file (`.<FILE>.sarde-staging/`,
-//!   written and verified by the cache's layout code, kept across an interrupted
-//!   run so the next one resumes), and packs it into a temporary file renamed over
-//!   FILE when the tagged manifest arrives: the archive is complete or absent. A
-//!   write replaces what FILE held before, as skopeo's does.
+//! - Writing streams one tar into a temporary file beside FILE, blob by blob as
+//!   the copy engine sends them, verified on the way, and renames it over FILE
+//!   when the image is complete (`finish_image`): the archive is complete or
+//!   absent (see `writer.rs`). A write replaces what FILE held before, as
+//!   skopeo's does; an interrupted one starts over.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,12 +24,14 @@ use async_trait::async_trait;
 use sarde_api::limits::{MAX_INDEX_SIZE, MAX_MANIFEST_SIZE};
 use sarde_api::oci::{Descriptor, ImageIndex, media_types};
 use sarde_api::transport::{
-    Access, BlobReader, RawManifest, TransportOptions, TransportReference, path_and_tag,
+    Access, BlobReader, BlobWrite, RawManifest, TransportOptions, TransportReference, path_and_tag,
     require_path,
 };
 use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
-use sarde_transport_oci_dir::OciDirTransport;
+
+mod writer;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use writer::{ArchiveSink, ArchiveWriter};
 
 /// The URL scheme of this transport, as in skopeo.
 pub const SCHEME: &str = "oci-archive";
@@ -73,30 +75,20 @@ type Entries = HashMap<String, (u64, u64)>;
 /// One archive file.
 pub struct OciArchiveTransport {
     file: PathBuf,
-    staging_path: PathBuf,
-    staging: OciDirTransport,
-    /// Set once the operation declared a push: then the staged layout is what
-    /// the destination "has", not the archive being replaced.
+    /// Set once the operation declared a push: then what this run wrote is
+    /// what the destination "has", not the archive being replaced.
     writing: AtomicBool,
-    /// The staging directory was created or checked (see `prepare_staging`).
-    staging_checked: AtomicBool,
+    /// The archive being written; a blob's sink holds it while it streams.
+    writer: Arc<tokio::sync::Mutex<Option<ArchiveWriter>>>,
     entries: OnceLock<Result<Entries, String>>,
 }
 
 impl OciArchiveTransport {
     pub fn new(file: impl Into<PathBuf>) -> Self {
-        let file = file.into();
-        let name = file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "archive".to_string());
-        let staging_path = file.with_file_name(format!(".{name}.sarde-staging"));
         OciArchiveTransport {
-            staging: OciDirTransport::layout(&staging_path),
-            staging_path,
-            file,
+            file: file.into(),
             writing: AtomicBool::new(false),
-            staging_checked: AtomicBool::new(false),
+            writer: Arc::default(),
             entries: OnceLock::new(),
         }
     }
@@ -105,37 +97,19 @@ impl OciArchiveTransport {
         self.writing.load(Ordering::Relaxed)
     }
 
-    /// Before the first write: the staging directory is made private (0700),
-    /// or, left by an interrupted run, resumed only when it is a directory of
-    /// this user's (a shared directory could hold someone else's, or a symlink).
-    fn prepare_staging(&self) -> Result<(), TransportError> {
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    /// The writer, started on first use.
+    async fn writer(
+        &self,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Option<ArchiveWriter>>, TransportError> {
         self.writing.store(true, Ordering::Relaxed);
-        if self.staging_checked.load(Ordering::Relaxed) {
-            return Ok(());
+        let mut guard = self.writer.clone().lock_owned().await;
+        if guard.is_none() {
+            *guard = Some(
+                ArchiveWriter::create(&self.file)
+                    .map_err(|e| self.io_error("creating the archive's temporary file", e))?,
+            );
         }
-        match std::fs::symlink_metadata(&self.staging_path) {
-            Ok(meta) => {
-                // SAFETY: geteuid has no preconditions and cannot fail.
-                let me = unsafe { libc::geteuid() };
-                if !meta.is_dir() || meta.uid() != me {
-                    return Err(TransportError::Protocol {
-                        location: self.location(),
-                        message: format!(
-                            "{} is not a staging directory of this user: remove it, or write the archive elsewhere",
-                            self.staging_path.display()
-                        ),
-                    });
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&self.staging_path)
-                .map_err(|e| self.io_error("creating the staging directory", e))?,
-            Err(e) => return Err(self.io_error("checking the staging directory", e)),
-        }
-        self.staging_checked.store(true, Ordering::Relaxed);
-        Ok(())
+        Ok(guard)
     }
 
     fn io_error(&self, context: &str, source: io::Error) -> TransportError {
@@ -198,61 +172,6 @@ impl OciArchiveTransport {
             message: format!("index.json is not an OCI index: {e}"),
         })
     }
-
-    /// Packs the staged layout into a temporary file and renames it over the
-    /// archive, then drops the staging directory.
-    fn pack(&self) -> io::Result<()> {
-        let dir = self.file.parent().filter(|p| !p.as_os_str().is_empty());
-        let temp = tempfile_in(dir.unwrap_or(Path::new(".")), &self.file)?;
-        {
-            let mut builder = tar::Builder::new(io::BufWriter::new(temp.as_file()));
-            let mut names = vec!["oci-layout".to_string(), "index.json".to_string()];
-            let blobs = self.staging_path.join("blobs").join("sha256");
-            let mut digests: Vec<String> = std::fs::read_dir(&blobs)?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
-                .collect();
-            digests.sort();
-            names.extend(digests.into_iter().map(|d| format!("blobs/sha256/{d}")));
-            for name in names {
-                use std::os::unix::fs::OpenOptionsExt;
-                let path = self.staging_path.join(&name);
-                // A link planted there is not followed into the archive.
-                let file = File::options()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)?;
-                let mut header = tar::Header::new_gnu();
-                header.set_size(file.metadata()?.len());
-                header.set_mode(0o644);
-                header.set_mtime(0);
-                header.set_entry_type(tar::EntryType::Regular);
-                builder.append_data(&mut header, &name, file)?;
-            }
-            builder
-                .into_inner()?
-                .into_inner()
-                .map_err(|e| e.into_error())?;
-        }
-        temp.as_file().sync_all()?;
-        temp.persist(&self.file).map_err(|e| e.error)?;
-        if let Some(dir) = dir {
-            File::open(dir)?.sync_all()?;
-        }
-        std::fs::remove_dir_all(&self.staging_path)
-    }
-}
-
-/// A named temporary file beside `file`, so the rename stays on one file system.
-fn tempfile_in(dir: &Path, file: &Path) -> io::Result<tempfile::NamedTempFile> {
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}.sarde-tmp-"))
-        .tempfile_in(dir)
 }
 
 /// Every regular file of the archive by its normalised path.
@@ -271,6 +190,24 @@ fn index_entries(file: &Path) -> io::Result<Entries> {
     Ok(entries)
 }
 
+/// Refuses a manifest whose bytes are not its digest.
+fn check_manifest(
+    archive: &OciArchiveTransport,
+    manifest: &RawManifest,
+) -> Result<(), TransportError> {
+    let actual = Digest::sha256_of(&manifest.bytes);
+    if actual == manifest.digest {
+        return Ok(());
+    }
+    Err(TransportError::Mismatch {
+        location: archive.location(),
+        object: "a manifest (nothing stored)".to_string(),
+        what: "digest",
+        expected: manifest.digest.to_string(),
+        actual: actual.to_string(),
+    })
+}
+
 /// A manifest's media type from its own `mediaType`, or its shape.
 fn own_media_type(bytes: &[u8]) -> String {
     let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
@@ -281,7 +218,7 @@ fn own_media_type(bytes: &[u8]) -> String {
     }
 }
 
-fn blob_name(digest: &Digest) -> String {
+pub(crate) fn blob_name(digest: &Digest) -> String {
     format!("blobs/{}/{}", digest.algorithm().name(), digest.hex())
 }
 
@@ -303,7 +240,18 @@ impl Transport for OciArchiveTransport {
         reference: &str,
     ) -> Result<RawManifest, TransportError> {
         if self.writing() {
-            return self.staging.get_manifest(repository, reference).await;
+            // What this run wrote so far (by digest), nothing of the archive
+            // being replaced.
+            let guard = self.writer.lock().await;
+            let written = reference
+                .parse::<Digest>()
+                .ok()
+                .and_then(|d| guard.as_ref()?.manifest(&d).cloned());
+            return written.ok_or_else(|| TransportError::ManifestUnknown {
+                location: self.location(),
+                repository: repository.to_string(),
+                reference: reference.to_string(),
+            });
         }
         let index = self.index()?;
         let by_digest = reference.parse::<Digest>().ok();
@@ -382,36 +330,45 @@ impl Transport for OciArchiveTransport {
 
     async fn put_manifest(
         &self,
-        repository: &str,
+        _repository: &str,
         reference: &str,
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
-        self.prepare_staging()?;
-        self.staging
-            .put_manifest(repository, reference, manifest)
-            .await
+        check_manifest(self, manifest)?;
+        let tag = reference.parse::<Digest>().is_err().then_some(reference);
+        let mut guard = self.writer().await?;
+        let writer = guard.as_mut().expect("started above");
+        writer
+            .add_manifest(manifest, true, tag)
+            .map_err(|e| self.io_error("writing a manifest", e))
     }
 
     async fn put_child_manifest(
         &self,
-        repository: &str,
+        _repository: &str,
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
-        self.prepare_staging()?;
-        self.staging.put_child_manifest(repository, manifest).await
+        check_manifest(self, manifest)?;
+        let mut guard = self.writer().await?;
+        let writer = guard.as_mut().expect("started above");
+        writer
+            .add_manifest(manifest, false, None)
+            .map_err(|e| self.io_error("writing a manifest", e))
     }
 
-    /// Packs the staged layout into the archive (a temporary file renamed over
-    /// FILE): only now does the archive change.
+    /// Ends the tar and renames it over FILE: only now does the archive change.
     async fn finish_image(
         &self,
         _repository: &str,
         _reference: &str,
     ) -> Result<(), TransportError> {
-        if !self.writing() {
+        let Some(writer) = self.writer.lock().await.take() else {
             return Ok(());
-        }
-        self.pack()
+        };
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || writer.finish(&file))
+            .await
+            .map_err(|e| self.io_error("writing the archive", io::Error::other(e)))?
             .map_err(|e| self.io_error("writing the archive", e))
     }
 
@@ -426,11 +383,14 @@ impl Transport for OciArchiveTransport {
 
     async fn blob_exists(
         &self,
-        repository: &str,
+        _repository: &str,
         blob: &Descriptor,
     ) -> Result<bool, TransportError> {
         if self.writing() {
-            return self.staging.blob_exists(repository, blob).await;
+            let guard = self.writer.lock().await;
+            return Ok(guard
+                .as_ref()
+                .is_some_and(|w| w.has(&blob.digest, blob.size)));
         }
         Ok(self
             .entries()?
@@ -469,14 +429,34 @@ impl Transport for OciArchiveTransport {
         Ok(Box::pin(file.take(size - offset)))
     }
 
+    /// One blob at a time: the sink holds the writer until the blob is in.
+    async fn start_blob_write<'a>(
+        &'a self,
+        _repository: &str,
+        blob: &Descriptor,
+    ) -> Result<BlobWrite<'a>, TransportError> {
+        let guard = self.writer().await?;
+        let writer = guard.as_ref().expect("started above");
+        if writer.has(&blob.digest, blob.size) {
+            return Ok(BlobWrite::Present { linked: false });
+        }
+        Ok(BlobWrite::Write(Box::new(ArchiveSink {
+            writer: guard,
+            blob: blob.clone(),
+            location: self.file.clone(),
+        })))
+    }
+
     async fn put_blob(
         &self,
         repository: &str,
         blob: &Descriptor,
         data: BlobReader,
     ) -> Result<(), TransportError> {
-        self.prepare_staging()?;
-        self.staging.put_blob(repository, blob, data).await
+        match self.start_blob_write(repository, blob).await? {
+            BlobWrite::Present { .. } => Ok(()),
+            BlobWrite::Write(mut sink) => sink.write(data).await,
+        }
     }
 }
 
@@ -545,10 +525,11 @@ mod tests {
         let file = dir.path().join("image.tar");
         let (raw, layer) = write_image(&OciArchiveTransport::new(&file), "v1").await;
         assert!(file.is_file());
-        assert!(
-            !dir.path().join(".image.tar.sarde-staging").exists(),
-            "staging left"
-        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["image.tar"], "only the archive is left");
 
         let reader = OciArchiveTransport::new(&file);
         let got = reader.get_manifest("", "v1").await.unwrap();

@@ -332,6 +332,10 @@ impl BlobSink for PartialBlob {
         self.have
     }
 
+    fn verifies_digest(&self) -> bool {
+        true
+    }
+
     async fn write(&mut self, mut data: BlobReader) -> Result<(), TransportError> {
         if self.file.is_none() {
             return Ok(());

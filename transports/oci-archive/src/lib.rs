@@ -7,10 +7,10 @@
 //!
 //! - Reading never unpacks: the tar's headers are indexed once (`tar` seeks past
 //!   the data), and a blob is streamed from its offset in the file.
-//! - Writing streams one tar into a temporary file beside FILE, blob by blob as
-//!   the copy engine sends them, verified on the way, and renames it over FILE
-//!   when the image is complete (`finish_image`): the archive is complete or
-//!   absent (see `writer.rs`). A write replaces what FILE held before, as
+//! - Writing streams one tar into a temporary file beside FILE, several blobs at
+//!   once into regions reserved for them, verified on the way, and renames it
+//!   over FILE when the image is complete (`finish_image`): the archive is
+//!   complete or absent (see `writer.rs`). A write replaces what FILE held before, as
 //!   skopeo's does; an interrupted one starts over.
 
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, Tra
 
 mod writer;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use writer::{ArchiveSink, ArchiveWriter};
+use writer::{ArchiveSink, ArchiveWriter, SharedWriter};
 
 /// The URL scheme of this transport, as in skopeo.
 pub const SCHEME: &str = "oci-archive";
@@ -78,8 +78,8 @@ pub struct OciArchiveTransport {
     /// Set once the operation declared a push: then what this run wrote is
     /// what the destination "has", not the archive being replaced.
     writing: AtomicBool,
-    /// The archive being written; a blob's sink holds it while it streams.
-    writer: Arc<tokio::sync::Mutex<Option<ArchiveWriter>>>,
+    /// The archive being written.
+    writer: SharedWriter,
     entries: OnceLock<Result<Entries, String>>,
 }
 
@@ -97,19 +97,21 @@ impl OciArchiveTransport {
         self.writing.load(Ordering::Relaxed)
     }
 
-    /// The writer, started on first use.
-    async fn writer(
+    /// Runs `work` on the writer, started on first use.
+    fn with_writer<T>(
         &self,
-    ) -> Result<tokio::sync::OwnedMutexGuard<Option<ArchiveWriter>>, TransportError> {
+        work: impl FnOnce(&mut ArchiveWriter) -> io::Result<T>,
+    ) -> Result<T, TransportError> {
         self.writing.store(true, Ordering::Relaxed);
-        let mut guard = self.writer.clone().lock_owned().await;
+        let mut guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
             *guard = Some(
                 ArchiveWriter::create(&self.file)
                     .map_err(|e| self.io_error("creating the archive's temporary file", e))?,
             );
         }
-        Ok(guard)
+        work(guard.as_mut().expect("started above"))
+            .map_err(|e| self.io_error("writing the archive", e))
     }
 
     fn io_error(&self, context: &str, source: io::Error) -> TransportError {
@@ -242,7 +244,7 @@ impl Transport for OciArchiveTransport {
         if self.writing() {
             // What this run wrote so far (by digest), nothing of the archive
             // being replaced.
-            let guard = self.writer.lock().await;
+            let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             let written = reference
                 .parse::<Digest>()
                 .ok()
@@ -336,11 +338,7 @@ impl Transport for OciArchiveTransport {
     ) -> Result<(), TransportError> {
         check_manifest(self, manifest)?;
         let tag = reference.parse::<Digest>().is_err().then_some(reference);
-        let mut guard = self.writer().await?;
-        let writer = guard.as_mut().expect("started above");
-        writer
-            .add_manifest(manifest, true, tag)
-            .map_err(|e| self.io_error("writing a manifest", e))
+        self.with_writer(|w| w.add_manifest(manifest, true, tag))
     }
 
     async fn put_child_manifest(
@@ -349,11 +347,7 @@ impl Transport for OciArchiveTransport {
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
         check_manifest(self, manifest)?;
-        let mut guard = self.writer().await?;
-        let writer = guard.as_mut().expect("started above");
-        writer
-            .add_manifest(manifest, false, None)
-            .map_err(|e| self.io_error("writing a manifest", e))
+        self.with_writer(|w| w.add_manifest(manifest, false, None))
     }
 
     /// Ends the tar and renames it over FILE: only now does the archive change.
@@ -362,7 +356,8 @@ impl Transport for OciArchiveTransport {
         _repository: &str,
         _reference: &str,
     ) -> Result<(), TransportError> {
-        let Some(writer) = self.writer.lock().await.take() else {
+        let taken = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(writer) = taken else {
             return Ok(());
         };
         let file = self.file.clone();
@@ -387,7 +382,7 @@ impl Transport for OciArchiveTransport {
         blob: &Descriptor,
     ) -> Result<bool, TransportError> {
         if self.writing() {
-            let guard = self.writer.lock().await;
+            let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             return Ok(guard
                 .as_ref()
                 .is_some_and(|w| w.has(&blob.digest, blob.size)));
@@ -420,28 +415,35 @@ impl Transport for OciArchiveTransport {
                 actual: size.to_string(),
             });
         }
-        let mut file = tokio::fs::File::open(&self.file)
-            .await
-            .map_err(|e| self.io_error("opening", e))?;
+        let file = File::open(&self.file).map_err(|e| self.io_error("opening", e))?;
+        sarde_api::writeback::read_ahead(&file, start + offset, size - offset);
+        let mut file = tokio::fs::File::from_std(file);
         file.seek(SeekFrom::Start(start + offset))
             .await
             .map_err(|e| self.io_error("seeking to a blob", e))?;
         Ok(Box::pin(file.take(size - offset)))
     }
 
-    /// One blob at a time: the sink holds the writer until the blob is in.
+    /// A region of the archive for the blob: several stream at once.
     async fn start_blob_write<'a>(
         &'a self,
         _repository: &str,
         blob: &Descriptor,
     ) -> Result<BlobWrite<'a>, TransportError> {
-        let guard = self.writer().await?;
-        let writer = guard.as_ref().expect("started above");
-        if writer.has(&blob.digest, blob.size) {
+        let name = blob_name(&blob.digest);
+        let region = self.with_writer(|w| {
+            if w.has(&blob.digest, blob.size) {
+                return Ok(None);
+            }
+            Ok(Some((w.reserve(&name, blob.size)?, w.file())))
+        })?;
+        let Some((start, file)) = region else {
             return Ok(BlobWrite::Present { linked: false });
-        }
+        };
         Ok(BlobWrite::Write(Box::new(ArchiveSink {
-            writer: guard,
+            shared: self.writer.clone(),
+            file,
+            start,
             blob: blob.clone(),
             location: self.file.clone(),
         })))

@@ -1,18 +1,20 @@
-//! Writing an archive: one tar stream into a temporary file beside FILE, each
-//! blob appended as it arrives, verified by size and digest on the way (a wrong
-//! one is cut off again, the file truncated to where its entry began);
-//! `oci-layout` and `index.json` go last, when the copy engine says the image is
-//! complete, and the file is renamed over FILE: the archive is whole or absent.
+//! Writing an archive: one tar into a temporary file beside FILE. Each blob's
+//! entry is reserved at the end of the file when its sink opens (its size is
+//! known), so several blobs stream into their own regions at once, verified by
+//! size and digest on the way; `oci-layout` and `index.json` go last, when the
+//! copy engine says the image is complete, and the file is renamed over FILE:
+//! the archive is whole or absent. A region whose blob never arrived fails the
+//! finish: no archive with a hole is ever renamed into place.
 //!
-//! One blob is written at a time: its sink holds the writer, so the copy engine
-//! opens a blob's source only when the archive can take it (a registry stream
-//! never waits idle). Nothing is staged and nothing is written twice; an
-//! interrupted write starts over (the temporary file goes with the process).
+//! Nothing is staged and nothing is written twice; an interrupted write starts
+//! over (the temporary file goes with the process).
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use sarde_api::oci::{Descriptor, ImageIndex, media_types};
@@ -20,24 +22,39 @@ use sarde_api::transport::{BlobReader, BlobSink, RawManifest};
 use sarde_api::{Digest, TransportError};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
-use tokio::sync::OwnedMutexGuard;
 
 /// Bytes read per write.
 const CHUNK: usize = 1 << 20;
 const BLOCK: u64 = 512;
 
+/// The bytes an entry of `size` takes: its header, its data, the padding.
+fn entry_len(size: u64) -> u64 {
+    BLOCK + size.div_ceil(BLOCK) * BLOCK
+}
+
 /// The archive being written.
 pub(crate) struct ArchiveWriter {
     temp: tempfile::NamedTempFile,
-    /// The end of the last complete entry.
+    file: Arc<File>,
+    /// The end of the last reserved entry.
     end: u64,
-    /// Entries written, by name.
-    written: HashMap<String, u64>,
+    /// Entries by name: where they start, their size, and whether complete.
+    entries: HashMap<String, Entry>,
     /// Manifests written in this session, by digest.
     manifests: HashMap<Digest, RawManifest>,
     /// The images `index.json` lists.
     index: ImageIndex,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    start: u64,
+    size: u64,
+    complete: bool,
+}
+
+/// The writer as the transport and its sinks share it.
+pub(crate) type SharedWriter = Arc<Mutex<Option<ArchiveWriter>>>;
 
 impl ArchiveWriter {
     /// A new, empty tar file beside `file`.
@@ -53,73 +70,79 @@ impl ArchiveWriter {
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}.sarde-tmp-"))
             .tempfile_in(dir)?;
+        let file = Arc::new(temp.as_file().try_clone()?);
         Ok(ArchiveWriter {
             temp,
+            file,
             end: 0,
-            written: HashMap::new(),
+            entries: HashMap::new(),
             manifests: HashMap::new(),
             index: ImageIndex::default(),
         })
     }
 
     pub(crate) fn has(&self, digest: &Digest, size: u64) -> bool {
-        self.written.get(&crate::blob_name(digest)) == Some(&size)
+        self.entries
+            .get(&crate::blob_name(digest))
+            .is_some_and(|e| e.complete && e.size == size)
+    }
+
+    /// The temporary file, for a sink's positional writes.
+    pub(crate) fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     pub(crate) fn manifest(&self, digest: &Digest) -> Option<&RawManifest> {
         self.manifests.get(digest)
     }
 
-    fn file(&mut self) -> &mut File {
-        self.temp.as_file_mut()
+    /// The region of entry `name` (reserved now at the end, or the one an
+    /// earlier attempt reserved).
+    pub(crate) fn reserve(&mut self, name: &str, size: u64) -> io::Result<u64> {
+        if let Some(entry) = self.entries.get(name) {
+            if entry.size != size {
+                return Err(io::Error::other(format!(
+                    "{name} was announced with {} bytes, now with {size}",
+                    entry.size
+                )));
+            }
+            return Ok(entry.start);
+        }
+        let start = self.end;
+        self.end += entry_len(size);
+        self.entries.insert(
+            name.to_string(),
+            Entry {
+                start,
+                size,
+                complete: false,
+            },
+        );
+        Ok(start)
     }
 
-    /// Starts the entry `name` of `size` bytes at the end.
-    fn header(&mut self, name: &str, size: u64) -> io::Result<()> {
-        let mut header = tar::Header::new_gnu();
-        header.set_path(name)?;
-        header.set_size(size);
-        header.set_mode(0o644);
-        header.set_mtime(0);
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_cksum();
-        let end = self.end;
-        let file = self.file();
-        file.seek(SeekFrom::Start(end))?;
-        file.write_all(header.as_bytes())
-    }
-
-    /// Pads the entry just written to a whole block and counts it as complete.
-    fn close_entry(&mut self, name: &str, size: u64) -> io::Result<()> {
-        let padding = (BLOCK - size % BLOCK) % BLOCK;
-        self.file().write_all(&vec![0u8; padding as usize])?;
-        self.end += BLOCK + size + padding;
-        self.written.insert(name.to_string(), size);
-        Ok(())
-    }
-
-    /// Cuts off an entry that did not complete.
-    fn abandon_entry(&mut self) {
-        let end = self.end;
-        let file = self.file();
-        let _ = file
-            .set_len(end)
-            .and_then(|()| file.seek(SeekFrom::Start(end)));
+    fn complete(&mut self, name: &str) {
+        if let Some(entry) = self.entries.get_mut(name) {
+            entry.complete = true;
+        }
     }
 
     /// An entry from bytes in memory (manifests, `index.json`).
     fn add_bytes(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        if self.written.get(name) == Some(&(bytes.len() as u64)) {
+        let size = bytes.len() as u64;
+        if self
+            .entries
+            .get(name)
+            .is_some_and(|e| e.complete && e.size == size)
+        {
             return Ok(());
         }
-        let result = self
-            .header(name, bytes.len() as u64)
-            .and_then(|()| self.file().write_all(bytes))
-            .and_then(|()| self.close_entry(name, bytes.len() as u64));
-        if result.is_err() {
-            self.abandon_entry();
-        }
-        result
+        let start = self.reserve(name, size)?;
+        write_header(&self.file, start, name, size)?;
+        self.file.write_all_at(bytes, start + BLOCK)?;
+        write_padding(&self.file, start, size)?;
+        self.complete(name);
+        Ok(())
     }
 
     /// Stores a manifest's bytes; `listed` adds it to `index.json` under `tag`
@@ -155,15 +178,22 @@ impl ArchiveWriter {
         Ok(())
     }
 
-    /// Ends the tar stream with the layout's own files, syncs it and renames it
-    /// over `file`.
+    /// Ends the tar with the layout's own files, syncs it and renames it over
+    /// `file`; refused while a reserved entry is incomplete.
     pub(crate) fn finish(mut self, file: &Path) -> io::Result<()> {
+        if let Some((name, _)) = self.entries.iter().find(|(_, e)| !e.complete) {
+            return Err(io::Error::other(format!(
+                "{name} never arrived: the archive is not written"
+            )));
+        }
         self.add_bytes("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         let index = serde_json::to_vec(&self.index).map_err(io::Error::other)?;
         self.add_bytes("index.json", &index)?;
         // The end of a tar: two zero blocks.
-        self.file().write_all(&[0u8; 2 * BLOCK as usize])?;
-        self.file().sync_all()?;
+        self.file
+            .write_all_at(&[0u8; 2 * BLOCK as usize], self.end)?;
+        self.temp.as_file_mut().flush()?;
+        self.file.sync_all()?;
         self.temp.persist(file).map_err(|e| e.error)?;
         if let Some(dir) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
             File::open(dir)?.sync_all()?;
@@ -172,9 +202,28 @@ impl ArchiveWriter {
     }
 }
 
-/// One blob appended to the archive; holds the writer until dropped.
+fn write_header(file: &File, start: u64, name: &str, size: u64) -> io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path(name)?;
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    file.write_all_at(header.as_bytes(), start)
+}
+
+/// Zeros from the end of the data to the end of its last block.
+fn write_padding(file: &File, start: u64, size: u64) -> io::Result<()> {
+    let padding = (BLOCK - size % BLOCK) % BLOCK;
+    file.write_all_at(&vec![0u8; padding as usize], start + BLOCK + size)
+}
+
+/// One blob streamed into its region of the archive.
 pub(crate) struct ArchiveSink {
-    pub(crate) writer: OwnedMutexGuard<Option<ArchiveWriter>>,
+    pub(crate) shared: SharedWriter,
+    pub(crate) file: Arc<File>,
+    pub(crate) start: u64,
     pub(crate) blob: Descriptor,
     pub(crate) location: PathBuf,
 }
@@ -190,55 +239,12 @@ impl ArchiveSink {
         }
     }
 
-    async fn append(&mut self, data: &mut BlobReader) -> Result<(), TransportError> {
-        let name = crate::blob_name(&self.blob.digest);
-        let size = self.blob.size;
-        let location = self.location.display().to_string();
-        let io_error = |context: String| {
-            let location = location.clone();
-            move |source| TransportError::Io {
-                location,
-                context,
-                source,
-            }
-        };
-        let writer = self.writer.as_mut().expect("a sink holds an open writer");
-        writer
-            .header(&name, size)
-            .map_err(io_error(format!("writing the entry of {name}")))?;
-        let mut hasher = Sha256::new();
-        let mut have = 0u64;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = data
-                .read(&mut buf)
-                .await
-                .map_err(io_error(format!("reading blob {}", self.blob.digest)))?;
-            if n == 0 {
-                break;
-            }
-            if have + n as u64 > size {
-                return Err(self.error("size", size.to_string(), format!("more than {size}")));
-            }
-            let writer = self.writer.as_mut().expect("a sink holds an open writer");
-            writer
-                .file()
-                .write_all(&buf[..n])
-                .map_err(io_error(format!("writing {name}")))?;
-            hasher.update(&buf[..n]);
-            have += n as u64;
+    fn io_error(&self, context: String) -> impl FnOnce(io::Error) -> TransportError + '_ {
+        move |source| TransportError::Io {
+            location: self.location.display().to_string(),
+            context,
+            source,
         }
-        if have != size {
-            return Err(self.error("size", size.to_string(), have.to_string()));
-        }
-        let actual = Digest::from_sha256(hasher.finalize().into());
-        if actual != self.blob.digest {
-            return Err(self.error("digest", self.blob.digest.to_string(), actual.to_string()));
-        }
-        let writer = self.writer.as_mut().expect("a sink holds an open writer");
-        writer
-            .close_entry(&name, size)
-            .map_err(io_error(format!("writing {name}")))
     }
 }
 
@@ -253,12 +259,43 @@ impl BlobSink for ArchiveSink {
     }
 
     async fn write(&mut self, mut data: BlobReader) -> Result<(), TransportError> {
-        let result = self.append(&mut data).await;
-        if result.is_err() {
-            if let Some(writer) = self.writer.as_mut() {
-                writer.abandon_entry();
+        let name = crate::blob_name(&self.blob.digest);
+        let size = self.blob.size;
+        write_header(&self.file, self.start, &name, size)
+            .map_err(self.io_error(format!("writing the entry of {name}")))?;
+        let mut hasher = Sha256::new();
+        let mut have = 0u64;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = data
+                .read(&mut buf)
+                .await
+                .map_err(self.io_error(format!("reading blob {}", self.blob.digest)))?;
+            if n == 0 {
+                break;
             }
+            if have + n as u64 > size {
+                return Err(self.error("size", size.to_string(), format!("more than {size}")));
+            }
+            self.file
+                .write_all_at(&buf[..n], self.start + BLOCK + have)
+                .map_err(self.io_error(format!("writing {name}")))?;
+            hasher.update(&buf[..n]);
+            have += n as u64;
         }
-        result
+        if have != size {
+            return Err(self.error("size", size.to_string(), have.to_string()));
+        }
+        let actual = Digest::from_sha256(hasher.finalize().into());
+        if actual != self.blob.digest {
+            return Err(self.error("digest", self.blob.digest.to_string(), actual.to_string()));
+        }
+        write_padding(&self.file, self.start, size)
+            .map_err(self.io_error(format!("writing {name}")))?;
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(writer) = shared.as_mut() {
+            writer.complete(&name);
+        }
+        Ok(())
     }
 }

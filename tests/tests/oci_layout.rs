@@ -467,3 +467,117 @@ fn an_image_named_by_its_transport_is_cached_under_a_name_made_of_it() {
     let err = fails(sarde(runner.path()).args(["push", &format!("oci:{}:v7", dir.display())]));
     assert!(err.contains("sarde copy"), "{err}");
 }
+
+/// The partial blob files of a layout directory, with their lengths.
+fn layout_partials(dir: &Path) -> Vec<(String, u64)> {
+    std::fs::read_dir(dir.join("blobs/sha256"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let len = e.metadata().ok()?.len();
+            name.starts_with(".partial-").then_some((name, len))
+        })
+        .collect()
+}
+
+#[test]
+fn a_copy_into_a_directory_killed_mid_blob_resumes_inside_it() {
+    use sarde_e2e::cache::PushedVm;
+    if !enabled("a_copy_into_a_directory_killed_mid_blob_resumes_inside_it")
+        || !registry_tests_enabled("a_copy_into_a_directory_killed_mid_blob_resumes_inside_it")
+    {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let source = PushedVm::new(
+        &registry,
+        "layout/killed",
+        48,
+        &["--chunksize", "16MiB", "--codec", "raw"],
+    );
+    let blobs = source.cached().blobs();
+    let total: u64 = blobs.iter().map(|b| b.size).sum();
+    let home = vm::workdir();
+    let work = vm::workdir();
+    // Killed (SIGKILL: no cleanup of its own) once more than 1 MiB of a blob is in.
+    let mut attempt = 0;
+    let (dir, partial) = loop {
+        attempt += 1;
+        assert!(attempt <= 5, "never caught the copy mid-blob in 5 attempts");
+        let dir = work.path().join(format!("out-{attempt}"));
+        let mut child = sarde(home.path())
+            .args(["copy", "-q", "--concurrency", "1", "--insecure"])
+            .arg(&source.image)
+            .arg(format!("oci:{}:v1", dir.display()))
+            .spawn()
+            .expect("sarde copy starts");
+        let started = std::time::Instant::now();
+        let caught = loop {
+            if layout_partials(&dir).iter().any(|(_, len)| *len > MIB) {
+                break true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            assert!(
+                started.elapsed().as_secs() < 120,
+                "nothing written in 120 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if !caught {
+            continue;
+        }
+        let partials = layout_partials(&dir);
+        if let [(_, len)] = partials.as_slice() {
+            break (dir, *len);
+        }
+    };
+    let tags_now = std::fs::read_to_string(dir.join("index.json"))
+        .map(|t| json(&t))
+        .unwrap_or_default();
+    let tagged_v1 = tags_now["manifests"].as_array().is_some_and(|m| {
+        m.iter()
+            .any(|d| d["annotations"]["org.opencontainers.image.ref.name"] == "v1")
+    });
+    assert!(!tagged_v1, "tagged after a killed copy: {tags_now}");
+    // Again: only what is missing moves, the kept bytes included in the check.
+    let again = json(&ok(sarde(home.path()).args([
+        "copy",
+        "--format",
+        "json",
+        "--insecure",
+        &source.image,
+        &format!("oci:{}:v1", dir.display()),
+    ])));
+    let received = again["bytes_received"].as_u64().unwrap();
+    assert!(
+        received + partial <= total + 64 * 1024,
+        "received {received} of {total} with {partial} kept: {again}"
+    );
+    assert!(layout_partials(&dir).is_empty(), "a partial file is left");
+    assert!(tagged(&dir, "v1").starts_with("sha256:"));
+    // skopeo reads the resumed directory, every blob verified.
+    let check = work.path().join("check");
+    skopeo(&[
+        "copy",
+        &format!("oci:{}:v1", dir.display()),
+        &format!("oci:{}:v1", check.display()),
+    ]);
+    // And once more: the manifest only.
+    let once_more = json(&ok(sarde(home.path()).args([
+        "copy",
+        "--format",
+        "json",
+        "--insecure",
+        &source.image,
+        &format!("oci:{}:v1", dir.display()),
+    ])));
+    assert_eq!(once_more["manifest_only"], true, "{once_more}");
+    assert_eq!(once_more["blobs_transferred"], 0, "{once_more}");
+}

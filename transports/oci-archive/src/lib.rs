@@ -415,9 +415,9 @@ impl Transport for OciArchiveTransport {
                 actual: size.to_string(),
             });
         }
-        let file = File::open(&self.file).map_err(|e| self.io_error("opening", e))?;
-        sarde_api::writeback::read_ahead(&file, start + offset, size - offset);
-        let mut file = tokio::fs::File::from_std(file);
+        let mut file = tokio::fs::File::open(&self.file)
+            .await
+            .map_err(|e| self.io_error("opening", e))?;
         file.seek(SeekFrom::Start(start + offset))
             .await
             .map_err(|e| self.io_error("seeking to a blob", e))?;

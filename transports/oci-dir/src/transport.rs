@@ -485,7 +485,6 @@ impl Transport for OciDirTransport {
                 let mut file = layout
                     .open_blob(&descriptor)
                     .map_err(|e| this.error(&repository, e))?;
-                sarde_api::writeback::read_ahead(&file, offset, descriptor.size - offset);
                 file.seek(SeekFrom::Start(offset))
                     .map_err(|source| TransportError::Io {
                         location: this.location(),

@@ -84,10 +84,18 @@ pub fn define_vm(
     Ok(disk)
 }
 
-/// Empties the page cache so every run reads from the disk (root only; best effort).
+/// Empties the page cache so every run reads from the disk, and lets the system
+/// settle (root only; best effort).
 pub fn drop_caches() {
     let _ = Command::new("sync").status();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    // Let the kernel finish what the previous step left it (reclaim,
+    // compaction, write-back of metadata) before the clock starts: on this
+    // shared machine the first command after a burst of I/O otherwise pays
+    // several seconds of system time for it (seen: the same archive pull took
+    // 7.1 s right after a benchmark run and 1.8–2.7 s in the next three).
+    let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+    std::thread::sleep(std::time::Duration::from_secs(2));
 }
 
 /// Waits for `child` with `wait4` (std's `Child` never waits for it), retrying on

@@ -113,6 +113,17 @@ impl ImageLocation {
         }
     }
 
+    /// The image a pull imports before the pull has named it (an image of
+    /// another transport, named once its digest is read): [`Engine::pull`]
+    /// sets it.
+    pub fn pending(ocidir: &OciDir) -> ImageLocation {
+        ImageLocation {
+            layout: ocidir.root().to_path_buf(),
+            reference: String::new(),
+            name: String::new(),
+        }
+    }
+
     /// `--raw`: `DIR[:TAG]` names a layout directory directly (tag `latest` when
     /// omitted), as the Python tool's `--raw` did.
     pub fn raw(spec: &str) -> ImageLocation {

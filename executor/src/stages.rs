@@ -326,14 +326,7 @@ async fn source_vm(
         return pull_source_vm(engine, source, None).await;
     };
     let location = ImageLocation::cached(&engine.ocidir, image);
-    let import = sarde_engine::import::ImportRequest {
-        image: location.clone(),
-        name: None,
-        replace: false,
-        allow_unsafe_xml: false,
-        incoming: None,
-        imported_by: Some(crate::EXECUTOR_NAME.to_string()),
-    };
+    let import = base_import(location.clone());
     let cached = engine
         .layout(&location)
         .is_ok_and(|l| l.resolve(&location.reference).is_ok());
@@ -360,24 +353,24 @@ async fn source_vm(
     }
 }
 
-async fn pull_source_vm(
-    engine: &Engine,
-    source: &RemoteReference,
-    name: Option<&ImageReference>,
-) -> Result<(String, ImageReference), StageError> {
-    let import = sarde_engine::import::ImportRequest {
-        // Set by the pull once the name is known.
-        image: ImageLocation {
-            layout: engine.ocidir.root().to_path_buf(),
-            reference: String::new(),
-            name: String::new(),
-        },
+/// The import of a base VM: under the image id, recorded as the executor's.
+fn base_import(image: ImageLocation) -> sarde_engine::import::ImportRequest {
+    sarde_engine::import::ImportRequest {
+        image,
         name: None,
         replace: false,
         allow_unsafe_xml: false,
         incoming: None,
         imported_by: Some(crate::EXECUTOR_NAME.to_string()),
-    };
+    }
+}
+
+async fn pull_source_vm(
+    engine: &Engine,
+    source: &RemoteReference,
+    name: Option<&ImageReference>,
+) -> Result<(String, ImageReference), StageError> {
+    let import = base_import(ImageLocation::pending(&engine.ocidir));
     let pulled = engine
         .pull(source, name, import, std::sync::Arc::new(NoProgress))
         .await

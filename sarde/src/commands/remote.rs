@@ -92,11 +92,7 @@ fn engine_and_source(
 fn pending_location(engine: &Engine, name: Option<&ImageReference>) -> sarde_engine::ImageLocation {
     match name {
         Some(image) => sarde_engine::ImageLocation::cached(&engine.ocidir, image),
-        None => sarde_engine::ImageLocation {
-            layout: engine.ocidir.root().to_path_buf(),
-            reference: String::new(),
-            name: String::new(),
-        },
+        None => sarde_engine::ImageLocation::pending(&engine.ocidir),
     }
 }
 

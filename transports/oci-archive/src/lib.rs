@@ -435,14 +435,15 @@ impl Transport for OciArchiveTransport {
             if w.has(&blob.digest, blob.size) {
                 return Ok(None);
             }
-            Ok(Some((w.reserve(&name, blob.size)?, w.file())))
+            Ok(Some((w.reserve(&name, blob.size)?, w.file(), w.direct())))
         })?;
-        let Some((start, file)) = region else {
+        let Some((start, file, direct)) = region else {
             return Ok(BlobWrite::Present { linked: false });
         };
         Ok(BlobWrite::Write(Box::new(ArchiveSink {
             shared: self.writer.clone(),
             file,
+            direct,
             start,
             blob: blob.clone(),
             location: self.file.clone(),

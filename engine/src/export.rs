@@ -30,7 +30,8 @@ pub struct ExportRequest {
     pub image: ImageLocation,
     /// Uncompressed piece size (native) or compressed piece size (v1).
     pub chunksize: u64,
-    pub codec: String,
+    /// The codec; `None`: the format's own (zstd native, gzip v1).
+    pub codec: Option<String>,
     pub level: Option<i32>,
     pub format: Format,
     /// Export even though the VM runs (its disks may be inconsistent).
@@ -68,6 +69,8 @@ struct SourceFile {
 impl Engine {
     /// Exports a VM; prints nothing, returns what was made.
     pub fn export(&self, request: &ExportRequest) -> Result<ExportOutcome> {
+        // Every argument is checked before anything is written.
+        let codec = self.export_codec(request)?;
         let xml = self.source_xml(request)?;
         let exported = sarde_domain::prepare_export(&xml)?;
         let files = collect_files(&exported)?;
@@ -94,7 +97,6 @@ impl Engine {
             os: exported.os.clone(),
             created: sarde_format::rfc3339(newest),
         };
-        let codec = self.registry.codec(&request.codec)?;
         let mut outcome = ExportOutcome {
             image_id: xml_layer.digest.clone(),
             manifest: xml_layer.digest.clone(),
@@ -122,12 +124,6 @@ impl Engine {
                 native::build(&meta, &xml_layer, json_layer.as_ref(), &stored)?
             }
             Format::V1 => {
-                if codec.media_type_suffix() != Some("+gzip") {
-                    return Err(EngineError::Refused(format!(
-                        "the v1 format stores gzip streams; use --codec gzip with --format v1 (not {})",
-                        codec.name()
-                    )));
-                }
                 let mut stored = Vec::new();
                 for file in &files {
                     tracing::info!(file = %file.path.display(), name = %file.spec.name, "exporting (v1)");
@@ -240,6 +236,23 @@ impl Engine {
             spec: file.spec.clone(),
             pieces,
         })
+    }
+
+    /// The codec of the request, or the format's: v1 images hold gzip
+    /// streams only (what the Python tool reads).
+    fn export_codec(&self, request: &ExportRequest) -> Result<std::sync::Arc<dyn Codec>> {
+        let name = request.codec.as_deref().unwrap_or(match request.format {
+            Format::Native => "zstd",
+            Format::V1 => "gzip",
+        });
+        let codec = self.registry.codec(name)?;
+        if request.format == Format::V1 && codec.media_type_suffix() != Some("+gzip") {
+            return Err(EngineError::Refused(format!(
+                "the v1 format stores gzip streams only: drop --codec {} (v1 uses gzip), or export the native format",
+                codec.name()
+            )));
+        }
+        Ok(codec)
     }
 
     fn export_v1_file(

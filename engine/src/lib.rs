@@ -104,13 +104,35 @@ pub struct ImageLocation {
 }
 
 impl ImageLocation {
-    /// An image of the cache: `<ocidir>/<host[:port]>/<path>`, by tag or digest.
+    /// An image of the cache by tag or digest, where the cache holds it (see
+    /// [`OciDir::locate`]: also a layout the Python tool wrote), else where it
+    /// is written.
     pub fn cached(ocidir: &OciDir, image: &ImageReference) -> ImageLocation {
+        let (layout, reference) = ocidir.locate(image);
+        ImageLocation {
+            layout,
+            reference,
+            name: image.to_string(),
+        }
+    }
+
+    /// Where a fetch or pull writes `image` into the cache: always its own
+    /// layout (a copy found elsewhere, see [`ImageLocation::cached`], lends its
+    /// blobs by link; the Python tool's `host:port` layouts are never written).
+    pub fn to_write(ocidir: &OciDir, image: &ImageReference) -> ImageLocation {
         ImageLocation {
             layout: ocidir.layout_for(image),
             reference: image.reference_for_registry(),
             name: image.to_string(),
         }
+    }
+
+    /// The repository the cache transport (`oci-dir`) names this layout by:
+    /// its path below the cache root.
+    pub fn cache_repository(&self, ocidir: &OciDir) -> Option<String> {
+        let relative = self.layout.strip_prefix(ocidir.root()).ok()?;
+        let parts: Vec<&str> = relative.iter().filter_map(|c| c.to_str()).collect();
+        (!parts.is_empty()).then(|| parts.join("/"))
     }
 
     /// The image a pull imports before the pull has named it (an image of

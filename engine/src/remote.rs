@@ -254,9 +254,12 @@ impl Engine {
         }
         // The image stays while its blobs are read and sent.
         let _lease = self.lease_image("push", &location, false)?;
+        let repository = location
+            .cache_repository(&self.ocidir)
+            .unwrap_or_else(|| cache_repository(image));
         let request = CopyRequest {
             source: self.open_cache()?,
-            repository: cache_repository(image),
+            repository,
             reference: location.reference,
             image: image.to_string(),
             destinations,
@@ -374,7 +377,7 @@ impl Engine {
                 .cache_name(source, Some(&resolved.manifest.digest))?
                 .expect("a digest always makes a name"),
         };
-        let location = ImageLocation::cached(&self.ocidir, &image);
+        let location = ImageLocation::to_write(&self.ocidir, &image);
         let lease = match self.lease_image(command, &location, false)? {
             Some(lease) => lease,
             None => sarde_lifecycle::Lease::take(self.ocidir.root(), command)

@@ -408,7 +408,11 @@ impl Settings {
             return Err(bad("port", format!("{port} is not a TCP port")));
         }
         Ok(Settings {
-            connect: get("connect").unwrap_or("qemu:///system").to_string(),
+            // Where virsh would go: LIBVIRT_DEFAULT_URI, libvirt's uri_default.
+            connect: get("connect").map_or_else(
+                || sarde_api::default_uri::libvirt_default_uri(root, home.as_deref()).uri,
+                str::to_string,
+            ),
             ocidir: get("ocidir").map(path).unwrap_or_else(|| data.join("OCI")),
             vmdir: get("vmdir").map(path).unwrap_or_else(|| data.join("VMs")),
             clonedir: get("clonedir").map(path),

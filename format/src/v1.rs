@@ -133,7 +133,7 @@ pub fn build(
     for file in files {
         diff_ids.push(file.diff_id.clone());
         history.push(history_entry(format!(
-            "gzip -6 -c {} | split (sarde export --format v1)",
+            "gzip -6 -c {} | split (sarde export --image-format v1)",
             file.name
         )));
         for (i, (digest, size)) in file.pieces.iter().enumerate() {

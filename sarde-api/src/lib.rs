@@ -12,6 +12,7 @@
 
 pub mod age;
 pub mod codec;
+pub mod default_uri;
 pub mod digest;
 pub mod hypervisor;
 pub mod limits;

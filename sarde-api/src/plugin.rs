@@ -26,7 +26,7 @@ use thiserror::Error;
 use crate::registry::{Origin, Registrar, Registry, RegistryError};
 
 /// Bumped whenever a trait or type that crosses the plugin boundary changes.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Marks a sarde plugin declaration.
 pub const MAGIC: [u8; 8] = *b"SARDEPLG";

@@ -264,14 +264,40 @@ impl ImageReference {
         out
     }
 
-    /// The path components of this image's directory in a local cache,
-    /// `<ocidir>/<host[:port]>/<path...>/`: `["host[:port]", "part", ...]`. Tags and
-    /// digests are not part of it; every component is a safe file name (no `/`, never
-    /// `.` or `..`, never empty).
+    /// The path components of this image's directory in a local cache. Where
+    /// the Python tool put it, so both tools share one cache: a Docker Hub image
+    /// at its familiar path (`<ocidir>/sardines/debian/`, `<ocidir>/debian/`), any
+    /// other at `<ocidir>/<host[:port]>/<path...>/` (the port stays in the host
+    /// directory, never a tag). Tags and digests are not part of it; every
+    /// component is a safe file name (no `/`, never `.` or `..`, never empty).
     pub fn cache_path_components(&self) -> Vec<String> {
+        if let Some(path) = self.familiar_cache_path() {
+            return path.split('/').map(str::to_string).collect();
+        }
+        self.qualified_cache_path_components()
+    }
+
+    /// `["host[:port]", "part", ...]`: where earlier sarde versions kept every image,
+    /// and where the Python tool keeps names written with a host.
+    pub fn qualified_cache_path_components(&self) -> Vec<String> {
         let mut out = vec![self.registry_location()];
         out.extend(self.repository.split('/').map(str::to_string));
         out
+    }
+
+    /// A Docker Hub image's familiar path, unless its first component would
+    /// read as a host (`localhost/x`, `foo.bar`): those keep `docker.io/`.
+    fn familiar_cache_path(&self) -> Option<&str> {
+        if self.registry != DEFAULT_REGISTRY || self.port.is_some() {
+            return None;
+        }
+        let familiar = match self.repository.strip_prefix(OFFICIAL_PREFIX) {
+            Some(rest) if !rest.contains('/') => rest,
+            _ => self.repository.as_str(),
+        };
+        let first = familiar.split('/').next().unwrap_or(familiar);
+        let host_like = first.contains(['.', ':']) || first == "localhost";
+        (!host_like).then_some(familiar)
     }
 
     fn push_tag_and_digest(&self, out: &mut String) {
@@ -810,9 +836,20 @@ mod tests {
         assert_eq!(r.tag_or_default(), Some("latest"));
         assert_eq!(r.reference_for_registry(), "latest");
         assert_eq!(r.familiar(), "debian");
+        // Docker Hub images go where the Python tool put them: the familiar path.
+        assert_eq!(r.cache_path_components(), ["debian"]);
+        assert_eq!(
+            r.qualified_cache_path_components(),
+            ["docker.io", "library", "debian"]
+        );
+        let r: ImageReference = "docker.io/sardines/debian:12".parse().unwrap();
+        assert_eq!(r.cache_path_components(), ["sardines", "debian"]);
+        let r: ImageReference = "docker.io/localhost/x".parse().unwrap();
+        assert_eq!(r.cache_path_components(), ["docker.io", "localhost", "x"]);
+        let r: ImageReference = "docker.io/library/foo.bar".parse().unwrap();
         assert_eq!(
             r.cache_path_components(),
-            ["docker.io", "library", "debian"]
+            ["docker.io", "library", "foo.bar"]
         );
 
         let r: ImageReference = "127.0.0.1:5000/sardines/debian:bookworm".parse().unwrap();

@@ -49,7 +49,7 @@ pub enum TransportError {
         media_type: String,
     },
     #[error(
-        "{location}: TLS failure: {message} (for a private CA see `ca-file`; for plain HTTP `--insecure`)"
+        "{location}: TLS failure: {message} (for a private CA put its certificate in <certs-dir>/{location}/ca.crt, e.g. /etc/containers/certs.d/{location}/ca.crt; for plain HTTP or to skip verification, --insecure or the `insecure` key)"
     )]
     Tls { location: String, message: String },
     #[error("{location}: {object}: expected {expected}, got {actual} ({what})")]
@@ -110,8 +110,9 @@ pub struct TransportOptions {
     /// are merged (the main file, then `registries.conf.d/` in name order), for
     /// a registry transport to resolve `prefix`, `location`, `blocked`,
     /// `insecure` and mirrors per repository; other transports ignore them.
-    /// Reserved in this ABI: sarde does not fill it yet, and the built-in
-    /// registry transport does not read it yet.
+    /// Empty: the files podman and skopeo read in this process's environment
+    /// (`CONTAINERS_REGISTRIES_CONF`, or the user's or system file and the
+    /// `registries.conf.d/` drop-ins).
     pub registries_conf: Vec<std::path::PathBuf>,
 }
 
@@ -527,6 +528,13 @@ pub trait TransportFactory: Send + Sync {
         location: &str,
         options: &TransportOptions,
     ) -> Result<Box<dyn Transport>, TransportError>;
+
+    /// What the transport reads from outside sarde's own configuration, as
+    /// lines for `sarde config` (the registry transport: the registries.conf
+    /// files and the tables they resolve to). Empty by default.
+    fn configuration(&self, _options: &TransportOptions) -> Result<Vec<String>, TransportError> {
+        Ok(Vec::new())
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", global = true)]
     pub plugin: Vec<PathBuf>,
 
+    /// Plugin directories, colon-separated (instead of the configured ones)
+    #[arg(long, value_name = "DIRS", global = true)]
+    pub plugin_dir: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -112,7 +116,7 @@ pub enum ImageFormat {
     /// sarde's chunked format: pieces compressed alone, parallel and incremental
     #[default]
     Native,
-    /// The Python tool's format (gzip streams; use with --codec gzip)
+    /// The Python tool's format (gzip streams)
     V1,
 }
 
@@ -124,9 +128,9 @@ pub struct ExportArgs {
     /// Read the domain XML from FILE instead of libvirt
     #[arg(long, value_name = "FILE")]
     pub libvirtconfig: Option<PathBuf>,
-    /// Image format to write
+    /// Image format to write (v1: the Python tool's, gzip)
     #[arg(long, value_enum, default_value_t)]
-    pub format: ImageFormat,
+    pub image_format: ImageFormat,
     /// Export even though the VM is running (its disks may be inconsistent)
     #[arg(long)]
     pub force: bool,
@@ -134,11 +138,25 @@ pub struct ExportArgs {
     #[arg(long)]
     pub raw: bool,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub compression: CompressionFlags,
+    #[command(flatten)]
+    pub threads: ThreadsFlags,
     /// The libvirt domain to export
     pub vm: String,
     /// Image name[:tag] (default: the VM's name, tag latest)
     pub image: Option<String>,
+    /// The image name, as the Python tool spelled it (instead of IMAGE)
+    #[arg(
+        short = 't',
+        long = "tag",
+        value_name = "REF",
+        conflicts_with = "image"
+    )]
+    pub tag: Option<String>,
 }
 
 /// How import (and pull) create the VM.
@@ -186,7 +204,13 @@ pub struct ImportArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
+    #[command(flatten)]
+    pub threads: ThreadsFlags,
     /// Image name[:tag|@digest]
     pub image: String,
 }
@@ -202,11 +226,10 @@ pub struct PushArgs {
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
-    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
-    #[arg(long, value_name = "NAME")]
-    pub transport: Option<String>,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub transfer: TransferFlags,
     /// Image of the local cache, name[:tag|@digest]
     pub image: String,
 }
@@ -219,11 +242,10 @@ pub struct CopyArgs {
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
-    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
-    #[arg(long, value_name = "NAME")]
-    pub transport: Option<String>,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub transfer: TransferFlags,
     /// Where the image is: docker://…, oci:PATH[:TAG], … (`sarde plugins` lists the transports)
     pub source: String,
     /// Where it goes, in the same syntax
@@ -241,11 +263,10 @@ pub struct FetchArgs {
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
-    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
-    #[arg(long, value_name = "NAME")]
-    pub transport: Option<String>,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub transfer: TransferFlags,
     /// Image name[:tag|@digest] (e.g. registry.example.org/sardines/debian:12)
     pub image: String,
 }
@@ -263,11 +284,16 @@ pub struct PullArgs {
     /// Output format (json: the import result and the transfer summary)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
-    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
-    #[arg(long, value_name = "NAME")]
-    pub transport: Option<String>,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
+    #[command(flatten)]
+    pub threads: ThreadsFlags,
+    #[command(flatten)]
+    pub transfer: TransferFlags,
     /// Image name[:tag|@digest]
     pub image: String,
 }
@@ -301,7 +327,17 @@ pub struct CloneArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
+    #[command(flatten)]
+    pub clones: CloneDirFlags,
+    #[command(flatten)]
+    pub threads: ThreadsFlags,
+    #[command(flatten)]
+    pub transfer: TransferFlags,
     /// A VM, or an image (pulled and imported when no such VM exists)
     pub source: String,
     /// Name of the clone (default: <source>-clone[-N])
@@ -322,16 +358,12 @@ pub struct LoginArgs {
     /// Allow plain HTTP and unverified TLS for this registry
     #[arg(long)]
     pub insecure: bool,
-    #[command(flatten)]
-    pub settings: SettingsFlags,
     /// Registry host[:port]
     pub registry: String,
 }
 
 #[derive(Debug, Args)]
 pub struct LogoutArgs {
-    #[command(flatten)]
-    pub settings: SettingsFlags,
     /// Registry host[:port], or '*' for every registry in the auth file
     pub registry: String,
 }
@@ -342,7 +374,11 @@ pub struct ListArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
 }
 
 #[derive(Debug, Args)]
@@ -351,7 +387,7 @@ pub struct GetconfigArgs {
     #[arg(long)]
     pub raw: bool,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub cache: CacheFlags,
     /// Image name[:tag|@digest]
     pub image: String,
 }
@@ -365,7 +401,11 @@ pub struct InspectArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
     /// Image name[:tag|@digest]
     pub image: String,
 }
@@ -379,7 +419,11 @@ pub struct RmArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
     /// Images (name[:tag|@digest]) or, with --vm, VM names
     #[arg(required = true, value_name = "NAME")]
     pub names: Vec<String>,
@@ -403,7 +447,11 @@ pub struct PruneArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
     #[command(flatten)]
-    pub settings: SettingsFlags,
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
 }
 
 #[derive(Debug, Args)]
@@ -424,7 +472,7 @@ pub struct ConfigArgs {
     pub format: OutputFormat,
 
     #[command(flatten)]
-    pub overrides: SettingsFlags,
+    pub overrides: AllFlags,
 }
 
 #[derive(Debug, Args)]
@@ -433,22 +481,101 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
-/// Flags that override configuration keys of the same name. Subcommands flatten the
-/// ones they use.
+/// Flags that override configuration keys of the same name, in the groups of
+/// `sarde_cli::config::groups`: a subcommand flattens the groups it uses, so
+/// `--help` shows and the parser accepts only those.
+pub trait FlagGroup {
+    fn add_to(&self, flags: &mut FlagValues);
+}
+
+/// The configuration flags of a subcommand, from its groups.
+pub fn flag_values(groups: &[&dyn FlagGroup]) -> FlagValues {
+    let mut flags = FlagValues::default();
+    for group in groups {
+        group.add_to(&mut flags);
+    }
+    flags
+}
+
+fn set_path(flags: &mut FlagValues, key: &str, value: &Option<PathBuf>) {
+    if let Some(v) = value {
+        flags.set(key, v.to_string_lossy().into_owned());
+    }
+}
+
+fn set_text(flags: &mut FlagValues, key: &str, value: Option<impl ToString>) {
+    if let Some(v) = value {
+        flags.set(key, v.to_string());
+    }
+}
+
 #[derive(Debug, Args, Default)]
-pub struct SettingsFlags {
-    /// libvirt connection URI (e.g. qemu:///system)
+pub struct LibvirtFlags {
+    /// libvirt connection URI (default: as libvirt chooses: LIBVIRT_DEFAULT_URI, its uri_default)
     #[arg(long, value_name = "URI")]
     pub connect: Option<String>,
+}
+
+impl FlagGroup for LibvirtFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_text(flags, "connect", self.connect.as_ref());
+    }
+}
+
+#[derive(Debug, Args, Default)]
+pub struct CacheFlags {
     /// Local cache of OCI images
     #[arg(short = 'd', long, value_name = "DIR")]
     pub ocidir: Option<PathBuf>,
+}
+
+impl FlagGroup for CacheFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_path(flags, "ocidir", &self.ocidir);
+    }
+}
+
+#[derive(Debug, Args, Default)]
+pub struct VmDirFlags {
     /// Directory for the disks of imported VMs
     #[arg(short = 'o', long, visible_alias = "outdir", value_name = "DIR")]
     pub vmdir: Option<PathBuf>,
+}
+
+impl FlagGroup for VmDirFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_path(flags, "vmdir", &self.vmdir);
+    }
+}
+
+#[derive(Debug, Args, Default)]
+pub struct CloneDirFlags {
     /// Directory for the overlays of clones
     #[arg(long, value_name = "DIR")]
     pub clonedir: Option<PathBuf>,
+}
+
+impl FlagGroup for CloneDirFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_path(flags, "clonedir", &self.clonedir);
+    }
+}
+
+#[derive(Debug, Args, Default)]
+pub struct ThreadsFlags {
+    /// Worker threads (0 = one per core)
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl FlagGroup for ThreadsFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_text(flags, "threads", self.threads);
+    }
+}
+
+#[derive(Debug, Args, Default)]
+pub struct CompressionFlags {
     /// Size of the uncompressed pieces disks are cut into (e.g. 64MiB)
     #[arg(long, value_name = "SIZE")]
     pub chunksize: Option<String>,
@@ -458,57 +585,165 @@ pub struct SettingsFlags {
     /// Compression level
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub level: Option<i32>,
-    /// Worker threads (0 = one per core)
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
+}
+
+impl FlagGroup for CompressionFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_text(flags, "chunksize", self.chunksize.as_ref());
+        set_text(flags, "codec", self.codec.as_ref());
+        set_text(flags, "level", self.level);
+    }
+}
+
+#[derive(Debug, Args, Default)]
+pub struct TransferFlags {
+    /// Transport of references without a scheme (docker, oci, oci-archive, a plugin's; `sarde plugins`)
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<String>,
     /// Blob transfers at a time
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
     /// Retries of a request after a network error or a 5xx/429 answer
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
-    /// Plugin directories, colon-separated
-    #[arg(long, value_name = "DIRS")]
-    pub plugin_dir: Option<String>,
 }
 
-impl SettingsFlags {
-    pub fn to_flag_values(&self) -> FlagValues {
-        let mut flags = FlagValues::default();
-        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
-        if let Some(v) = &self.connect {
-            flags.set("connect", v.as_str());
+impl FlagGroup for TransferFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_text(flags, "transport", self.transport.as_ref());
+        set_text(flags, "concurrency", self.concurrency);
+        set_text(flags, "retries", self.retries);
+    }
+}
+
+/// Every configuration flag, for `sarde config`.
+#[derive(Debug, Args, Default)]
+pub struct AllFlags {
+    #[command(flatten)]
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
+    #[command(flatten)]
+    pub clones: CloneDirFlags,
+    #[command(flatten)]
+    pub threads: ThreadsFlags,
+    #[command(flatten)]
+    pub compression: CompressionFlags,
+    #[command(flatten)]
+    pub transfer: TransferFlags,
+}
+
+impl FlagGroup for AllFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        for group in [
+            &self.libvirt as &dyn FlagGroup,
+            &self.cache,
+            &self.vmdir,
+            &self.clones,
+            &self.threads,
+            &self.compression,
+            &self.transfer,
+        ] {
+            group.add_to(flags);
         }
-        if let Some(v) = &self.ocidir {
-            flags.set("ocidir", path(v));
-        }
-        if let Some(v) = &self.vmdir {
-            flags.set("vmdir", path(v));
-        }
-        if let Some(v) = &self.clonedir {
-            flags.set("clonedir", path(v));
-        }
-        if let Some(v) = &self.chunksize {
-            flags.set("chunksize", v.as_str());
-        }
-        if let Some(v) = &self.codec {
-            flags.set("codec", v.as_str());
-        }
-        if let Some(v) = self.level {
-            flags.set("level", v.to_string());
-        }
-        if let Some(v) = self.threads {
-            flags.set("threads", v.to_string());
-        }
-        if let Some(v) = self.concurrency {
-            flags.set("concurrency", v.to_string());
-        }
-        if let Some(v) = self.retries {
-            flags.set("retries", v.to_string());
-        }
-        if let Some(v) = &self.plugin_dir {
-            flags.set("plugin-dir", v.as_str());
-        }
-        flags
+    }
+}
+
+impl ExportArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.libvirt, &self.cache, &self.compression, &self.threads])
+    }
+}
+
+impl ImportArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.libvirt, &self.cache, &self.vmdir, &self.threads])
+    }
+}
+
+impl PushArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.cache, &self.transfer])
+    }
+}
+
+impl CopyArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.cache, &self.transfer])
+    }
+}
+
+impl FetchArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.cache, &self.transfer])
+    }
+}
+
+impl PullArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[
+            &self.libvirt,
+            &self.cache,
+            &self.vmdir,
+            &self.threads,
+            &self.transfer,
+        ])
+    }
+}
+
+impl CloneArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[
+            &self.libvirt,
+            &self.cache,
+            &self.vmdir,
+            &self.clones,
+            &self.threads,
+            &self.transfer,
+        ])
+    }
+}
+
+impl LoginArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[])
+    }
+}
+
+impl LogoutArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[])
+    }
+}
+
+impl ListArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.libvirt, &self.cache, &self.vmdir])
+    }
+}
+
+impl GetconfigArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.cache])
+    }
+}
+
+impl InspectArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.libvirt, &self.cache, &self.vmdir])
+    }
+}
+
+impl RmArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.libvirt, &self.cache, &self.vmdir])
+    }
+}
+
+impl PruneArgs {
+    pub fn flag_values(&self) -> FlagValues {
+        flag_values(&[&self.libvirt, &self.cache, &self.vmdir])
     }
 }

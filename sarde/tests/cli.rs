@@ -103,9 +103,29 @@ fn python_tool_ini_merges_with_environment_and_flags() {
         s["chunksize"]["origin"]["detail"],
         format!("{ini_name} [export]")
     );
-    assert_eq!(s["concurrency"]["value"], "8");
-    assert_eq!(s["concurrency"]["origin"]["kind"], "environment");
-    assert_eq!(s["concurrency"]["origin"]["detail"], "SARDE_CONCURRENCY");
+    // export moves nothing over the network: concurrency is not its key, set
+    // or not; it is reported as unused, never shown or checked.
+    assert!(s.get("concurrency").is_none(), "{s}");
+    assert!(
+        v["unused_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key"] == "concurrency" && k["origin"]["detail"] == "SARDE_CONCURRENCY"),
+        "{v}"
+    );
+    let pull = json(&run_ok(
+        sarde(home.path())
+            .env("SARDE_CONF_FILES", &ini)
+            .env("SARDE_CONCURRENCY", "8")
+            .args(["config", "--for", "pull", "--format", "json"]),
+    ));
+    assert_eq!(pull["settings"]["concurrency"]["value"], "8");
+    assert_eq!(
+        pull["settings"]["concurrency"]["origin"]["detail"],
+        "SARDE_CONCURRENCY"
+    );
+    assert!(pull["settings"].get("chunksize").is_none(), "{pull}");
     assert_eq!(s["codec"]["value"], "xz");
     assert_eq!(s["codec"]["origin"]["kind"], "command line");
     assert_eq!(s["level"]["origin"]["kind"], "default");
@@ -347,4 +367,168 @@ fn incompatible_plugins_are_refused_clearly() {
             .contains("incompatible")
     );
     assert!(!v["factories"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn each_command_shows_and_checks_only_its_own_flags_and_keys() {
+    let home = tempfile::tempdir().unwrap();
+    let help = String::from_utf8_lossy(&run_ok(sarde(home.path()).args(["push", "--help"])).stdout)
+        .into_owned();
+    for flag in [
+        "--ocidir",
+        "--concurrency",
+        "--retries",
+        "--transport",
+        "--target",
+    ] {
+        assert!(help.contains(flag), "push --help lacks {flag}: {help}");
+    }
+    for flag in [
+        "--clonedir",
+        "--chunksize",
+        "--codec",
+        "--threads",
+        "--connect",
+        "--vmdir",
+        "--level",
+    ] {
+        assert!(!help.contains(flag), "push --help shows {flag}: {help}");
+    }
+    // A flag of another command is refused, not ignored.
+    let err = run_err(sarde(home.path()).args(["push", "--chunksize", "1MiB", "x"]));
+    assert!(err.contains("--chunksize"), "{err}");
+
+    // A bad value of a key a command does not use never fails it…
+    let ini = home.path().join("sarde.ini");
+    std::fs::write(
+        &ini,
+        "[DEFAULT]\nchunksize = 0\nconnect = test:///default\n",
+    )
+    .unwrap();
+    let listed = run_ok(
+        sarde(home.path())
+            .env("SARDE_CONF_FILES", &ini)
+            .env("SARDE_OCIDIR", home.path().join("OCI"))
+            .env("SARDE_VMDIR", home.path().join("VMs"))
+            .args(["list", "--format", "json"]),
+    );
+    assert_eq!(json(&listed)["images"], serde_json::json!([]));
+    // …and fails the command that uses it, naming the key and the file.
+    let err = run_err(
+        sarde(home.path())
+            .env("SARDE_CONF_FILES", &ini)
+            .args(["export", "some-vm"]),
+    );
+    assert!(
+        err.contains("chunksize") && err.contains("sarde.ini"),
+        "{err}"
+    );
+    assert!(!home.path().join("OCI").exists(), "nothing written");
+}
+
+#[test]
+fn unknown_commands_are_errors_in_config_too() {
+    let home = tempfile::tempdir().unwrap();
+    let err = run_err(sarde(home.path()).args(["config", "--for", "nosuch"]));
+    assert!(err.contains("nosuch") && err.contains("export"), "{err}");
+}
+
+#[test]
+fn connect_defaults_to_what_libvirt_would_choose() {
+    let home = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        sarde(home.path())
+            .env("LIBVIRT_DEFAULT_URI", "test:///default")
+            .args(["config", "--for", "list", "--format", "json"]),
+    );
+    let v = json(&out);
+    assert_eq!(v["settings"]["connect"]["value"], "test:///default");
+    assert_eq!(
+        v["settings"]["connect"]["origin"]["kind"],
+        "libvirt default"
+    );
+    assert_eq!(
+        v["settings"]["connect"]["origin"]["detail"],
+        "LIBVIRT_DEFAULT_URI"
+    );
+    // libvirt's own file, for a user: $XDG_CONFIG_HOME/libvirt/libvirt.conf.
+    let config_home = home.path().join("config");
+    std::fs::create_dir_all(config_home.join("libvirt")).unwrap();
+    std::fs::write(
+        config_home.join("libvirt/libvirt.conf"),
+        "uri_default = \"test:///default\"\n",
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(
+        &run_ok(
+            sarde(home.path())
+                .env("XDG_CONFIG_HOME", &config_home)
+                .args(["config", "--for", "list"]),
+        )
+        .stdout,
+    )
+    .into_owned();
+    // (As root, libvirt reads /etc/libvirt/libvirt.conf instead.)
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            text.contains("test:///default") && text.contains("uri_default"),
+            "{text}"
+        );
+    }
+    // A flag still wins.
+    let v = json(&run_ok(
+        sarde(home.path())
+            .env("LIBVIRT_DEFAULT_URI", "test:///default")
+            .args([
+                "config",
+                "--for",
+                "list",
+                "--format",
+                "json",
+                "--connect",
+                "qemu:///session",
+            ]),
+    ));
+    assert_eq!(v["settings"]["connect"]["value"], "qemu:///session");
+}
+
+#[test]
+fn export_takes_the_python_tools_tag_flag_and_v1_means_gzip() {
+    let home = tempfile::tempdir().unwrap();
+    let ocidir = home.path().join("OCI");
+    // Every argument is checked before anything is written.
+    let err = run_err(
+        sarde(home.path())
+            .env("SARDE_OCIDIR", &ocidir)
+            .env("SARDE_CONNECT", "test:///default")
+            .args([
+                "export",
+                "--image-format",
+                "v1",
+                "--codec",
+                "zstd",
+                "--tag",
+                "e2e/x:1",
+                "test",
+            ]),
+    );
+    assert!(err.contains("gzip"), "{err}");
+    assert!(!ocidir.exists(), "nothing written: {err}");
+    // --tag and IMAGE name the same thing: one of them.
+    let err = run_err(sarde(home.path()).args(["export", "--tag", "a:1", "vm", "b:1"]));
+    assert!(err.contains("--tag"), "{err}");
+}
+
+#[test]
+fn a_host_that_does_not_resolve_fails_at_once() {
+    let home = tempfile::tempdir().unwrap();
+    // `.invalid` never resolves (RFC 6761): no retries, a message that says so.
+    let err = run_err(
+        sarde(home.path())
+            .env("SARDE_OCIDIR", home.path().join("OCI"))
+            .env("CONTAINERS_REGISTRIES_CONF", home.path().join("none.conf"))
+            .args(["fetch", "--retries", "5", "registry.invalid/sardines/x:1"]),
+    );
+    assert!(err.contains("no such host"), "{err}");
+    assert!(!err.contains("retr"), "not retried: {err}");
 }

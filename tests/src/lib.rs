@@ -94,6 +94,9 @@ pub fn sarde(home: &Path) -> Command {
         // Credentials only from this home: never the runner's own.
         .env("REGISTRY_AUTH_FILE", home.join("auth.json"))
         .env("DOCKER_CONFIG", home.join(".docker"))
+        // registries.conf only from this home (absent unless a test writes it):
+        // never the host's mirrors or rewrites.
+        .env("CONTAINERS_REGISTRIES_CONF", home.join("registries.conf"))
         .env_remove("SARDE_REGISTRY_USERNAME")
         .env_remove("SARDE_REGISTRY_PASSWORD")
         .env_remove("SARDE_REGISTRY_HOSTNAME")

@@ -45,6 +45,9 @@ pub struct RegistryOptions {
     /// [`TokenServer::registry_auth`](crate::token::TokenServer::registry_auth).
     /// Exclusive with `htpasswd`.
     pub token: Option<TokenAuth>,
+    /// `Some(url)`: a pull-through cache of the registry at `url`
+    /// (distribution's `proxy: remoteurl:`), read-only for clients.
+    pub proxy: Option<String>,
 }
 
 /// The `auth.token` section of distribution's configuration: where clients get
@@ -144,7 +147,12 @@ impl TestRegistry {
         loop {
             attempts += 1;
             registry.port = free_port();
-            registry.write_config(htpasswd.as_deref(), options.token.as_ref(), tls.as_ref());
+            registry.write_config(
+                htpasswd.as_deref(),
+                options.token.as_ref(),
+                tls.as_ref(),
+                options.proxy.as_deref(),
+            );
             match registry.spawn_and_wait() {
                 Ok(()) => return registry,
                 Err(Failure::AddressInUse) if attempts < 5 => continue,
@@ -230,6 +238,21 @@ impl TestRegistry {
             .count()
     }
 
+    /// How many `method` requests whose path contains `part` the registry has
+    /// answered with a 2xx status so far (all runs), e.g. `("GET", "/manifests/")`.
+    pub fn answered(&self, method: &str, part: &str) -> usize {
+        self.settle_log();
+        self.log()
+            .lines()
+            .filter_map(parse_access_line)
+            .filter(|line| {
+                line.method == method
+                    && (200..300).contains(&line.status)
+                    && line.path.contains(part)
+            })
+            .count()
+    }
+
     /// Everything the registry wrote to stdout and stderr so far, all runs.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&fs::read(self.log_path()).unwrap_or_default()).into_owned()
@@ -248,6 +271,7 @@ impl TestRegistry {
         htpasswd: Option<&Path>,
         token: Option<&TokenAuth>,
         tls: Option<&Certificates>,
+        proxy: Option<&str>,
     ) {
         let mut yaml = format!(
             "# A private registry for one sarde-e2e test.\n\
@@ -280,6 +304,9 @@ impl TestRegistry {
                 yaml_quote(&token.issuer),
                 yaml_string(&token.root_cert_bundle),
             );
+        }
+        if let Some(url) = proxy {
+            yaml += &format!("proxy:\n  remoteurl: {}\n", yaml_quote(url));
         }
         fs::write(self.config_path(), yaml).expect("registry configuration written");
     }

@@ -268,10 +268,9 @@ fn v1_format_round_trip() {
         &name,
         "localhost/e2e/v1:1",
         &[
-            "--format",
+            // v1 means gzip: no --codec needed.
+            "--image-format",
             "v1",
-            "--codec",
-            "gzip",
             "--chunksize",
             "1MiB",
             "--vmconfig",

@@ -36,7 +36,7 @@ fn python_tool_imports_what_sarde_exports_as_v1() {
     ok(sarde(home.path()).args([
         "export",
         "--raw",
-        "--format",
+        "--image-format",
         "v1",
         "--codec",
         "gzip",

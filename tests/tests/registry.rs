@@ -200,6 +200,7 @@ fn round_trip_with_basic_auth() {
         htpasswd: Some(("ci".into(), "s3cret:pass".into())),
         tls: false,
         token: None,
+        proxy: None,
     });
     let addr = registry.address();
     let mut chain = chain_vm("sarde-reg-auth");
@@ -257,6 +258,7 @@ fn round_trip_over_tls_with_a_private_ca() {
         htpasswd: None,
         tls: true,
         token: None,
+        proxy: None,
     });
     let addr = registry.address();
     let mut chain = chain_vm("sarde-reg-tls");

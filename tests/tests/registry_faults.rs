@@ -479,6 +479,7 @@ fn wrong_password_is_refused_without_retry_storm() {
         htpasswd: Some((user.into(), password.into())),
         tls: false,
         token: None,
+        proxy: None,
     });
     let address = registry.address();
     let home = vm::workdir();

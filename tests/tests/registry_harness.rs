@@ -157,6 +157,7 @@ fn htpasswd_registry_requires_credentials() {
         htpasswd: Some(("sarde".into(), "cake:pass".into())),
         tls: false,
         token: None,
+        proxy: None,
     });
     let v2 = format!("{}/v2/", registry.url());
     assert_eq!(status(&[&v2]), "401");
@@ -181,6 +182,7 @@ fn tls_registry_is_trusted_through_its_ca() {
         htpasswd: None,
         tls: true,
         token: None,
+        proxy: None,
     });
     assert!(registry.url().starts_with("https://127.0.0.1:"));
     let ca = registry.ca_file().expect("a CA when tls");
@@ -218,6 +220,7 @@ fn tls_and_htpasswd_together() {
         htpasswd: Some(("u".into(), "p".into())),
         tls: true,
         token: None,
+        proxy: None,
     });
     let ca = registry.ca_file().unwrap();
     let ca = ca.to_str().unwrap();

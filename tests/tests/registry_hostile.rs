@@ -588,6 +588,7 @@ fn a_redirect_to_another_host_gets_no_credentials() {
         htpasswd: Some((user.into(), password.into())),
         tls: false,
         token: None,
+        proxy: None,
     });
     let registry_b = TestRegistry::start(RegistryOptions::default());
     let source = PushedVm::new(&registry_b, "hostile/redirect", RANDOM_MIB, EXPORT_ARGS);

@@ -134,13 +134,11 @@ fn bench(
 
     eprintln!("sarde export…");
     let sarde_export = measure(&mut sarde_cmd(&["export", vm, "localhost/bench:1"]))?;
-    eprintln!("sarde export --format v1 --codec gzip…");
+    eprintln!("sarde export --image-format v1…");
     let sarde_export_v1 = measure(&mut sarde_cmd(&[
         "export",
-        "--format",
+        "--image-format",
         "v1",
-        "--codec",
-        "gzip",
         vm,
         "localhost/bench-v1:1",
     ]))?;

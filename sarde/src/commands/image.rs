@@ -86,6 +86,7 @@ pub fn export(cli: &Cli, config: &Config, args: &ExportArgs) -> Result<ExitCode>
     let image = args
         .image
         .clone()
+        .or_else(|| args.tag.clone())
         .unwrap_or_else(|| default_image_name(&args.vm));
     let location = location(config, args.raw, &image)?;
     let engine = engine(cli, config)?;
@@ -95,9 +96,10 @@ pub fn export(cli: &Cli, config: &Config, args: &ExportArgs) -> Result<ExitCode>
         vm_config: args.vmconfig.clone(),
         image: location,
         chunksize: config.settings.chunksize.0,
-        codec: config.settings.codec.clone(),
+        // Unset: the image format's own codec.
+        codec: (config.origin("codec").kind != "default").then(|| config.settings.codec.clone()),
         level: config.settings.level,
-        format: match args.format {
+        format: match args.image_format {
             ImageFormat::Native => Format::Native,
             ImageFormat::V1 => Format::V1,
         },

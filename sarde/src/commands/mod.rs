@@ -24,24 +24,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         clap_complete::generate(args.shell, &mut command, "sarde", &mut std::io::stdout());
         return Ok(ExitCode::SUCCESS);
     }
-    let flags = match &cli.command {
-        Command::Config(args) => args.overrides.to_flag_values(),
-        Command::Export(args) => args.settings.to_flag_values(),
-        Command::Import(args) => args.settings.to_flag_values(),
-        Command::List(args) => args.settings.to_flag_values(),
-        Command::Push(args) => with_transport(args.settings.to_flag_values(), &args.transport),
-        Command::Fetch(args) => with_transport(args.settings.to_flag_values(), &args.transport),
-        Command::Copy(args) => with_transport(args.settings.to_flag_values(), &args.transport),
-        Command::Pull(args) => with_transport(args.settings.to_flag_values(), &args.transport),
-        Command::Clone(args) => args.settings.to_flag_values(),
-        Command::Login(args) => args.settings.to_flag_values(),
-        Command::Logout(args) => args.settings.to_flag_values(),
-        Command::Getconfig(args) => args.settings.to_flag_values(),
-        Command::Inspect(args) => args.settings.to_flag_values(),
-        Command::Rm(args) => args.settings.to_flag_values(),
-        Command::Prune(args) => args.settings.to_flag_values(),
-        _ => FlagValues::default(),
+    let mut flags = match &cli.command {
+        Command::Config(args) => crate::cli::flag_values(&[&args.overrides]),
+        Command::Export(args) => args.flag_values(),
+        Command::Import(args) => args.flag_values(),
+        Command::List(args) => args.flag_values(),
+        Command::Push(args) => args.flag_values(),
+        Command::Fetch(args) => args.flag_values(),
+        Command::Copy(args) => args.flag_values(),
+        Command::Pull(args) => args.flag_values(),
+        Command::Clone(args) => args.flag_values(),
+        Command::Login(args) => args.flag_values(),
+        Command::Logout(args) => args.flag_values(),
+        Command::Getconfig(args) => args.flag_values(),
+        Command::Inspect(args) => args.flag_values(),
+        Command::Rm(args) => args.flag_values(),
+        Command::Prune(args) => args.flag_values(),
+        Command::Plugins(_) | Command::Completions(_) => FlagValues::default(),
     };
+    if let Some(dirs) = &cli.plugin_dir {
+        flags.set("plugin-dir", dirs.as_str());
+    }
     let env = Environment::from_process();
     let config = Config::load(&env, cli.command.config_section(), &flags)
         .context("invalid configuration")?;
@@ -68,17 +71,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rm(args) => lifecycle::rm(&cli, &config, args),
         Command::Prune(args) => lifecycle::prune(&cli, &config, args),
         Command::Plugins(args) => plugins(&cli, &config, args),
-        Command::Config(args) => show_config(&config, &env, args),
+        Command::Config(args) => show_config(&cli, &config, &env, args),
         Command::Completions(_) => unreachable!("handled above"),
     }
-}
-
-/// `--transport`, which only the commands that read references have.
-fn with_transport(mut flags: FlagValues, transport: &Option<String>) -> FlagValues {
-    if let Some(t) = transport {
-        flags.set("transport", t.as_str());
-    }
-    flags
 }
 
 /// The registry with built-ins and the configured and named plugins.
@@ -127,8 +122,14 @@ fn plugins(cli: &Cli, config: &Config, args: &PluginsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn show_config(config: &Config, env: &Environment, args: &ConfigArgs) -> Result<ExitCode> {
+fn show_config(
+    cli: &Cli,
+    config: &Config,
+    env: &Environment,
+    args: &ConfigArgs,
+) -> Result<ExitCode> {
     let report = config.report();
+    let transports = transport_configuration(cli, config)?;
     let mut out = std::io::stdout().lock();
     match args.format {
         OutputFormat::Json => {
@@ -146,6 +147,12 @@ fn show_config(config: &Config, env: &Environment, args: &ConfigArgs) -> Result<
                 "settings": settings,
                 "unknown_keys": config.unknown_keys.iter()
                     .map(|(k, o)| json!({"key": k, "origin": o}))
+                    .collect::<Vec<_>>(),
+                "unused_keys": config.unused_keys.iter()
+                    .map(|(k, o)| json!({"key": k, "origin": o}))
+                    .collect::<Vec<_>>(),
+                "transports": transports.iter()
+                    .map(|(scheme, lines)| json!({"scheme": scheme, "configuration": lines}))
                     .collect::<Vec<_>>(),
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
@@ -173,16 +180,51 @@ fn show_config(config: &Config, env: &Environment, args: &ConfigArgs) -> Result<
                 .map(|(k, v, o)| [k, v, o.to_string()])
                 .collect();
             print_table(&mut out, ["KEY", "VALUE", "ORIGIN"], &rows)?;
-            for (origin, keys) in config::unknown_keys_by_origin(config) {
+            for (scheme, lines) in &transports {
+                for line in lines {
+                    writeln!(out, "# {scheme}: {line}")?;
+                }
+            }
+            for (origin, keys) in config::keys_by_origin(&config.unknown_keys) {
                 writeln!(
                     out,
-                    "# not used by this command: {} (from {origin})",
+                    "# unknown, ignored: {} (from {origin})",
+                    keys.join(", ")
+                )?;
+            }
+            for (origin, keys) in config::keys_by_origin(&config.unused_keys) {
+                writeln!(
+                    out,
+                    "# set, not used by this command: {} (from {origin})",
                     keys.join(", ")
                 )?;
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What each transport reads besides sarde's configuration (registries.conf),
+/// for commands that move images.
+fn transport_configuration(cli: &Cli, config: &Config) -> Result<Vec<(String, Vec<String>)>> {
+    if !config.used_keys.contains(&"transport") {
+        return Ok(Vec::new());
+    }
+    let loaded = load_registry(cli, config)?;
+    let mut out = Vec::new();
+    for entry in loaded.registry.entries() {
+        if entry.kind != sarde_api::registry::Kind::Transport {
+            continue;
+        }
+        let factory = loaded.registry.transport(&entry.name)?;
+        let lines = factory
+            .configuration(&sarde_api::transport::TransportOptions::default())
+            .with_context(|| format!("the {} transport's configuration", entry.name))?;
+        if !lines.is_empty() {
+            out.push((entry.name.clone(), lines));
+        }
+    }
+    Ok(out)
 }
 
 /// Left-aligned columns, the last one unpadded.

@@ -91,7 +91,7 @@ fn engine_and_source(
 /// A placeholder for the image an import reads, until the pull has decided it.
 fn pending_location(engine: &Engine, name: Option<&ImageReference>) -> sarde_engine::ImageLocation {
     match name {
-        Some(image) => sarde_engine::ImageLocation::cached(&engine.ocidir, image),
+        Some(image) => sarde_engine::ImageLocation::to_write(&engine.ocidir, image),
         None => sarde_engine::ImageLocation::pending(&engine.ocidir),
     }
 }

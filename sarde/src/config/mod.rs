@@ -144,6 +144,96 @@ pub const KNOWN_KEYS: &[&str] = &[
     "quiet",
 ];
 
+/// The keys by what they configure. A command uses some of these groups and
+/// sees, shows and checks only their keys: a bad value of a key that does
+/// not concern it never fails it.
+pub mod groups {
+    pub const OUTPUT: &[&str] = &["verbose", "quiet"];
+    pub const PLUGINS: &[&str] = &["plugin-dir", "plugin"];
+    pub const LIBVIRT: &[&str] = &["connect"];
+    pub const CACHE: &[&str] = &["ocidir"];
+    pub const VMS: &[&str] = &["vmdir"];
+    pub const CLONES: &[&str] = &["clonedir"];
+    pub const THREADS: &[&str] = &["threads"];
+    pub const COMPRESSION: &[&str] = &["chunksize", "codec", "level"];
+    pub const SPACE: &[&str] = &["space-budget", "auto-prune", "prune-min-age"];
+    /// Reaching a registry at all (login checks credentials with one request).
+    pub const REGISTRY: &[&str] = &[
+        "insecure",
+        "certs-dir",
+        "connect-timeout",
+        "idle-timeout",
+        "request-timeout",
+    ];
+    /// Moving images between transports.
+    pub const TRANSFER: &[&str] = &[
+        "transport",
+        "concurrency",
+        "retries",
+        "retry-budget",
+        "min-rate",
+    ];
+}
+
+/// Every command that has a section, with the key groups it uses.
+const COMMANDS: &[(&str, &[&[&str]])] = {
+    use groups::*;
+    &[
+        (
+            "export",
+            &[OUTPUT, PLUGINS, LIBVIRT, CACHE, THREADS, COMPRESSION],
+        ),
+        (
+            "import",
+            &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, THREADS, SPACE],
+        ),
+        ("push", &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER]),
+        (
+            "fetch",
+            &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER, SPACE],
+        ),
+        ("copy", &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER]),
+        (
+            "pull",
+            &[
+                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, THREADS, SPACE, REGISTRY, TRANSFER,
+            ],
+        ),
+        (
+            "clone",
+            &[
+                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, CLONES, THREADS, SPACE, REGISTRY, TRANSFER,
+            ],
+        ),
+        ("login", &[OUTPUT, PLUGINS, REGISTRY]),
+        ("logout", &[OUTPUT]),
+        ("list", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS]),
+        ("getconfig", &[OUTPUT, PLUGINS, CACHE]),
+        ("inspect", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS]),
+        ("rm", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS]),
+        ("prune", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, SPACE]),
+        ("plugins", &[OUTPUT, PLUGINS]),
+    ]
+};
+
+/// The commands that have a configuration section, for messages.
+pub fn command_names() -> Vec<&'static str> {
+    COMMANDS.iter().map(|(name, _)| *name).collect()
+}
+
+/// The keys `command` uses, in the order of [`KNOWN_KEYS`]; `None` for a
+/// command sarde does not have.
+pub fn command_keys(command: &str) -> Option<Vec<&'static str>> {
+    let (_, used) = COMMANDS.iter().find(|(name, _)| *name == command)?;
+    Some(
+        KNOWN_KEYS
+            .iter()
+            .copied()
+            .filter(|key| used.iter().any(|group| group.contains(key)))
+            .collect(),
+    )
+}
+
 /// Whether this process runs as root, which picks system-wide defaults.
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -286,6 +376,8 @@ impl FlagValues {
 pub struct Environment {
     pub root: bool,
     pub home: Option<PathBuf>,
+    /// The URI libvirt would connect to, the default of `connect`.
+    pub libvirt_uri: sarde_api::default_uri::DefaultUri,
     pub files: Vec<PathBuf>,
     /// Whether `files` came from `SARDE_CONF_FILES`.
     pub files_from_env: bool,
@@ -296,8 +388,10 @@ impl Environment {
     pub fn from_process() -> Environment {
         let home = home_dir();
         let env_files = std::env::var("SARDE_CONF_FILES").ok();
+        let root = running_as_root();
         Environment {
-            root: running_as_root(),
+            libvirt_uri: sarde_api::default_uri::libvirt_default_uri(root, home.as_deref()),
+            root,
             files: sources::default_files(env_files.as_deref(), home.as_deref()),
             files_from_env: env_files.is_some(),
             home,
@@ -310,6 +404,11 @@ impl Environment {
 pub enum ConfigError {
     #[error(transparent)]
     File(#[from] FileError),
+    #[error("there is no command `{command}` (commands with a configuration section: {})", known.join(", "))]
+    UnknownCommand {
+        command: String,
+        known: Vec<&'static str>,
+    },
     #[error("{origin}: key `{key}`: {message}")]
     Value {
         origin: String,
@@ -339,6 +438,7 @@ impl fmt::Display for OriginInfo {
 
 const DEFAULTS_NAME: &str = "built-in default";
 const FLAGS_NAME: &str = "command line";
+const LIBVIRT_NAME: &str = "libvirt default";
 
 /// The loaded configuration of one subcommand.
 pub struct Config {
@@ -349,22 +449,62 @@ pub struct Config {
     pub files_read: Vec<PathBuf>,
     /// Keys in the files or environment that sarde does not know, with their origin.
     pub unknown_keys: Vec<(String, OriginInfo)>,
+    /// Keys set in the files or environment that this command does not use
+    /// (left at their defaults here, never checked), with their origin.
+    pub unused_keys: Vec<(String, OriginInfo)>,
+    /// The keys this command uses, as users write them.
+    pub used_keys: Vec<&'static str>,
     figment: Figment,
 }
 
 impl Config {
     /// Loads the layers for `command` (its section overrides `[DEFAULT]`).
+    /// Only the keys the command uses are read from files and environment;
+    /// without a command, all of them.
     pub fn load(
         env: &Environment,
         command: Option<&str>,
         flags: &FlagValues,
     ) -> Result<Config, ConfigError> {
+        let used_keys = match command {
+            Some(command) => command_keys(command).ok_or_else(|| ConfigError::UnknownCommand {
+                command: command.to_string(),
+                known: command_names(),
+            })?,
+            None => KNOWN_KEYS.to_vec(),
+        };
+        let used_fields: Vec<String> = used_keys
+            .iter()
+            .map(|k| sources::normalise_key(k))
+            .collect();
+        let known_fields: Vec<String> = KNOWN_KEYS
+            .iter()
+            .map(|k| sources::normalise_key(k))
+            .collect();
+        // Unknown keys pass, so that they can be reported; known keys this
+        // command does not use stay out.
+        let keep = move |field: &str| {
+            used_fields.iter().any(|f| f == field) || !known_fields.iter().any(|f| f == field)
+        };
+
         let defaults = Settings::defaults(env.root, env.home.as_deref());
         let mut figment = Figment::from(sources::NamedDict {
             name: DEFAULTS_NAME.into(),
             source: Source::Custom(DEFAULTS_NAME.into()),
             values: to_dict(&defaults),
         });
+        // libvirt's own default, where it has one (the environment, its file).
+        if !env.libvirt_uri.origin.is_empty() {
+            let mut values = Dict::new();
+            values.insert("connect".into(), env.libvirt_uri.uri.clone().into());
+            figment = figment.merge(sources::NamedDict {
+                name: env.libvirt_uri.origin.clone(),
+                source: Source::Custom(LIBVIRT_NAME.into()),
+                values,
+            });
+        }
+        // Everything as set, for the report of what this command leaves alone.
+        let mut everything = Figment::new();
 
         let mut all_sections = Vec::new();
         let mut files_read = Vec::new();
@@ -375,15 +515,20 @@ impl Config {
             }
         }
         // Every file's [DEFAULT] first, then every file's subcommand section.
-        for section in all_sections.iter().filter(|s| s.name == DEFAULT_SECTION) {
-            figment = figment.merge(sources::NamedDict::from_section(section));
+        let applied = all_sections
+            .iter()
+            .filter(|s| s.name == DEFAULT_SECTION || command.is_some_and(|c| s.name == c));
+        let (defaults_first, command_sections): (Vec<_>, Vec<_>) =
+            applied.partition(|s| s.name == DEFAULT_SECTION);
+        for section in defaults_first.into_iter().chain(command_sections) {
+            let all = sources::NamedDict::from_section(section);
+            figment = figment.merge(all.only(&keep));
+            everything = everything.merge(all);
         }
-        if let Some(command) = command {
-            for section in all_sections.iter().filter(|s| s.name == command) {
-                figment = figment.merge(sources::NamedDict::from_section(section));
-            }
-        }
-        figment = figment.merge(sarde_env());
+        let env_keep = keep.clone();
+        figment = figment
+            .merge(sarde_env().filter(move |key| env_keep(&key.as_str().to_ascii_lowercase())));
+        everything = everything.merge(sarde_env());
         figment = figment.merge(sources::NamedDict {
             name: FLAGS_NAME.into(),
             source: Source::Custom(FLAGS_NAME.into()),
@@ -392,29 +537,38 @@ impl Config {
 
         let mut settings: Settings = figment.extract().map_err(value_error)?;
         settings.expand_paths(env.home.as_deref());
-        validate(&settings, &figment)?;
+        validate(&settings, &figment, &keep)?;
 
-        let data = figment
-            .data()
-            .ok()
-            .and_then(|mut d| d.remove(&figment::Profile::Default));
-        let unknown_keys = data
-            .map(|dict| {
-                dict.keys()
-                    .filter(|k| {
-                        !KNOWN_KEYS
-                            .iter()
-                            .any(|known| sources::normalise_key(known) == **k)
-                    })
-                    .map(|k| (k.replace('_', "-"), origin_of(&figment, k)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let set_keys = |figment: &Figment| -> Vec<String> {
+            figment
+                .data()
+                .ok()
+                .and_then(|mut d| d.remove(&figment::Profile::Default))
+                .map(|dict| dict.into_keys().collect())
+                .unwrap_or_default()
+        };
+        let is_known = |field: &str| {
+            KNOWN_KEYS
+                .iter()
+                .any(|known| sources::normalise_key(known) == field)
+        };
+        let unknown_keys = set_keys(&figment)
+            .into_iter()
+            .filter(|k| !is_known(k))
+            .map(|k| (k.replace('_', "-"), origin_of(&figment, &k)))
+            .collect();
+        let unused_keys = set_keys(&everything)
+            .into_iter()
+            .filter(|k| is_known(k) && !keep(k))
+            .map(|k| (k.replace('_', "-"), origin_of(&everything, &k)))
+            .collect();
         Ok(Config {
             settings,
             command: command.map(str::to_string),
             files_read,
             unknown_keys,
+            unused_keys,
+            used_keys,
             figment,
         })
     }
@@ -427,7 +581,7 @@ impl Config {
     /// Every known key with its effective value (as text) and origin.
     pub fn report(&self) -> Vec<(String, String, OriginInfo)> {
         let value = serde_json::to_value(&self.settings).expect("settings serialise");
-        KNOWN_KEYS
+        self.used_keys
             .iter()
             .map(|key| {
                 let field = sources::normalise_key(key);
@@ -492,6 +646,10 @@ fn origin_of(figment: &Figment, field: &str) -> OriginInfo {
             kind: "default",
             detail: String::new(),
         },
+        Some(Source::Custom(name)) if name == LIBVIRT_NAME => OriginInfo {
+            kind: "libvirt default",
+            detail: meta.name.to_string(),
+        },
         _ => OriginInfo {
             kind: "environment",
             detail: env_var_name(field),
@@ -507,6 +665,9 @@ fn describe_metadata(meta: Option<&figment::Metadata>, key: &str) -> String {
         }
         Some(m) if matches!(&m.source, Some(Source::Custom(n)) if n == DEFAULTS_NAME) => {
             "built-in default".into()
+        }
+        Some(m) if matches!(&m.source, Some(Source::Custom(n)) if n == LIBVIRT_NAME) => {
+            format!("libvirt's default ({})", m.name)
         }
         Some(_) => format!("environment variable {}", env_var_name(key)),
         None => "configuration".into(),
@@ -527,13 +688,17 @@ fn value_error(err: figment::Error) -> ConfigError {
     }
 }
 
-fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
+fn validate(
+    settings: &Settings,
+    figment: &Figment,
+    used: &dyn Fn(&str) -> bool,
+) -> Result<(), ConfigError> {
     let fail = |key: &str, message: &str| ConfigError::Value {
         origin: describe_metadata(figment.find_metadata(key), key),
         key: key.replace('_', "-"),
         message: message.to_string(),
     };
-    if settings.concurrency == 0 {
+    if used("concurrency") && settings.concurrency == 0 {
         return Err(fail("concurrency", "must be at least 1"));
     }
     for (key, value) in [
@@ -541,35 +706,35 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         ("idle_timeout", settings.idle_timeout),
         ("request_timeout", settings.request_timeout),
     ] {
-        if value.0.is_zero() {
+        if used(key) && value.0.is_zero() {
             return Err(fail(key, "must be longer than 0 s"));
         }
     }
-    if settings.chunksize.0 < (1 << 20) {
+    if used("chunksize") && settings.chunksize.0 < (1 << 20) {
         return Err(fail(
             "chunksize",
             "must be at least 1 MiB (pieces that small cost more in requests than they save)",
         ));
     }
-    if settings.chunksize.0 > (4 << 30) {
+    if used("chunksize") && settings.chunksize.0 > (4 << 30) {
         return Err(fail(
             "chunksize",
             "must be at most 4 GiB (the largest piece an image may announce)",
         ));
     }
-    if settings.connect.trim().is_empty() {
+    if used("connect") && settings.connect.trim().is_empty() {
         return Err(fail(
             "connect",
             "expected a libvirt URI such as qemu:///system",
         ));
     }
-    if settings.transport.trim().is_empty() {
+    if used("transport") && settings.transport.trim().is_empty() {
         return Err(fail(
             "transport",
             "expected a transport name such as docker, oci or oci-archive (`sarde plugins`)",
         ));
     }
-    if settings.codec.trim().is_empty() {
+    if used("codec") && settings.codec.trim().is_empty() {
         return Err(fail(
             "codec",
             "expected a codec name such as zstd, xz, gzip or raw",
@@ -686,10 +851,10 @@ mod lenient {
     }
 }
 
-/// Unknown keys grouped for display.
-pub fn unknown_keys_by_origin(config: &Config) -> BTreeMap<String, Vec<String>> {
+/// Keys (unknown, or not used by a command) grouped by origin for display.
+pub fn keys_by_origin(keys: &[(String, OriginInfo)]) -> BTreeMap<String, Vec<String>> {
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (key, origin) in &config.unknown_keys {
+    for (key, origin) in keys {
         map.entry(origin.to_string()).or_default().push(key.clone());
     }
     map

@@ -245,6 +245,22 @@ impl NamedDict {
     }
 }
 
+impl NamedDict {
+    /// The same values without the keys (field names) `keep` refuses.
+    pub fn only(&self, keep: &dyn Fn(&str) -> bool) -> NamedDict {
+        NamedDict {
+            name: self.name.clone(),
+            source: self.source.clone(),
+            values: self
+                .values
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
 impl Provider for NamedDict {
     fn metadata(&self) -> Metadata {
         Metadata::from(self.name.clone(), self.source.clone())

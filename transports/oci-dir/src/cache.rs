@@ -1,6 +1,8 @@
-//! The cache directory: one OCI image layout per repository at
-//! `<root>/<host[:port]>/<repository path>/`, the layout the Python tool used
-//! (with the port kept in the host directory, `127.0.0.1:5000`, never a tag).
+//! The cache directory: one OCI image layout per repository, where the Python
+//! tool puts it: `<root>/<host[:port]>/<repository path>/`, a Docker Hub image
+//! at its familiar path (`<root>/sardines/debian/`), and the port kept in the
+//! host directory (`127.0.0.1:5000`), never taken for a tag as the Python tool
+//! did (whose `<root>/127.0.0.1/` layouts are still read).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -48,12 +50,17 @@ impl OciDir {
         &self.root
     }
 
-    /// The layout directory of an image: `root/<registry_location>/<repository>`.
-    /// References are validated when parsed; the assertion guards that promise,
-    /// since a broken one would write outside the cache.
+    /// The layout directory an image is written to (see
+    /// [`ImageReference::cache_path_components`]). References are validated
+    /// when parsed; the assertion guards that promise, since a broken one would
+    /// write outside the cache.
     pub fn layout_for(&self, reference: &ImageReference) -> PathBuf {
+        self.join(reference, reference.cache_path_components())
+    }
+
+    fn join(&self, reference: &ImageReference, components: Vec<String>) -> PathBuf {
         let mut path = self.root.clone();
-        for component in reference.cache_path_components() {
+        for component in components {
             assert!(
                 is_safe_component(&component),
                 "image reference {reference} yields the unsafe cache path component {component:?}"
@@ -63,8 +70,42 @@ impl OciDir {
         path
     }
 
-    /// The layout directory of `host[:port]/path` as transports name repositories;
-    /// refuses empty, `.` and `..` components and names without a path.
+    /// Where the cache holds `reference`: the layout and the tag or digest in
+    /// it. Besides [`OciDir::layout_for`], a cache the Python tool or an
+    /// earlier sarde wrote may hold it at `<host>/<path>` (a Docker Hub image
+    /// named with `docker.io/`), or, for a `host:port` name, in the Python
+    /// tool's layout `<host>/` under the tag `<port>/<path>:<tag>` (read, never
+    /// written). Where none holds it: the layout it would be written to.
+    pub fn locate(&self, reference: &ImageReference) -> (PathBuf, String) {
+        let wanted = reference.reference_for_registry();
+        let primary = self.layout_for(reference);
+        if holds(&primary, &wanted) {
+            return (primary, wanted);
+        }
+        let qualified = self.join(reference, reference.qualified_cache_path_components());
+        if qualified != primary && holds(&qualified, &wanted) {
+            return (qualified, wanted);
+        }
+        if let (Some(port), Some(tag), None) = (
+            reference.port(),
+            reference.tag_or_default(),
+            reference.digest(),
+        ) {
+            let host = reference.registry();
+            if is_safe_component(host) {
+                let python = self.root.join(host);
+                let python_tag = format!("{port}/{}:{tag}", reference.repository());
+                if holds(&python, &python_tag) {
+                    return (python, python_tag);
+                }
+            }
+        }
+        (primary, wanted)
+    }
+
+    /// The layout directory of a repository as the cache transport names it
+    /// (`host[:port]/path`, or a Docker Hub image's familiar path such as
+    /// `debian`); refuses empty, `.` and `..` components.
     pub fn layout_for_repository(&self, repository: &str) -> Result<PathBuf, LayoutError> {
         let unsafe_path = |component: &str| LayoutError::UnsafePath {
             root: self.root.clone(),
@@ -74,13 +115,6 @@ impl OciDir {
         let components: Vec<&str> = repository.split('/').collect();
         if let Some(bad) = components.iter().find(|c| !is_safe_component(c)) {
             return Err(unsafe_path(bad));
-        }
-        if components.len() < 2 {
-            // Only a host: the layout would sit where repositories' parents do.
-            return Err(LayoutError::MissingPath {
-                root: self.root.clone(),
-                input: repository.to_string(),
-            });
         }
         let mut path = self.root.clone();
         path.extend(components);
@@ -118,7 +152,9 @@ impl OciDir {
                 let Ok(name) = entry.file_name().into_string() else {
                     continue;
                 };
-                if file_type.is_file() && name == "oci-layout" && components.len() >= 2 {
+                // One component: a Docker Hub image the Python tool named
+                // without a host (`debian`), or its `host:port` layout.
+                if file_type.is_file() && name == "oci-layout" && !components.is_empty() {
                     out.push(RepositoryEntry {
                         location: components[0].clone(),
                         repository: components[1..].join("/"),
@@ -137,4 +173,23 @@ impl OciDir {
         out.sort();
         Ok(out)
     }
+}
+
+/// Whether the layout at `dir` lists `reference` (a tag, or a manifest digest
+/// it lists or stores). Reads only `index.json`; false when there is none.
+fn holds(dir: &Path, reference: &str) -> bool {
+    let Ok(bytes) = fs::read(dir.join("index.json")) else {
+        return false;
+    };
+    let Ok(index) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return false;
+    };
+    let listed = index["manifests"].as_array().into_iter().flatten();
+    if let Some(hex) = reference.strip_prefix("sha256:") {
+        return listed.clone().any(|m| m["digest"] == reference)
+            || (is_safe_component(hex) && dir.join("blobs/sha256").join(hex).is_file());
+    }
+    listed
+        .into_iter()
+        .any(|m| m["annotations"][sarde_api::oci::media_types::ANNOTATION_REF_NAME] == reference)
 }

@@ -131,12 +131,6 @@ pub enum LayoutError {
         component: String,
     },
 
-    #[error(
-        "repository {input:?} under {} names a host but no path: use HOST[:PORT]/PATH, e.g. 127.0.0.1:5000/sardines/debian",
-        root.display()
-    )]
-    MissingPath { root: PathBuf, input: String },
-
     #[error("{}: {context}: {source}", path.display())]
     Io {
         path: PathBuf,

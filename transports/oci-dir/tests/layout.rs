@@ -438,8 +438,11 @@ fn unsafe_repository_paths_are_refused() {
             "{bad:?}: {err:?}"
         );
     }
-    let err = cache.layout_for_repository("host").unwrap_err();
-    assert!(matches!(err, LayoutError::MissingPath { .. }), "{err:?}");
+    // One component: a Docker Hub image at its familiar path (`debian`).
+    assert_eq!(
+        cache.layout_for_repository("debian").unwrap(),
+        tmp.path().join("debian")
+    );
     assert_eq!(
         cache
             .layout_for_repository("127.0.0.1:5000/sardines/debian")
@@ -459,11 +462,77 @@ fn layout_for_keeps_the_port_in_the_host_directory() {
         cache.layout_for(&r),
         Path::new("/cache/127.0.0.1:5000/sardines/debian")
     );
+    // Docker Hub images where the Python tool puts names without a host.
     let r: ImageReference = "debian:12".parse().unwrap();
-    assert_eq!(
-        cache.layout_for(&r),
-        Path::new("/cache/docker.io/library/debian")
+    assert_eq!(cache.layout_for(&r), Path::new("/cache/debian"));
+    let r: ImageReference = "docker.io/sardines/debian:12".parse().unwrap();
+    assert_eq!(cache.layout_for(&r), Path::new("/cache/sardines/debian"));
+}
+
+/// A layout at `root/<dir>` listing `tag` for a one-byte manifest.
+fn tagged_layout(root: &Path, dir: &str, tag: &str) {
+    let layout = Layout::create(root.join(dir)).unwrap();
+    let (digest, size) = layout.write_blob(b"{}").unwrap();
+    let mut descriptor =
+        sarde_api::oci::Descriptor::new(sarde_api::oci::media_types::IMAGE_MANIFEST, digest, size);
+    descriptor.annotations.insert(
+        sarde_api::oci::media_types::ANNOTATION_REF_NAME.to_string(),
+        tag.to_string(),
     );
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
+    fs::write(root.join(dir).join("index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn locate_finds_what_the_python_tool_and_earlier_versions_wrote() {
+    let tmp = TempDir::new().unwrap();
+    let cache = OciDir::new(tmp.path());
+    let parse = |s: &str| s.parse::<ImageReference>().unwrap();
+    // Nothing cached: where it would be written.
+    assert_eq!(
+        cache.locate(&parse("sardines/debian:stable")),
+        (tmp.path().join("sardines/debian"), "stable".to_string())
+    );
+    // An earlier sarde's (or `docker.io/…` as the Python tool wrote it).
+    tagged_layout(tmp.path(), "docker.io/sardines/debian", "old");
+    assert_eq!(
+        cache.locate(&parse("sardines/debian:old")),
+        (
+            tmp.path().join("docker.io/sardines/debian"),
+            "old".to_string()
+        )
+    );
+    // The Python tool's `host:port` layout: the port went into the tag.
+    tagged_layout(tmp.path(), "127.0.0.1", "5000/sardines/x:latest");
+    assert_eq!(
+        cache.locate(&parse("127.0.0.1:5000/sardines/x")),
+        (
+            tmp.path().join("127.0.0.1"),
+            "5000/sardines/x:latest".to_string()
+        )
+    );
+    // Where both hold it, the layout sarde writes wins.
+    tagged_layout(tmp.path(), "127.0.0.1:5000/sardines/x", "latest");
+    assert_eq!(
+        cache.locate(&parse("127.0.0.1:5000/sardines/x:latest")),
+        (
+            tmp.path().join("127.0.0.1:5000/sardines/x"),
+            "latest".to_string()
+        )
+    );
+    let listed: Vec<String> = cache
+        .repositories()
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            e.path
+                .strip_prefix(tmp.path())
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert!(listed.contains(&"127.0.0.1".to_string()), "{listed:?}");
 }
 
 #[test]

@@ -232,6 +232,15 @@ pub(crate) fn map_reqwest(location: &str, object: &Object, e: &reqwest::Error) -
             message: format!("{object}: {chain}"),
         };
     }
+    if host_does_not_exist(&without_url) {
+        // A typo in a host name stays one: say so now, not after five retries.
+        return TransportError::Protocol {
+            location: location.to_string(),
+            message: format!(
+                "no such host: the name does not resolve (check the registry's name, or /etc/hosts and DNS): {object}: {chain}"
+            ),
+        };
+    }
     // Connection refused or reset, timeouts, a body cut off: all worth a retry.
     TransportError::Transient {
         location: location.to_string(),
@@ -250,6 +259,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// getaddrinfo's answers that a name does not exist (EAI_NONAME, EAI_NODATA),
+/// as opposed to a resolver that is down for now (EAI_AGAIN: retried).
+fn host_does_not_exist(chain: &str) -> bool {
+    let lower = chain.to_ascii_lowercase();
+    lower.contains("dns error")
+        && [
+            "name or service not known",
+            "no address associated with hostname",
+            "nodename nor servname provided",
+        ]
+        .iter()
+        .any(|m| lower.contains(m))
 }
 
 /// rustls errors carry no type we can match without depending on rustls; their
@@ -341,6 +364,17 @@ mod tests {
         assert!(e.is_transient());
         let e = map_status(LOC, &blob(), Some(400), "nonsense", None);
         assert!(matches!(e, TransportError::Protocol { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn a_name_that_does_not_resolve_is_final_a_resolver_down_is_not() {
+        assert!(host_does_not_exist(
+            "client error (Connect): dns error: failed to lookup address information: Name or service not known"
+        ));
+        assert!(!host_does_not_exist(
+            "client error (Connect): dns error: failed to lookup address information: Temporary failure in name resolution"
+        ));
+        assert!(!host_does_not_exist("connection refused"));
     }
 
     #[test]

@@ -34,8 +34,10 @@ use tokio_util::io::StreamReader;
 
 use crate::auth::{Authenticator, Authorization, Scope};
 use crate::blob::{Exact, checked_stream, content_range_start};
+use crate::configured::ConfiguredRegistry;
 use crate::error::Object;
 use crate::http::{Http, UploadWatch, content_length};
+use crate::registries_conf::RegistriesConf;
 
 /// The URL scheme of this transport.
 pub const SCHEME: &str = "docker";
@@ -78,23 +80,94 @@ impl TransportFactory for RegistryFactory {
         Ok(TransportReference::from(&image))
     }
 
+    fn configuration(&self, options: &TransportOptions) -> Result<Vec<String>, TransportError> {
+        let conf = load_conf(options, "registries.conf")?;
+        let mut lines = Vec::new();
+        if conf.files.is_empty() {
+            lines.push("registries.conf: none (no mirrors, rewrites or blocks)".to_string());
+        }
+        for file in &conf.files {
+            lines.push(format!("registries.conf read: {}", file.display()));
+        }
+        for table in &conf.tables {
+            let mut line = format!("[[registry]] prefix {:?}", table.effective_prefix());
+            if !table.location.is_empty() {
+                line += &format!(" -> location {:?}", table.location);
+            }
+            if table.insecure {
+                line += ", insecure";
+            }
+            if table.blocked {
+                line += ", blocked";
+            }
+            if table.mirror_by_digest_only {
+                line += ", mirror-by-digest-only";
+            }
+            for mirror in &table.mirror {
+                line += &format!("; mirror {:?}", mirror.location);
+                if mirror.insecure {
+                    line += " (insecure)";
+                }
+                if let Some(only) = mirror.pull_from_mirror {
+                    line += &format!(" pull-from-mirror {only:?}");
+                }
+            }
+            line += &format!(" (from {})", table.file.display());
+            lines.push(line);
+        }
+        Ok(lines)
+    }
+
+    /// The registry, as `registries.conf` makes it when a table applies to it
+    /// (mirrors, a `location` rewrite, `insecure`, `blocked`), else as named.
     fn open(
         &self,
         location: &str,
         options: &TransportOptions,
     ) -> Result<Box<dyn Transport>, TransportError> {
-        if options.credentials.is_some() {
-            return Ok(Box::new(RegistryTransport::new(location, options)?));
+        let conf = load_conf(options, location)?;
+        if ConfiguredRegistry::applies(&conf, location) {
+            return Ok(Box::new(ConfiguredRegistry::new(
+                location,
+                Arc::new(conf),
+                options,
+            )));
         }
-        // Credentials from the environment, the containers auth file or docker's
-        // config, in that order; anonymous when none names this registry.
+        Ok(Box::new(open_with_stored_credentials(
+            location,
+            options.clone(),
+        )?))
+    }
+}
+
+/// The registries.conf files `options` name, or else those podman and skopeo
+/// read in this process's environment.
+fn load_conf(options: &TransportOptions, location: &str) -> Result<RegistriesConf, TransportError> {
+    let files = if options.registries_conf.is_empty() {
+        crate::registries_conf::files_from_process()
+    } else {
+        options.registries_conf.clone()
+    };
+    RegistriesConf::load(&files).map_err(|e| TransportError::Protocol {
+        location: location.to_string(),
+        message: format!("{e} (registries.conf applies to every docker:// reference)"),
+    })
+}
+
+/// Opens `location` with `options`' credentials, or else those stored for it:
+/// the environment, the containers auth file or docker's config, in that
+/// order; anonymous when none names this registry.
+pub(crate) fn open_with_stored_credentials(
+    location: &str,
+    mut options: TransportOptions,
+) -> Result<RegistryTransport, TransportError> {
+    if options.credentials.is_none() {
         let found = crate::credentials::CredentialSources::from_process()
             .lookup(location)
             .map_err(|e| TransportError::Protocol {
                 location: location.to_string(),
                 message: format!("reading credentials: {e}"),
             })?;
-        let mut options = options.clone();
         if let Some((credentials, source)) = found {
             tracing::debug!(
                 "{location}: credentials of {} from {source}",
@@ -102,8 +175,8 @@ impl TransportFactory for RegistryFactory {
             );
             options.credentials = Some(credentials);
         }
-        Ok(Box::new(RegistryTransport::new(location, &options)?))
     }
+    RegistryTransport::new(location, &options)
 }
 
 /// Registers [`RegistryFactory`] under `docker`.

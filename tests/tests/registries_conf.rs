@@ -1,0 +1,350 @@
+//! containers-registries.conf(5) against real `docker-registry` instances on
+//! loopback: a `location` rewrite, a mirror that serves the whole pull, a mirror
+//! that is down, `pull-from-mirror = "digest-only"`, `blocked`, `insecure` from
+//! the file, and a pull-through cache (distribution's proxy mode) in front of an
+//! upstream with concurrent clients. Every command gets its own
+//! `CONTAINERS_REGISTRIES_CONF` (the `sarde` helper points it into the test's
+//! home), so the host's files never take part.
+
+use std::path::Path;
+
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
+use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2};
+use sarde_e2e::{fails, ok, sarde};
+use serde_json::Value;
+
+/// A small exported image pushed to `upstream` as `e2e/conf:1`; returns its
+/// manifest digest and the digests of its blobs (layers and config).
+fn push_image(upstream: &TestRegistry, prefix: &str) -> (String, Vec<String>) {
+    let work = vm::workdir();
+    let disk = work.path().join("disk.qcow2");
+    qcow2(&disk, "32M", None);
+    fill_random(&disk, 0, 4, 21);
+    fill(&disk, 0x33, "8M", "1M");
+    let name = vm::unique(prefix);
+    let _vm = TestVm::define(&name, &[&disk], None);
+    let home = vm::workdir();
+    let image = format!("{}/e2e/conf:1", upstream.address());
+    ok(sarde(home.path()).args(["export", "--chunksize", "1MiB", &name, &image]));
+    let pushed = json(&ok(sarde(home.path()).args([
+        "push",
+        "--insecure",
+        "--format",
+        "json",
+        &image,
+    ])));
+    let manifest = pushed["manifest"].as_str().expect("manifest").to_string();
+    let layout = home
+        .path()
+        .join("OCI")
+        .join(upstream.address())
+        .join("e2e/conf");
+    let blobs = blob_digests(&layout, &manifest);
+    (manifest, blobs)
+}
+
+fn json(text: &str) -> Value {
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The config and layer digests of a manifest stored in a layout.
+fn blob_digests(layout: &Path, manifest: &str) -> Vec<String> {
+    let hex = manifest.strip_prefix("sha256:").expect("sha256 digest");
+    let bytes = std::fs::read(layout.join("blobs/sha256").join(hex)).expect("manifest blob");
+    let manifest: Value = serde_json::from_slice(&bytes).expect("manifest JSON");
+    std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().expect("layers"))
+        .map(|d| d["digest"].as_str().expect("digest").to_string())
+        .collect()
+}
+
+/// Writes the home's registries.conf.
+fn conf(home: &Path, text: &str) {
+    std::fs::write(home.join("registries.conf"), text).expect("registries.conf written");
+}
+
+fn blob_gets(registry: &TestRegistry, blobs: &[String]) -> usize {
+    blobs.iter().map(|b| registry.blob_gets(b)).sum()
+}
+
+/// A fetch into the home's empty cache; the JSON summary.
+fn fetch(home: &Path, image: &str) -> Value {
+    json(&ok(sarde(home).args(["fetch", "--format", "json", image])))
+}
+
+#[test]
+fn a_location_rewrite_and_insecure_come_from_the_file() {
+    if !registry_tests_enabled("a_location_rewrite_and_insecure_come_from_the_file") {
+        return;
+    }
+    let upstream = TestRegistry::start(RegistryOptions::default());
+    let (manifest, _) = push_image(&upstream, "sarde-conf-rewrite");
+    let home = vm::workdir();
+    conf(
+        home.path(),
+        &format!(
+            "[[registry]]\nprefix = \"vms.example.com/ci\"\nlocation = \"{}/e2e\"\ninsecure = true\n",
+            upstream.address()
+        ),
+    );
+    // No --insecure: the plain-HTTP registry is insecure by the file.
+    let fetched = fetch(home.path(), "vms.example.com/ci/conf:1");
+    assert_eq!(fetched["manifest"], manifest.as_str());
+    // Cached under the name the user gave, never the rewritten location.
+    assert!(
+        home.path()
+            .join("OCI/vms.example.com/ci/conf/index.json")
+            .is_file()
+    );
+    assert!(!home.path().join("OCI").join(upstream.address()).exists());
+    let config = ok(sarde(home.path()).args(["config", "--for", "pull"]));
+    assert!(config.contains("vms.example.com/ci"), "{config}");
+}
+
+#[test]
+fn a_mirror_serves_the_whole_pull_and_one_that_is_down_is_passed_over() {
+    if !registry_tests_enabled("a_mirror_serves_the_whole_pull_and_one_that_is_down_is_passed_over")
+    {
+        return;
+    }
+    let upstream = TestRegistry::start(RegistryOptions::default());
+    let mirror = TestRegistry::start(RegistryOptions::default());
+    let (manifest, blobs) = push_image(&upstream, "sarde-conf-mirror");
+    let source = format!("{}/e2e/conf:1", upstream.address());
+    let home = vm::workdir();
+    ok(sarde(home.path()).args([
+        "copy",
+        "--insecure",
+        &format!("docker://{source}"),
+        &format!("docker://{}/e2e/conf:1", mirror.address()),
+    ]));
+    let upstream_before = blob_gets(&upstream, &blobs);
+
+    // A dead mirror first (nothing listens there), then the one with the image.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let client = vm::workdir();
+    conf(
+        client.path(),
+        &format!(
+            "[[registry]]\nlocation = \"{up}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{dead}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{m}\"\ninsecure = true\n",
+            up = upstream.address(),
+            m = mirror.address()
+        ),
+    );
+    let fetched = fetch(client.path(), &source);
+    assert_eq!(fetched["manifest"], manifest.as_str());
+    assert_eq!(
+        fetched["retries"], 0,
+        "a dead mirror costs no retry: {fetched}"
+    );
+    assert_eq!(
+        blob_gets(&upstream, &blobs),
+        upstream_before,
+        "the upstream served no blob"
+    );
+    assert!(
+        blob_gets(&mirror, &blobs) >= blobs.len(),
+        "the mirror served them"
+    );
+    // Cached under the upstream's name.
+    assert!(
+        client
+            .path()
+            .join("OCI")
+            .join(upstream.address())
+            .join("e2e/conf/index.json")
+            .is_file()
+    );
+
+    // Only dead mirrors: the primary serves it.
+    let fallback = vm::workdir();
+    conf(
+        fallback.path(),
+        &format!(
+            "[[registry]]\nlocation = \"{up}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{dead}\"\ninsecure = true\n",
+            up = upstream.address()
+        ),
+    );
+    let fetched = fetch(fallback.path(), &source);
+    assert_eq!(fetched["manifest"], manifest.as_str());
+    assert_eq!(fetched["retries"], 0, "{fetched}");
+    assert!(blob_gets(&upstream, &blobs) >= upstream_before + blobs.len());
+}
+
+#[test]
+fn a_digest_only_mirror_serves_digests_and_never_tags() {
+    if !registry_tests_enabled("a_digest_only_mirror_serves_digests_and_never_tags") {
+        return;
+    }
+    let upstream = TestRegistry::start(RegistryOptions::default());
+    let mirror = TestRegistry::start(RegistryOptions::default());
+    let (manifest, blobs) = push_image(&upstream, "sarde-conf-digest");
+    let seed = vm::workdir();
+    ok(sarde(seed.path()).args([
+        "copy",
+        "--insecure",
+        &format!("docker://{}/e2e/conf:1", upstream.address()),
+        &format!("docker://{}/e2e/conf:1", mirror.address()),
+    ]));
+    let text = format!(
+        "[[registry]]\nlocation = \"{up}\"\ninsecure = true\n\
+         [[registry.mirror]]\nlocation = \"{m}\"\ninsecure = true\npull-from-mirror = \"digest-only\"\n",
+        up = upstream.address(),
+        m = mirror.address()
+    );
+    let mirror_manifests = mirror.answered("GET", "/manifests/");
+
+    let by_tag = vm::workdir();
+    conf(by_tag.path(), &text);
+    fetch(by_tag.path(), &format!("{}/e2e/conf:1", upstream.address()));
+    assert_eq!(
+        mirror.answered("GET", "/manifests/"),
+        mirror_manifests,
+        "a tag never goes to a digest-only mirror"
+    );
+
+    let upstream_blobs = blob_gets(&upstream, &blobs);
+    let by_digest = vm::workdir();
+    conf(by_digest.path(), &text);
+    fetch(
+        by_digest.path(),
+        &format!("{}/e2e/conf@{manifest}", upstream.address()),
+    );
+    assert!(mirror.answered("GET", "/manifests/") > mirror_manifests);
+    assert_eq!(
+        blob_gets(&upstream, &blobs),
+        upstream_blobs,
+        "the mirror served the digest"
+    );
+}
+
+#[test]
+fn a_blocked_prefix_is_refused_naming_the_file() {
+    if !registry_tests_enabled("a_blocked_prefix_is_refused_naming_the_file") {
+        return;
+    }
+    let upstream = TestRegistry::start(RegistryOptions::default());
+    let home = vm::workdir();
+    conf(
+        home.path(),
+        &format!(
+            "[[registry]]\nprefix = \"{}/e2e\"\nblocked = true\n",
+            upstream.address()
+        ),
+    );
+    let err = fails(sarde(home.path()).args([
+        "fetch",
+        "--insecure",
+        &format!("{}/e2e/conf:1", upstream.address()),
+    ]));
+    assert!(
+        err.contains("blocked") && err.contains("registries.conf"),
+        "{err}"
+    );
+    assert_eq!(upstream.answered("GET", "/v2/"), 0, "nothing was asked");
+    assert!(
+        !home.path().join("OCI").join(upstream.address()).exists(),
+        "nothing cached"
+    );
+}
+
+#[test]
+fn a_pull_through_cache_fetches_each_blob_from_the_upstream_at_most_once_per_client() {
+    if !registry_tests_enabled(
+        "a_pull_through_cache_fetches_each_blob_from_the_upstream_at_most_once_per_client",
+    ) {
+        return;
+    }
+    let upstream = TestRegistry::start(RegistryOptions::default());
+    let proxy = TestRegistry::start(RegistryOptions {
+        proxy: Some(upstream.url()),
+        ..RegistryOptions::default()
+    });
+    let (manifest, blobs) = push_image(&upstream, "sarde-conf-proxy");
+    let pushed_gets = blob_gets(&upstream, &blobs);
+    let text = format!(
+        "[[registry]]\nlocation = \"{up}\"\ninsecure = true\n\
+         [[registry.mirror]]\nlocation = \"{p}\"\ninsecure = true\n",
+        up = upstream.address(),
+        p = proxy.address()
+    );
+    let source = format!("{}/e2e/conf:1", upstream.address());
+    const CLIENTS: usize = 4;
+    let round = |label: &str| -> Vec<tempfile::TempDir> {
+        let homes: Vec<tempfile::TempDir> = (0..CLIENTS).map(|_| vm::workdir()).collect();
+        for home in &homes {
+            conf(home.path(), &text);
+        }
+        let children: Vec<std::process::Child> = homes
+            .iter()
+            .map(|home| {
+                sarde(home.path())
+                    .args(["fetch", "--format", "json", &source])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("sarde starts")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("sarde ends");
+            assert!(
+                out.status.success(),
+                "{label}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let summary = json(&String::from_utf8_lossy(&out.stdout));
+            assert_eq!(summary["manifest"], manifest.as_str(), "{label}");
+        }
+        homes
+    };
+
+    let cold = round("cold round");
+    // Byte-identical: every client holds every blob with its digest.
+    for home in &cold {
+        let layout = home
+            .path()
+            .join("OCI")
+            .join(upstream.address())
+            .join("e2e/conf");
+        for blob in &blobs {
+            let hex = blob.strip_prefix("sha256:").unwrap();
+            assert_eq!(
+                format!(
+                    "sha256:{}",
+                    vm::sha256(&layout.join("blobs/sha256").join(hex))
+                ),
+                *blob
+            );
+        }
+    }
+    for blob in &blobs {
+        let from_upstream = upstream.blob_gets(blob);
+        assert!(
+            from_upstream <= 1 + CLIENTS,
+            "{blob}: the upstream served it {from_upstream} times for {CLIENTS} clients"
+        );
+    }
+    let after_cold = blob_gets(&upstream, &blobs);
+    assert!(
+        after_cold > pushed_gets,
+        "the proxy fetched from the upstream"
+    );
+    let _warm = round("warm round");
+    assert_eq!(
+        blob_gets(&upstream, &blobs),
+        after_cold,
+        "a second round is served by the proxy alone"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

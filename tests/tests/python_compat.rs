@@ -152,3 +152,94 @@ fn find(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
     }
     None
 }
+
+/// Runs the Python tool with `args` (its global options first), asserting success.
+fn python_ok(python: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(python)
+        .args(["--connect", vm::LIBVIRT_URI])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Python {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sarde_and_the_python_tool_share_one_cache() {
+    let Some(python) = python_sarde("sarde_and_the_python_tool_share_one_cache") else {
+        return;
+    };
+    let work = vm::workdir();
+    let top = vm::python_exportable_chain(work.path());
+    let base = work.path().join("base.qcow2");
+    let name = vm::unique("sarde-py-cache");
+    let mut test_vm = TestVm::define(&name, &[&top], None);
+    let home = vm::workdir();
+    let ocidir = home.path().join("OCI");
+    let ocidir_flag = format!("--ocidir={}/", ocidir.display());
+    let vmdir_flag = format!("--vmdir={}/", home.path().join("py-vms").display());
+
+    // The Python tool exports under a short name, a qualified one, and a
+    // host:port one (its layout takes the port for the start of the tag).
+    let python_names = [
+        "sardines/pyshort:1",
+        "localhost/sardines/pyfull:1",
+        "127.0.0.1:5000/sardines/pyport:1",
+    ];
+    for image in python_names {
+        python_ok(&python, &["export", &ocidir_flag, &name, image]);
+    }
+    let listed = ok(sarde(home.path()).args(["list", "--format", "json"]));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let names: Vec<String> = listed["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}:{}",
+                i["name"].as_str().unwrap(),
+                i["tag"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for image in python_names {
+        assert!(
+            names.contains(&image.to_string()),
+            "{image} not in {names:?}"
+        );
+        // getconfig, import agree with list on every name.
+        ok(sarde(home.path()).args(["getconfig", image]));
+        let vm_name = format!("{name}-{}", image.replace(['/', ':', '.'], "-"));
+        test_vm.cleanup_also(&vm_name);
+        ok(sarde(home.path()).args(["import", "-n", &vm_name, image]));
+        let dir = home.path().join("VMs").join(&vm_name);
+        assert_eq!(sha256(&dir.join("base.qcow2")), sha256(&base), "{image}");
+        assert!(same_guest_content(&dir.join("top.qcow2"), &top), "{image}");
+    }
+    // The broken layout is read, never written: nothing new next to it.
+    assert!(!ocidir.join("127.0.0.1:5000").exists());
+
+    // sarde exports (the Python tool reads v1) where the Python tool looks.
+    for image in ["sardines/sardeshort:1", "localhost/sardines/sardefull:1"] {
+        ok(sarde(home.path()).args(["export", "--image-format", "v1", &name, image]));
+        let vm_name = format!("{name}-py-{}", image.replace(['/', ':', '.'], "-"));
+        test_vm.cleanup_also(&vm_name);
+        python_ok(
+            &python,
+            &["import", &ocidir_flag, &vmdir_flag, "-n", &vm_name, image],
+        );
+        assert!(vm::domain_exists(&vm_name), "{image}");
+    }
+    assert!(ocidir.join("sardines/sardeshort/index.json").is_file());
+    assert!(
+        ocidir
+            .join("localhost/sardines/sardefull/index.json")
+            .is_file()
+    );
+}

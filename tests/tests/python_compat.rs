@@ -222,6 +222,18 @@ fn sarde_and_the_python_tool_share_one_cache() {
         assert_eq!(sha256(&dir.join("base.qcow2")), sha256(&base), "{image}");
         assert!(same_guest_content(&dir.join("top.qcow2"), &top), "{image}");
     }
+    // list shows the VMs that exist, under the names they were imported as,
+    // and no "(missing)" default name for images nobody imported that way.
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(sarde(home.path()).args(["list", "--format", "json"]))).unwrap();
+    for image in listed["images"].as_array().unwrap() {
+        let vms = image["vms"].as_array().unwrap();
+        assert!(!vms.is_empty(), "{image}");
+        for vm in vms {
+            assert_ne!(vm["state"], "missing", "{image}");
+            assert!(vm::domain_exists(vm["name"].as_str().unwrap()), "{image}");
+        }
+    }
     // The broken layout is read, never written: nothing new next to it.
     assert!(!ocidir.join("127.0.0.1:5000").exists());
 

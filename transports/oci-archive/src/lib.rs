@@ -29,8 +29,8 @@ use sarde_api::transport::{
 };
 use sarde_api::{Digest, Registrar, RegistryError, Transport, TransportError, TransportFactory};
 
+mod reader;
 mod writer;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use writer::{ArchiveSink, ArchiveWriter, SharedWriter};
 
 /// The URL scheme of this transport, as in skopeo.
@@ -415,13 +415,8 @@ impl Transport for OciArchiveTransport {
                 actual: size.to_string(),
             });
         }
-        let mut file = tokio::fs::File::open(&self.file)
-            .await
-            .map_err(|e| self.io_error("opening", e))?;
-        file.seek(SeekFrom::Start(start + offset))
-            .await
-            .map_err(|e| self.io_error("seeking to a blob", e))?;
-        Ok(Box::pin(file.take(size - offset)))
+        reader::blob_reader(&self.file, start + offset, size - offset)
+            .map_err(|e| self.io_error("opening", e))
     }
 
     /// A region of the archive for the blob: several stream at once.
@@ -466,6 +461,7 @@ impl Transport for OciArchiveTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn file_then_tag() {

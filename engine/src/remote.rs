@@ -132,25 +132,7 @@ pub struct Pulled {
 impl Remote {
     /// The CA file for a registry from the certificate directories.
     pub fn ca_file(&self, location: &str) -> Option<PathBuf> {
-        for dir in &self.certs_dirs {
-            let dir = dir.join(location);
-            let preferred = dir.join("ca.crt");
-            if preferred.is_file() {
-                return Some(preferred);
-            }
-            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "crt") && p.is_file())
-                .collect();
-            found.sort();
-            if let Some(first) = found.into_iter().next() {
-                return Some(first);
-            }
-        }
-        None
+        sarde_api::transport::ca_file_in(&self.certs_dirs, location)
     }
 }
 
@@ -225,6 +207,8 @@ impl Engine {
                 .map(|(_, c)| c.clone()),
             concurrency: self.remote.transfer.concurrency,
             bounds: self.remote.bounds,
+            certs_dirs: self.remote.certs_dirs.clone(),
+            insecure_locations: self.remote.insecure.clone(),
             ..TransportOptions::default()
         };
         if let Some(ca) = &options.ca_file {

@@ -69,17 +69,16 @@ fn choose(
 
 /// `uri_default = "…"` from libvirt's configuration syntax (`#` comments).
 fn uri_default(text: &str) -> Option<String> {
-    text.lines().rev().find_map(|line| {
-        let line = line.split('#').next()?.trim();
+    // libvirt takes the first setting of a key.
+    text.lines().find_map(|line| {
         let (key, value) = line.split_once('=')?;
         if key.trim() != "uri_default" {
             return None;
         }
-        let value = value.trim();
-        let unquoted = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))?;
+        let value = value.trim_start();
+        let quote = value.chars().next().filter(|c| *c == '"' || *c == '\'')?;
+        let rest = &value[1..];
+        let unquoted = &rest[..rest.find(quote)?];
         (!unquoted.is_empty()).then(|| unquoted.to_string())
     })
 }
@@ -135,5 +134,10 @@ mod tests {
         assert_eq!(uri_default("#uri_default = \"a:///\"\n"), None);
         assert_eq!(uri_default("uri_default = \"\"\n"), None);
         assert_eq!(uri_default("uri_defaults = \"x:///\"\n"), None);
+        // The first setting counts, and a # inside the quotes is part of it.
+        assert_eq!(
+            uri_default("uri_default = \"a:///x#y\" # c\nuri_default = \"b:///\"\n").as_deref(),
+            Some("a:///x#y")
+        );
     }
 }

@@ -114,6 +114,46 @@ pub struct TransportOptions {
     /// (`CONTAINERS_REGISTRIES_CONF`, or the user's or system file and the
     /// `registries.conf.d/` drop-ins).
     pub registries_conf: Vec<std::path::PathBuf>,
+    /// Directories of per-registry CA certificates (`<dir>/<host[:port]>/*.crt`),
+    /// for a transport that reaches hosts besides `location` (mirrors, a
+    /// rewritten location): see [`ca_file_in`].
+    pub certs_dirs: Vec<std::path::PathBuf>,
+    /// Registries (`host[:port]`, or a host for all its ports) configured as
+    /// insecure, for the same hosts.
+    pub insecure_locations: Vec<String>,
+}
+
+/// The CA certificate for `location` (`host[:port]`) in `dirs`, as podman and
+/// docker look for it: `<dir>/<location>/ca.crt`, else the first `*.crt`
+/// there (in name order), in the first directory that has one.
+pub fn ca_file_in(dirs: &[std::path::PathBuf], location: &str) -> Option<std::path::PathBuf> {
+    for dir in dirs {
+        let dir = dir.join(location);
+        let preferred = dir.join("ca.crt");
+        if preferred.is_file() {
+            return Some(preferred);
+        }
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "crt") && p.is_file())
+            .collect();
+        found.sort();
+        if let Some(first) = found.into_iter().next() {
+            return Some(first);
+        }
+    }
+    None
+}
+
+/// The host of `host[:port]` (`[::1]` keeps its brackets).
+pub fn location_host(location: &str) -> &str {
+    if location.starts_with('[') {
+        return location.find(']').map_or(location, |end| &location[..=end]);
+    }
+    location.split(':').next().unwrap_or(location)
 }
 
 /// What an operation will do in a repository, declared before its first

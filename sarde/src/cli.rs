@@ -264,7 +264,11 @@ pub struct FetchArgs {
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
     #[command(flatten)]
+    pub libvirt: LibvirtFlags,
+    #[command(flatten)]
     pub cache: CacheFlags,
+    #[command(flatten)]
+    pub vmdir: VmDirFlags,
     #[command(flatten)]
     pub transfer: TransferFlags,
     /// Image name[:tag|@digest] (e.g. registry.example.org/sardines/debian:12)
@@ -677,7 +681,7 @@ impl CopyArgs {
 
 impl FetchArgs {
     pub fn flag_values(&self) -> FlagValues {
-        flag_values(&[&self.cache, &self.transfer])
+        flag_values(&[&self.libvirt, &self.cache, &self.vmdir, &self.transfer])
     }
 }
 

@@ -522,6 +522,7 @@ fn export_takes_the_python_tools_tag_flag_and_v1_means_gzip() {
 #[test]
 fn a_host_that_does_not_resolve_fails_at_once() {
     let home = tempfile::tempdir().unwrap();
+    std::fs::write(home.path().join("none.conf"), "").unwrap();
     // `.invalid` never resolves (RFC 6761): no retries, a message that says so.
     let err = run_err(
         sarde(home.path())

@@ -84,6 +84,13 @@ pub fn executor_bin() -> PathBuf {
 /// `sarde` with an isolated configuration: cache, VM directory and plugin directory
 /// under `home`, the real libvirt.
 pub fn sarde(home: &Path) -> Command {
+    // registries.conf only from this home (empty unless a test writes it):
+    // never the host's mirrors or rewrites. (Drop-ins in the system's
+    // registries.conf.d still apply, as for skopeo.)
+    let registries_conf = home.join("registries.conf");
+    if !registries_conf.exists() {
+        std::fs::write(&registries_conf, "").expect("an empty registries.conf");
+    }
     let mut cmd = Command::new(sarde_bin());
     cmd.env("HOME", home)
         .env("SARDE_CONF_FILES", "")
@@ -94,9 +101,7 @@ pub fn sarde(home: &Path) -> Command {
         // Credentials only from this home: never the runner's own.
         .env("REGISTRY_AUTH_FILE", home.join("auth.json"))
         .env("DOCKER_CONFIG", home.join(".docker"))
-        // registries.conf only from this home (absent unless a test writes it):
-        // never the host's mirrors or rewrites.
-        .env("CONTAINERS_REGISTRIES_CONF", home.join("registries.conf"))
+        .env("CONTAINERS_REGISTRIES_CONF", &registries_conf)
         .env_remove("SARDE_REGISTRY_USERNAME")
         .env_remove("SARDE_REGISTRY_PASSWORD")
         .env_remove("SARDE_REGISTRY_HOSTNAME")

@@ -239,7 +239,8 @@ fn sarde_and_the_python_tool_share_one_cache() {
 
     // sarde exports (the Python tool reads v1) where the Python tool looks.
     for image in ["sardines/sardeshort:1", "localhost/sardines/sardefull:1"] {
-        ok(sarde(home.path()).args(["export", "--image-format", "v1", &name, image]));
+        // The Python tool's own spelling of the name: --tag.
+        ok(sarde(home.path()).args(["export", "--image-format", "v1", "--tag", image, &name]));
         let vm_name = format!("{name}-py-{}", image.replace(['/', ':', '.'], "-"));
         test_vm.cleanup_also(&vm_name);
         python_ok(

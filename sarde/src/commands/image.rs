@@ -88,7 +88,14 @@ pub fn export(cli: &Cli, config: &Config, args: &ExportArgs) -> Result<ExitCode>
         .clone()
         .or_else(|| args.tag.clone())
         .unwrap_or_else(|| default_image_name(&args.vm));
-    let location = location(config, args.raw, &image)?;
+    // Written where new images go, never into a layout found elsewhere (the
+    // Python tool's host:port layout is read, never written).
+    let location = if args.raw {
+        ImageLocation::raw(&image)
+    } else {
+        let reference: ImageReference = image.parse()?;
+        ImageLocation::to_write(&OciDir::new(config.settings.ocidir.clone()), &reference)
+    };
     let engine = engine(cli, config)?;
     let request = ExportRequest {
         vm: args.vm.clone(),

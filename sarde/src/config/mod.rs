@@ -188,9 +188,13 @@ const COMMANDS: &[(&str, &[&[&str]])] = {
             &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, THREADS, SPACE],
         ),
         ("push", &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER]),
+        // fetch reclaims space, which may remove VMs sarde imported: it must
+        // see them where they are (libvirt, vmdir).
         (
             "fetch",
-            &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER, SPACE],
+            &[
+                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, REGISTRY, TRANSFER, SPACE,
+            ],
         ),
         ("copy", &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER]),
         (
@@ -210,7 +214,8 @@ const COMMANDS: &[(&str, &[&[&str]])] = {
         ("list", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS]),
         ("getconfig", &[OUTPUT, PLUGINS, CACHE]),
         ("inspect", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS]),
-        ("rm", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS]),
+        // rm keeps blobs younger than prune-min-age (another tool may be writing them).
+        ("rm", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, SPACE]),
         ("prune", &[OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, SPACE]),
         ("plugins", &[OUTPUT, PLUGINS]),
     ]

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 /// Bytes per read.
 const CHUNK: u64 = 1 << 20;
 /// Chunks read ahead of the consumer.
-const AHEAD: usize = 4;
+const AHEAD: usize = 2;
 /// Offset and length alignment of direct reads.
 const BLOCK: u64 = 512;
 /// Memory alignment direct reads may ask for.
@@ -47,6 +47,56 @@ pub(crate) fn blob_reader(file: &Path, start: u64, len: u64) -> io::Result<BlobR
     Ok(Box::pin(tokio_util::io::StreamReader::new(chunks)))
 }
 
+/// Chunk buffers that come back when the reader is done with them: the same
+/// few pages are filled again and again (fresh memory for every chunk would
+/// cost what the page cache does).
+struct Pool {
+    home: std::sync::mpsc::Sender<Vec<u8>>,
+    returned: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        let (home, returned) = std::sync::mpsc::channel();
+        Pool { home, returned }
+    }
+
+    /// A buffer with room for `CHUNK` bytes at a `MEMORY_ALIGN`ed offset.
+    fn take(&self) -> Vec<u8> {
+        self.returned
+            .try_recv()
+            .unwrap_or_else(|_| vec![0u8; CHUNK as usize + MEMORY_ALIGN])
+    }
+
+    /// `range` of `storage` as bytes that return `storage` here when dropped.
+    fn share(&self, storage: Vec<u8>, range: std::ops::Range<usize>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            storage,
+            range,
+            home: self.home.clone(),
+        })
+    }
+}
+
+struct Pooled {
+    storage: Vec<u8>,
+    range: std::ops::Range<usize>,
+    home: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.storage[self.range.clone()]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // The reading thread may be gone: then the buffer is simply freed.
+        let _ = self.home.send(std::mem::take(&mut self.storage));
+    }
+}
+
 /// Sends `[start, start + len)` in chunks until done, an error, or the reader
 /// is dropped.
 fn read_ahead(
@@ -56,11 +106,12 @@ fn read_ahead(
     len: u64,
     sender: &mpsc::Sender<io::Result<Bytes>>,
 ) {
+    let pool = Pool::new();
     let end = start + len;
     let mut at = start;
     while at < end {
         let chunk = match direct {
-            Some(file) => match read_direct(file, at, end) {
+            Some(file) => match read_direct(&pool, file, at, end) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::debug!("direct reads refused ({e}); reading through the page cache");
                     direct = None;
@@ -68,7 +119,7 @@ fn read_ahead(
                 }
                 other => other,
             },
-            None => read_buffered(buffered, at, end),
+            None => read_buffered(&pool, buffered, at, end),
         };
         let failed = chunk.is_err();
         if let Ok(bytes) = &chunk {
@@ -81,29 +132,29 @@ fn read_ahead(
 }
 
 /// Up to a chunk from `at`, read directly from the block it lies in.
-fn read_direct(file: &File, at: u64, end: u64) -> io::Result<Bytes> {
+fn read_direct(pool: &Pool, file: &File, at: u64, end: u64) -> io::Result<Bytes> {
     let from = at - at % BLOCK;
     let span = (end - from).min(CHUNK);
-    let want = span.div_ceil(BLOCK) * BLOCK;
-    let mut storage = vec![0u8; want as usize + MEMORY_ALIGN];
+    let want = (span.div_ceil(BLOCK) * BLOCK) as usize;
+    let mut storage = pool.take();
     let offset = storage.as_ptr().align_offset(MEMORY_ALIGN);
-    let got = read_full_at(file, &mut storage[offset..offset + want as usize], from)?;
+    let got = read_full_at(file, &mut storage[offset..offset + want], from)?;
     let skip = (at - from) as usize;
     let usable = got.min(span as usize);
     if usable <= skip {
         return Err(cut_short(at));
     }
-    Ok(Bytes::from(storage).slice(offset + skip..offset + usable))
+    Ok(pool.share(storage, offset + skip..offset + usable))
 }
 
-fn read_buffered(file: &File, at: u64, end: u64) -> io::Result<Bytes> {
-    let mut buffer = vec![0u8; (end - at).min(CHUNK) as usize];
-    let got = read_full_at(file, &mut buffer, at)?;
+fn read_buffered(pool: &Pool, file: &File, at: u64, end: u64) -> io::Result<Bytes> {
+    let mut storage = pool.take();
+    let want = (end - at).min(CHUNK) as usize;
+    let got = read_full_at(file, &mut storage[..want], at)?;
     if got == 0 {
         return Err(cut_short(at));
     }
-    buffer.truncate(got);
-    Ok(Bytes::from(buffer))
+    Ok(pool.share(storage, 0..got))
 }
 
 /// Fills `buffer` from `offset` on, or as much as the file has.

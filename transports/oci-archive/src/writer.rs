@@ -373,23 +373,21 @@ impl BlobSink for ArchiveSink {
         // The entry goes out in chunks of whole blocks: the header first, the
         // data, and the last chunk padded with zeros to its block.
         let mut buffer = AlignedBuffer::new(CHUNK);
-        let buf = buffer.as_mut();
         let mut header = tar::Header::new_gnu();
         fill_header(&mut header, &name, size)
             .map_err(self.io_error(format!("writing the entry of {name}")))?;
-        buf[..BLOCK as usize].copy_from_slice(header.as_bytes());
+        buffer.as_mut()[..BLOCK as usize].copy_from_slice(header.as_bytes());
         let mut filled = BLOCK as usize;
         let mut written = 0u64;
         let mut hasher = Sha256::new();
         let mut have = 0u64;
         loop {
-            if filled == buf.len() {
-                self.direct
-                    .write_at(&self.file, buf, self.start + written)
-                    .map_err(self.io_error(format!("writing {name}")))?;
+            if filled == CHUNK {
+                buffer = self.write_out(buffer, filled, written, &name).await?;
                 written += filled as u64;
                 filled = 0;
             }
+            let buf = buffer.as_mut();
             let n = data
                 .read(&mut buf[filled..])
                 .await
@@ -412,15 +410,38 @@ impl BlobSink for ArchiveSink {
             return Err(self.error("digest", self.blob.digest.to_string(), actual.to_string()));
         }
         let padded = (filled as u64).div_ceil(BLOCK) * BLOCK;
-        buf[filled..padded as usize].fill(0);
-        self.direct
-            .write_at(&self.file, &buf[..padded as usize], self.start + written)
-            .map_err(self.io_error(format!("writing {name}")))?;
+        buffer.as_mut()[filled..padded as usize].fill(0);
+        self.write_out(buffer, padded as usize, written, &name)
+            .await?;
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(writer) = shared.as_mut() {
             writer.complete(&name);
         }
         Ok(())
+    }
+}
+
+impl ArchiveSink {
+    /// Writes the first `len` bytes of `buffer` at `written` bytes into the
+    /// entry, on a blocking thread (a direct write waits for the disk, which
+    /// must not hold up the runtime's network reads and timers); gives the
+    /// buffer back for the next chunk.
+    async fn write_out(
+        &self,
+        mut buffer: AlignedBuffer,
+        len: usize,
+        written: u64,
+        name: &str,
+    ) -> Result<AlignedBuffer, TransportError> {
+        let (direct, file, at) = (self.direct.clone(), self.file.clone(), self.start + written);
+        let (buffer, result) = tokio::task::spawn_blocking(move || {
+            let result = direct.write_at(&file, &buffer.as_mut()[..len], at);
+            (buffer, result)
+        })
+        .await
+        .map_err(|e| self.io_error(format!("writing {name}"))(io::Error::other(e)))?;
+        result.map_err(self.io_error(format!("writing {name}")))?;
+        Ok(buffer)
     }
 }
 

@@ -6,8 +6,12 @@
 //!
 //! A mirror that fails (refused connection, 404, anything) is passed over at
 //! once: the copy engine's retries and their budget see only the primary's error.
-//! Explicit credentials go only to endpoints on the primary's host; every other
-//! endpoint gets the credentials stored for its own host, or none.
+//! Once an endpoint served a repository's manifest, every later read of that
+//! repository in the run (an index's children, the blobs) goes there alone.
+//! Explicit credentials go to the primary and to endpoints at the reference's
+//! own `host[:port]`; every other endpoint gets the credentials stored for it,
+//! or none. TLS is per endpoint: its own CA from the certificate directories,
+//! insecure when its table, mirror entry or the `insecure` key says so.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,17 +58,7 @@ impl ConfiguredRegistry {
 
     /// Whether any table of `conf` can apply to a repository of `location`.
     pub fn applies(conf: &RegistriesConf, location: &str) -> bool {
-        let host = location.split(':').next().unwrap_or(location);
-        conf.tables.iter().any(|t| {
-            let prefix = t.effective_prefix();
-            match prefix.strip_prefix("*.") {
-                Some(domain) => host.ends_with(&format!(".{domain}")),
-                None => {
-                    let prefix_location = prefix.split('/').next().unwrap_or(prefix);
-                    prefix_location == location
-                }
-            }
-        })
+        conf.applies_to(location)
     }
 
     fn endpoints_for(
@@ -104,7 +98,11 @@ impl ConfiguredRegistry {
     }
 
     fn open(&self, endpoint: &Endpoint) -> Result<Arc<RegistryTransport>, TransportError> {
-        let insecure = self.options.insecure || endpoint.insecure;
+        let own = endpoint.location == self.location;
+        let configured = self.options.insecure_locations.iter().any(|l| {
+            *l == endpoint.location || l == sarde_api::transport::location_host(&endpoint.location)
+        });
+        let insecure = endpoint.insecure || configured || (own && self.options.insecure);
         let key = (endpoint.location.clone(), insecure);
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(open) = endpoints.get(&key) {
@@ -112,8 +110,19 @@ impl ConfiguredRegistry {
         }
         let mut options = self.options.clone();
         options.insecure = insecure;
-        if host(&endpoint.location) != host(&self.location) {
+        if !own {
+            options.ca_file =
+                sarde_api::transport::ca_file_in(&self.options.certs_dirs, &endpoint.location);
+        }
+        if !own && endpoint.mirror {
+            // Explicit credentials are the reference's: not for another host's mirror.
             options.credentials = None;
+        }
+        if insecure && !own {
+            tracing::warn!(
+                "{}: insecure (plain HTTP or unverified TLS), as registries.conf or the insecure key says",
+                endpoint.location
+            );
         }
         let opened = Arc::new(crate::transport::open_with_stored_credentials(
             &endpoint.location,
@@ -122,10 +131,6 @@ impl ConfiguredRegistry {
         endpoints.insert(key, opened.clone());
         Ok(opened)
     }
-}
-
-fn host(location: &str) -> &str {
-    location.split(':').next().unwrap_or(location)
 }
 
 #[async_trait]
@@ -152,13 +157,30 @@ impl Transport for ConfiguredRegistry {
         repository: &str,
         reference: &str,
     ) -> Result<RawManifest, TransportError> {
+        // The endpoint that served this repository serves the rest of it.
+        let pinned = self
+            .serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(repository)
+            .cloned();
+        if let Some(endpoint) = pinned {
+            return self
+                .open(&endpoint)?
+                .get_manifest(&endpoint.repository, reference)
+                .await;
+        }
         let by_digest = reference.parse::<Digest>().is_ok();
         for endpoint in self.endpoints_for(repository, by_digest)? {
-            let transport = self.open(&endpoint)?;
-            match transport
-                .get_manifest(&endpoint.repository, reference)
-                .await
-            {
+            let answer = match self.open(&endpoint) {
+                Ok(transport) => {
+                    transport
+                        .get_manifest(&endpoint.repository, reference)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match answer {
                 Ok(manifest) => {
                     tracing::info!(
                         "{}/{repository}:{reference} served by {} {}/{}",
@@ -282,14 +304,9 @@ impl Transport for ConfiguredRegistry {
     }
 
     async fn check_credentials(&self) -> Result<(), TransportError> {
-        self.open(&Endpoint {
-            location: self.location.clone(),
-            repository: String::new(),
-            insecure: false,
-            mirror: false,
-        })?
-        .check_credentials()
-        .await
+        // Where a push would go: the primary, as registries.conf makes it.
+        let endpoint = self.primary("")?;
+        self.open(&endpoint)?.check_credentials().await
     }
 
     async fn mount_blob(

@@ -11,50 +11,72 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// The files that apply, in the order they are merged: `CONTAINERS_REGISTRIES_CONF`
-/// alone when set; otherwise the user's `~/.config/containers/registries.conf`
-/// or else `/etc/containers/registries.conf`, then the drop-ins of
-/// `/etc/containers/registries.conf.d/` and `~/.config/containers/registries.conf.d/`
-/// (`*.conf`, in name order). Files that do not exist are left out.
-pub fn files_from_process() -> Vec<PathBuf> {
+/// The files that apply, in the order they are merged, as containers/image
+/// picks them: the main file is `$CONTAINERS_REGISTRIES_CONF` when set (it must
+/// exist), else `~/.config/containers/registries.conf` when it exists (then
+/// only the user's drop-ins follow), else `/etc/containers/registries.conf`;
+/// then the drop-ins (`*.conf`, in name order) of
+/// `/etc/containers/registries.conf.d/` and `~/.config/containers/registries.conf.d/`.
+/// Files that do not exist are left out, except a main file the environment names.
+pub fn files_from_process() -> Result<ConfFiles, ConfError> {
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from);
     files(
-        std::env::var_os("CONTAINERS_REGISTRIES_CONF").map(PathBuf::from),
+        std::env::var_os("CONTAINERS_REGISTRIES_CONF")
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from),
         home.as_deref(),
         Path::new("/etc/containers"),
     )
 }
 
-fn files(env: Option<PathBuf>, home: Option<&Path>, system: &Path) -> Vec<PathBuf> {
-    if let Some(file) = env.filter(|f| !f.as_os_str().is_empty()) {
-        return vec![file];
-    }
+/// The main file (if any; version 1 is allowed there) and the drop-ins, in
+/// merge order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfFiles {
+    pub main: Option<PathBuf>,
+    pub drop_ins: Vec<PathBuf>,
+}
+
+fn files(env: Option<PathBuf>, home: Option<&Path>, system: &Path) -> Result<ConfFiles, ConfError> {
     let user = home.map(|h| h.join(".config/containers"));
-    let mut out = Vec::new();
     let user_main = user.as_ref().map(|u| u.join("registries.conf"));
-    match user_main.filter(|f| f.is_file()) {
-        Some(file) => out.push(file),
-        None => {
-            let main = system.join("registries.conf");
-            if main.is_file() {
-                out.push(main);
+    let (main, dirs) = match (env, user_main.filter(|f| f.is_file())) {
+        (Some(file), _) => {
+            if !file.is_file() {
+                return Err(ConfError::Read {
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "CONTAINERS_REGISTRIES_CONF names it, and it does not exist",
+                    ),
+                    file,
+                });
             }
+            (Some(file), vec![Some(system.to_path_buf()), user])
         }
-    }
-    for dir in std::iter::once(system.to_path_buf()).chain(user) {
-        let mut drop_ins: Vec<PathBuf> = std::fs::read_dir(dir.join("registries.conf.d"))
+        (None, Some(file)) => (Some(file), vec![user]),
+        (None, None) => {
+            let file = system.join("registries.conf");
+            (
+                file.is_file().then_some(file),
+                vec![Some(system.to_path_buf()), user],
+            )
+        }
+    };
+    let mut drop_ins = Vec::new();
+    for dir in dirs.into_iter().flatten() {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join("registries.conf.d"))
             .into_iter()
             .flatten()
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|e| e == "conf") && p.is_file())
             .collect();
-        drop_ins.sort();
-        out.extend(drop_ins);
+        found.sort();
+        drop_ins.extend(found);
     }
-    out
+    Ok(ConfFiles { main, drop_ins })
 }
 
 /// A registries.conf that cannot be used.
@@ -125,9 +147,24 @@ impl RegistryTable {
 struct FileV2 {
     #[serde(default)]
     registry: Vec<RegistryTable>,
-    /// Present only in version 1 files.
+    /// Version 1 tables: `[registries.search]`, `[registries.insecure]`,
+    /// `[registries.block]`, each with a `registries` list.
     #[serde(default)]
-    registries: Option<toml::Value>,
+    registries: Option<V1Tables>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct V1Tables {
+    #[serde(default)]
+    insecure: Option<V1List>,
+    #[serde(default)]
+    block: Option<V1List>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct V1List {
+    #[serde(default)]
+    registries: Vec<String>,
 }
 
 /// The merged tables of every file that applies.
@@ -159,10 +196,16 @@ pub enum Resolution {
 }
 
 impl RegistriesConf {
-    /// Reads and merges `files` (later files replace tables with the same prefix).
-    pub fn load(files: &[PathBuf]) -> Result<RegistriesConf, ConfError> {
+    /// Reads and merges the files (later files replace tables with the same
+    /// prefix); only the main file may be in version 1.
+    pub fn load(files: &ConfFiles) -> Result<RegistriesConf, ConfError> {
         let mut conf = RegistriesConf::default();
-        for file in files {
+        let all = files
+            .main
+            .iter()
+            .map(|f| (f, true))
+            .chain(files.drop_ins.iter().map(|f| (f, false)));
+        for (file, main) in all {
             let text = match std::fs::read_to_string(file) {
                 Ok(text) => text,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -173,25 +216,66 @@ impl RegistriesConf {
                     });
                 }
             };
-            conf.merge(file, &text)?;
+            conf.merge(file, &text, main)?;
             conf.files.push(file.clone());
         }
         Ok(conf)
     }
 
-    fn merge(&mut self, file: &Path, text: &str) -> Result<(), ConfError> {
+    fn merge(&mut self, file: &Path, text: &str, main: bool) -> Result<(), ConfError> {
         let syntax = |message: String| ConfError::Syntax {
             file: file.to_path_buf(),
             message,
         };
         let parsed: FileV2 = toml::from_str(text).map_err(|e| syntax(e.to_string()))?;
-        if parsed.registries.is_some() {
-            return Err(syntax(
-                "version 1 tables ([registries.search], [registries.insecure], [registries.block]) are not read: rewrite them as [[registry]] tables (version 2)".into(),
-            ));
+        let mut tables = parsed.registry;
+        if let Some(v1) = parsed.registries {
+            if !main {
+                return Err(syntax(
+                    "a drop-in must use version 2 ([[registry]] tables), not [registries.*]".into(),
+                ));
+            }
+            if !tables.is_empty() {
+                return Err(syntax(
+                    "version 1 ([registries.*]) and version 2 ([[registry]]) tables mixed in one file"
+                        .into(),
+                ));
+            }
+            // As containers/image reads version 1: a table per listed registry;
+            // search lists do not apply to docker:// references.
+            let lists = [
+                (v1.insecure.map(|l| l.registries), true),
+                (v1.block.map(|l| l.registries), false),
+            ];
+            for (registries, insecure) in lists {
+                for registry in registries.unwrap_or_default() {
+                    let registry = registry.trim_end_matches('/').to_string();
+                    let index = match tables.iter().position(|t| t.location == registry) {
+                        Some(i) => i,
+                        None => {
+                            tables.push(RegistryTable {
+                                prefix: registry.clone(),
+                                location: registry,
+                                insecure: false,
+                                blocked: false,
+                                mirror_by_digest_only: false,
+                                mirror: Vec::new(),
+                                file: PathBuf::new(),
+                            });
+                            tables.len() - 1
+                        }
+                    };
+                    if insecure {
+                        tables[index].insecure = true;
+                    } else {
+                        tables[index].blocked = true;
+                    }
+                }
+            }
         }
-        for mut table in parsed.registry {
+        for mut table in tables {
             table.file = file.to_path_buf();
+            normalise(&mut table);
             check_table(&table).map_err(syntax)?;
             match self
                 .tables
@@ -205,12 +289,27 @@ impl RegistriesConf {
         Ok(())
     }
 
-    /// The table for `name` (`host[:port]/path`): the longest prefix that matches.
+    /// The table for `name` (`host[:port]/path`): the longest prefix that
+    /// matches, the first of equally long ones.
     pub fn table_for(&self, name: &str) -> Option<&RegistryTable> {
-        self.tables
-            .iter()
-            .filter(|t| prefix_matches(t.effective_prefix(), name))
-            .max_by_key(|t| t.effective_prefix().len())
+        let mut best: Option<&RegistryTable> = None;
+        for table in &self.tables {
+            let prefix = table.effective_prefix();
+            if prefix_matches(prefix, name)
+                && best.is_none_or(|b| prefix.len() > b.effective_prefix().len())
+            {
+                best = Some(table);
+            }
+        }
+        best
+    }
+
+    /// Whether some table can apply to a repository at `location` (`host[:port]`).
+    pub fn applies_to(&self, location: &str) -> bool {
+        self.tables.iter().any(|t| {
+            let prefix = t.effective_prefix();
+            prefix_matches(prefix, location) || prefix.starts_with(&format!("{location}/"))
+        })
     }
 
     /// Where to ask for `location/repository`, read with `by_digest` or a tag.
@@ -294,14 +393,23 @@ fn prefix_matches(prefix: &str, name: &str) -> bool {
         let host = host.split(':').next().unwrap_or(host);
         return host.ends_with(&format!(".{domain}"));
     }
+    // A `:` boundary: a prefix without a port matches its host on any port.
     match name.strip_prefix(prefix) {
-        Some(rest) => {
-            rest.is_empty()
-                || rest.starts_with('/')
-                || rest.starts_with(':')
-                || rest.starts_with('@')
-        }
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with(':'),
         None => false,
+    }
+}
+
+/// Surrounding blanks and trailing slashes go, as containers/image parses locations.
+fn normalise(table: &mut RegistryTable) {
+    let trim = |s: &mut String| {
+        let trimmed = s.trim().trim_end_matches('/').to_string();
+        *s = trimmed;
+    };
+    trim(&mut table.prefix);
+    trim(&mut table.location);
+    for mirror in &mut table.mirror {
+        trim(&mut mirror.location);
     }
 }
 
@@ -310,9 +418,14 @@ fn check_table(table: &RegistryTable) -> Result<(), String> {
     if prefix.is_empty() {
         return Err("a [[registry]] table needs a prefix or a location".into());
     }
-    if prefix.starts_with("*.") && prefix[2..].contains(['*', '/']) {
+    if prefix.starts_with("*.") && prefix[2..].contains(['*', '/', ':', '@']) {
         return Err(format!(
-            "prefix {prefix:?}: a wildcard names hosts only (*.example.com)"
+            "prefix {prefix:?}: a wildcard names hosts only, without port or path (*.example.com)"
+        ));
+    }
+    if prefix.contains('*') && !prefix.starts_with("*.") {
+        return Err(format!(
+            "prefix {prefix:?}: a wildcard goes first (*.example.com)"
         ));
     }
     if prefix.contains("://") || table.location.contains("://") {
@@ -343,7 +456,7 @@ mod tests {
 
     fn conf(text: &str) -> RegistriesConf {
         let mut conf = RegistriesConf::default();
-        conf.merge(Path::new("test.conf"), text).unwrap();
+        conf.merge(Path::new("test.conf"), text, true).unwrap();
         conf
     }
 
@@ -454,41 +567,91 @@ blocked = true
         let mut c = conf("[[registry]]\nlocation = \"a.example\"\ninsecure = true\n");
         c.merge(
             Path::new("drop-in.conf"),
-            "[[registry]]\nprefix = \"a.example\"\nblocked = true\n",
+            "[[registry]]\nprefix = \"a.example/\"\nblocked = true\n",
+            false,
         )
         .unwrap();
-        assert_eq!(c.tables.len(), 1);
+        assert_eq!(c.tables.len(), 1, "a trailing / is the same prefix");
         assert!(c.tables[0].blocked && !c.tables[0].insecure);
+    }
+
+    #[test]
+    fn version_1_main_files_are_read_and_drop_ins_must_be_version_2() {
+        let mut c = RegistriesConf::default();
+        c.merge(
+            Path::new("registries.conf"),
+            "[registries.search]\nregistries = [\"docker.io\"]\n\
+             [registries.insecure]\nregistries = [\"old.example:5000\"]\n\
+             [registries.block]\nregistries = [\"bad.example\"]\n",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            endpoints(c.resolve("old.example:5000", "x", false)),
+            [ep("old.example:5000", "x", true, false)]
+        );
+        assert!(matches!(
+            c.resolve("bad.example", "x", false),
+            Resolution::Blocked { .. }
+        ));
+        let err = c
+            .merge(
+                Path::new("v1.conf"),
+                "[registries.search]\nregistries = [\"docker.io\"]\n",
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("v1.conf") && err.contains("version 2"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_files_are_refused_naming_the_problem() {
         let mut c = RegistriesConf::default();
-        let v1 = c
-            .merge(
-                Path::new("v1.conf"),
-                "[registries.search]\nregistries = [\"docker.io\"]\n",
-            )
-            .unwrap_err()
-            .to_string();
-        assert!(v1.contains("v1.conf") && v1.contains("version 1"), "{v1}");
         let scheme = c
             .merge(
                 Path::new("s.conf"),
                 "[[registry]]\nlocation = \"https://x\"\n",
+                false,
             )
             .unwrap_err()
             .to_string();
         assert!(scheme.contains("no URL scheme"), "{scheme}");
+        let wildcard = c
+            .merge(
+                Path::new("w.conf"),
+                "[[registry]]\nprefix = \"*.x.example:5000\"\n",
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(wildcard.contains("wildcard"), "{wildcard}");
         let toml = c
-            .merge(Path::new("t.conf"), "[[registry]\n")
+            .merge(Path::new("t.conf"), "[[registry]\n", false)
             .unwrap_err()
             .to_string();
         assert!(toml.contains("t.conf"), "{toml}");
     }
 
     #[test]
-    fn the_environment_names_one_file_else_user_or_system_then_drop_ins() {
+    fn a_prefix_without_a_port_applies_to_every_port_of_its_host() {
+        let c = conf("[[registry]]\nlocation = \"localhost\"\ninsecure = true\n");
+        assert!(c.applies_to("localhost:5000"));
+        assert!(!c.applies_to("localhostx:5000"));
+        assert_eq!(
+            endpoints(c.resolve("localhost:5000", "a/b", false)),
+            [ep("localhost:5000", "a/b", true, false)]
+        );
+        let deep = conf("[[registry]]\nprefix = \"r.example/team\"\nblocked = true\n");
+        assert!(deep.applies_to("r.example"));
+        assert!(!deep.applies_to("r.example:5000"));
+    }
+
+    #[test]
+    fn the_files_containers_image_reads() {
         let dir = tempfile::tempdir().unwrap();
         let system = dir.path().join("etc");
         let home = dir.path().join("home");
@@ -498,28 +661,43 @@ blocked = true
         std::fs::write(system.join("registries.conf.d/b.conf"), "").unwrap();
         std::fs::write(system.join("registries.conf.d/a.conf"), "").unwrap();
         std::fs::write(system.join("registries.conf.d/c.txt"), "").unwrap();
-        let only = dir.path().join("only.conf");
-        assert_eq!(files(Some(only.clone()), Some(&home), &system), [only]);
-        assert_eq!(
-            files(None, Some(&home), &system),
-            [
-                system.join("registries.conf"),
-                system.join("registries.conf.d/a.conf"),
-                system.join("registries.conf.d/b.conf")
-            ]
-        );
-        let user_main = home.join(".config/containers/registries.conf");
-        std::fs::write(&user_main, "").unwrap();
         let user_drop_in = home.join(".config/containers/registries.conf.d/z.conf");
         std::fs::write(&user_drop_in, "").unwrap();
+        let system_drop_ins = vec![
+            system.join("registries.conf.d/a.conf"),
+            system.join("registries.conf.d/b.conf"),
+            user_drop_in.clone(),
+        ];
+        // The environment names the main file; the drop-ins still follow.
+        let only = dir.path().join("only.conf");
+        assert!(
+            files(Some(only.clone()), Some(&home), &system).is_err(),
+            "it must exist"
+        );
+        std::fs::write(&only, "").unwrap();
         assert_eq!(
-            files(None, Some(&home), &system),
-            [
-                user_main,
-                system.join("registries.conf.d/a.conf"),
-                system.join("registries.conf.d/b.conf"),
-                user_drop_in
-            ]
+            files(Some(only.clone()), Some(&home), &system).unwrap(),
+            ConfFiles {
+                main: Some(only),
+                drop_ins: system_drop_ins.clone()
+            }
+        );
+        assert_eq!(
+            files(None, Some(&home), &system).unwrap(),
+            ConfFiles {
+                main: Some(system.join("registries.conf")),
+                drop_ins: system_drop_ins
+            }
+        );
+        // A user's own file: the system's drop-ins are not read.
+        let user_main = home.join(".config/containers/registries.conf");
+        std::fs::write(&user_main, "").unwrap();
+        assert_eq!(
+            files(None, Some(&home), &system).unwrap(),
+            ConfFiles {
+                main: Some(user_main),
+                drop_ins: vec![user_drop_in]
+            }
         );
     }
 }

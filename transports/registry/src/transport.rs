@@ -143,15 +143,20 @@ impl TransportFactory for RegistryFactory {
 /// The registries.conf files `options` name, or else those podman and skopeo
 /// read in this process's environment.
 fn load_conf(options: &TransportOptions, location: &str) -> Result<RegistriesConf, TransportError> {
-    let files = if options.registries_conf.is_empty() {
-        crate::registries_conf::files_from_process()
-    } else {
-        options.registries_conf.clone()
-    };
-    RegistriesConf::load(&files).map_err(|e| TransportError::Protocol {
+    let failed = |e: crate::registries_conf::ConfError| TransportError::Protocol {
         location: location.to_string(),
         message: format!("{e} (registries.conf applies to every docker:// reference)"),
-    })
+    };
+    let files = if options.registries_conf.is_empty() {
+        crate::registries_conf::files_from_process().map_err(failed)?
+    } else {
+        let mut listed = options.registries_conf.iter().cloned();
+        crate::registries_conf::ConfFiles {
+            main: listed.next(),
+            drop_ins: listed.collect(),
+        }
+    };
+    RegistriesConf::load(&files).map_err(failed)
 }
 
 /// Opens `location` with `options`' credentials, or else those stored for it:

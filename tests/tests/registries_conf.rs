@@ -223,6 +223,75 @@ fn a_digest_only_mirror_serves_digests_and_never_tags() {
 }
 
 #[test]
+fn insecure_is_unverified_tls_where_there_is_tls_and_each_mirror_has_its_own_ca() {
+    if !registry_tests_enabled(
+        "insecure_is_unverified_tls_where_there_is_tls_and_each_mirror_has_its_own_ca",
+    ) {
+        return;
+    }
+    let upstream = TestRegistry::start(RegistryOptions::default());
+    let mirror = TestRegistry::start(RegistryOptions {
+        tls: true,
+        ..RegistryOptions::default()
+    });
+    let (manifest, blobs) = push_image(&upstream, "sarde-conf-tls");
+    let source = format!("{}/e2e/conf:1", upstream.address());
+    let seed = vm::workdir();
+    // --insecure on a TLS registry: https without verifying its certificate.
+    ok(sarde(seed.path()).args([
+        "copy",
+        "--insecure",
+        &format!("docker://{source}"),
+        &format!("docker://{}/e2e/conf:1", mirror.address()),
+    ]));
+    let upstream_blobs = blob_gets(&upstream, &blobs);
+
+    // The mirror marked insecure in the file: unverified TLS.
+    let unverified = vm::workdir();
+    conf(
+        unverified.path(),
+        &format!(
+            "[[registry]]\nlocation = \"{up}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{m}\"\ninsecure = true\n",
+            up = upstream.address(),
+            m = mirror.address()
+        ),
+    );
+    assert_eq!(
+        fetch(unverified.path(), &source)["manifest"],
+        manifest.as_str()
+    );
+
+    // The mirror verified with its own CA from certs.d (the upstream has none).
+    let verified = vm::workdir();
+    conf(
+        verified.path(),
+        &format!(
+            "[[registry]]\nlocation = \"{up}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{m}\"\n",
+            up = upstream.address(),
+            m = mirror.address()
+        ),
+    );
+    let certs = verified.path().join("certs.d");
+    std::fs::create_dir_all(certs.join(mirror.address())).unwrap();
+    std::fs::copy(
+        mirror.ca_file().expect("a TLS registry has a CA"),
+        certs.join(mirror.address()).join("ca.crt"),
+    )
+    .unwrap();
+    let fetched = json(&ok(sarde(verified.path())
+        .env("SARDE_CERTS_DIR", &certs)
+        .args(["fetch", "--format", "json", &source])));
+    assert_eq!(fetched["manifest"], manifest.as_str());
+    assert_eq!(
+        blob_gets(&upstream, &blobs),
+        upstream_blobs,
+        "the TLS mirror served both fetches"
+    );
+}
+
+#[test]
 fn a_blocked_prefix_is_refused_naming_the_file() {
     if !registry_tests_enabled("a_blocked_prefix_is_refused_naming_the_file") {
         return;

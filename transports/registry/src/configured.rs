@@ -2,7 +2,8 @@
 //! reference's table first, in order, then to the primary (its `location`
 //! rewrite); the first endpoint whose manifest loads serves the rest of that
 //! repository's reads (no per-blob fallback, as containers/image). Writes go to
-//! the primary only. A blocked prefix refuses everything.
+//! the name as written, as skopeo pushes (with its table's `insecure`). A
+//! blocked prefix refuses everything.
 //!
 //! A mirror that fails (refused connection, 404, anything) is passed over at
 //! once: the copy engine's retries and their budget see only the primary's error.
@@ -77,6 +78,23 @@ impl ConfiguredRegistry {
             }),
             Resolution::Endpoints(endpoints) => Ok(endpoints),
         }
+    }
+
+    /// Where writes go: the name as written, as skopeo pushes (a `location`
+    /// rewrite and mirrors are for pulls); its table's `blocked` and
+    /// `insecure` still apply.
+    fn writing(&self, repository: &str) -> Result<Endpoint, TransportError> {
+        self.endpoints_for(repository, false)?;
+        let insecure = self
+            .conf
+            .table_for(&format!("{}/{repository}", self.location))
+            .is_some_and(|t| t.insecure);
+        Ok(Endpoint {
+            location: self.location.clone(),
+            repository: repository.to_string(),
+            insecure,
+            mirror: false,
+        })
     }
 
     fn primary(&self, repository: &str) -> Result<Endpoint, TransportError> {
@@ -215,7 +233,7 @@ impl Transport for ConfiguredRegistry {
         reference: &str,
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
-        let endpoint = self.primary(repository)?;
+        let endpoint = self.writing(repository)?;
         self.open(&endpoint)?
             .put_manifest(&endpoint.repository, reference, manifest)
             .await
@@ -255,7 +273,7 @@ impl Transport for ConfiguredRegistry {
         blob: &Descriptor,
         data: BlobReader,
     ) -> Result<(), TransportError> {
-        let endpoint = self.primary(repository)?;
+        let endpoint = self.writing(repository)?;
         self.open(&endpoint)?
             .put_blob(&endpoint.repository, blob, data)
             .await
@@ -266,7 +284,7 @@ impl Transport for ConfiguredRegistry {
         repository: &str,
         blob: &Descriptor,
     ) -> Result<BlobWrite<'a>, TransportError> {
-        let endpoint = self.primary(repository)?;
+        let endpoint = self.writing(repository)?;
         let transport = self.open(&endpoint)?;
         if transport.blob_exists(&endpoint.repository, blob).await? {
             return Ok(BlobWrite::Present { linked: false });
@@ -284,8 +302,8 @@ impl Transport for ConfiguredRegistry {
         manifest: &RawManifest,
         blobs: &[Descriptor],
     ) -> Result<bool, TransportError> {
-        // Asked of a destination: only the primary counts, never a mirror.
-        let endpoint = self.primary(repository)?;
+        // Asked of a destination: only where pushes go counts, never a mirror.
+        let endpoint = self.writing(repository)?;
         self.open(&endpoint)?
             .holds_image(&endpoint.repository, manifest, blobs)
             .await
@@ -304,8 +322,8 @@ impl Transport for ConfiguredRegistry {
     }
 
     async fn check_credentials(&self) -> Result<(), TransportError> {
-        // Where a push would go: the primary, as registries.conf makes it.
-        let endpoint = self.primary("")?;
+        // Where a push would go: the name as written.
+        let endpoint = self.writing("")?;
         self.open(&endpoint)?.check_credentials().await
     }
 
@@ -315,8 +333,8 @@ impl Transport for ConfiguredRegistry {
         from_repository: &str,
         blob: &Descriptor,
     ) -> Result<bool, TransportError> {
-        let endpoint = self.primary(repository)?;
-        let from = self.primary(from_repository)?;
+        let endpoint = self.writing(repository)?;
+        let from = self.writing(from_repository)?;
         if from.location != endpoint.location {
             return Ok(false);
         }

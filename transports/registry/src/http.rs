@@ -28,8 +28,12 @@ const USER_AGENT: &str = concat!("sarde/", env!("CARGO_PKG_VERSION"));
 /// The HTTP side of one registry.
 pub(crate) struct Http {
     location: String,
-    /// `https://host[:port]/` or `http://…` for an insecure registry.
-    base: reqwest::Url,
+    /// `https://host[:port]/`; for an insecure registry `http://…` until
+    /// [`Http::ready`] finds TLS there (then unverified https, as docker and
+    /// containers/image reach insecure registries).
+    base: std::sync::RwLock<reqwest::Url>,
+    insecure: bool,
+    scheme_probed: tokio::sync::OnceCell<()>,
     /// Idle timeout between reads; for everything but uploads.
     client: reqwest::Client,
     /// Without the idle timeout, which would count the upload's own time.
@@ -81,30 +85,69 @@ impl Http {
         })?;
         Ok(Http {
             location: location.to_string(),
-            base,
+            base: std::sync::RwLock::new(base),
+            insecure,
+            scheme_probed: tokio::sync::OnceCell::new(),
             client,
             upload,
             bounds,
         })
     }
 
+    fn base(&self) -> reqwest::Url {
+        self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// For an insecure registry, once: https (unverified) when something
+    /// answers HTTP over TLS there, else plain http. Called before the first
+    /// request; a secure registry is always https.
+    pub async fn ready(&self) {
+        if !self.insecure {
+            return;
+        }
+        self.scheme_probed
+            .get_or_init(|| async {
+                let Ok(https) = reqwest::Url::parse(&format!("https://{}/", self.location)) else {
+                    return;
+                };
+                let probe = self
+                    .client
+                    .get(format!("{https}v2/"))
+                    .timeout(self.bounds.connect.min(Duration::from_secs(10)))
+                    .send()
+                    .await;
+                match probe {
+                    Ok(_) => {
+                        tracing::debug!(
+                            "{}: insecure registry speaks TLS: https, unverified",
+                            self.location
+                        );
+                        *self.base.write().unwrap_or_else(|e| e.into_inner()) = https;
+                    }
+                    Err(e) => tracing::debug!("{}: no TLS there ({e}): plain http", self.location),
+                }
+            })
+            .await;
+    }
+
     /// The registry's URL for `path` (which starts with `/`).
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base.as_str().trim_end_matches('/'))
+        format!("{}{path}", self.base().as_str().trim_end_matches('/'))
     }
 
     /// Whether `url` is on the registry itself (scheme, host and port), where
     /// credentials and tokens may go; an upload session may live elsewhere.
     pub fn is_registry_url(&self, url: &reqwest::Url) -> bool {
-        self.base.scheme() == url.scheme()
-            && self.base.host_str() == url.host_str()
-            && self.base.port_or_known_default() == url.port_or_known_default()
+        let base = self.base();
+        base.scheme() == url.scheme()
+            && base.host_str() == url.host_str()
+            && base.port_or_known_default() == url.port_or_known_default()
     }
 
     /// Whether `url` would leave https for plain http on a registry reached
     /// over TLS.
     pub fn is_downgrade(&self, url: &reqwest::Url) -> bool {
-        self.base.scheme() == "https" && url.scheme() != "https"
+        self.base().scheme() == "https" && url.scheme() != "https"
     }
 
     pub fn client(&self) -> &reqwest::Client {

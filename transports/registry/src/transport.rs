@@ -246,6 +246,7 @@ impl RegistryTransport {
         kind: Kind,
         make: impl Fn() -> RequestBuilder,
     ) -> Result<Response, TransportError> {
+        self.http.ready().await;
         let mut stale: Option<HeaderValue> = None;
         for attempt in 0..2 {
             let authorization = self
@@ -442,6 +443,8 @@ impl Transport for RegistryTransport {
         repository: &str,
         reference: &str,
     ) -> Result<RawManifest, TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         let object = Object::Manifest {
             repository: repository.to_string(),
             reference: reference.to_string(),
@@ -501,6 +504,8 @@ impl Transport for RegistryTransport {
         reference: &str,
         manifest: &RawManifest,
     ) -> Result<(), TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         let object = Object::Manifest {
             repository: repository.to_string(),
             reference: reference.to_string(),
@@ -548,6 +553,8 @@ impl Transport for RegistryTransport {
     /// a chain that loops, leaves the registry or never ends is refused, and the
     /// whole listing has a deadline of five request timeouts.
     async fn list_tags(&self, repository: &str) -> Result<Vec<String>, TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         let object = Object::Tags {
             repository: repository.to_string(),
         };
@@ -571,6 +578,8 @@ impl Transport for RegistryTransport {
         repository: &str,
         blob: &Descriptor,
     ) -> Result<bool, TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         let object = Object::Blob {
             repository: repository.to_string(),
             digest: blob.digest.clone(),
@@ -604,6 +613,8 @@ impl Transport for RegistryTransport {
         blob: &Descriptor,
         offset: u64,
     ) -> Result<BlobReader, TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         let object = Object::Blob {
             repository: repository.to_string(),
             digest: blob.digest.clone(),
@@ -691,6 +702,8 @@ impl Transport for RegistryTransport {
         blob: &Descriptor,
         data: BlobReader,
     ) -> Result<(), TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         // No HEAD here: the copy engine asks `blob_exists` first and decides.
         let object = Object::Blob {
             repository: repository.to_string(),
@@ -756,6 +769,8 @@ impl Transport for RegistryTransport {
     /// same with the credentials, on a Bearer challenge a token request for no
     /// scope with them. Only a refusal of the credentials is `Unauthorized`.
     async fn check_credentials(&self) -> Result<(), TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         self.auth.check_credentials(&self.http).await
     }
 
@@ -769,6 +784,8 @@ impl Transport for RegistryTransport {
         from_repository: &str,
         blob: &Descriptor,
     ) -> Result<bool, TransportError> {
+        // Before any URL is made: an insecure registry's scheme.
+        self.http.ready().await;
         let object = Object::Blob {
             repository: repository.to_string(),
             digest: blob.digest.clone(),

@@ -222,7 +222,7 @@ step "build the demo VM $SOURCE_VM" build_vm
 # --- the demo ----------------------------------------------------------------
 
 step "sarde export" "$SARDE" -v export --connect "$CONNECT" -d "$CACHE_A" "$SOURCE_VM" "$IMAGE"
-step "sarde push" "$SARDE" -v push --connect "$CONNECT" -d "$CACHE_A" --insecure "$IMAGE"
+step "sarde push" "$SARDE" -v push -d "$CACHE_A" --insecure "$IMAGE"
 
 DEFINED_VMS+=("$PULLED_VM")
 step "sarde pull into an empty cache" \

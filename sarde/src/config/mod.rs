@@ -482,15 +482,10 @@ impl Config {
             .iter()
             .map(|k| sources::normalise_key(k))
             .collect();
-        let known_fields: Vec<String> = KNOWN_KEYS
-            .iter()
-            .map(|k| sources::normalise_key(k))
-            .collect();
         // Unknown keys pass, so that they can be reported; known keys this
         // command does not use stay out.
-        let keep = move |field: &str| {
-            used_fields.iter().any(|f| f == field) || !known_fields.iter().any(|f| f == field)
-        };
+        let keep =
+            move |field: &str| used_fields.iter().any(|f| f == field) || !is_known_field(field);
 
         let defaults = Settings::defaults(env.root, env.home.as_deref());
         let mut figment = Figment::from(sources::NamedDict {
@@ -552,19 +547,14 @@ impl Config {
                 .map(|dict| dict.into_keys().collect())
                 .unwrap_or_default()
         };
-        let is_known = |field: &str| {
-            KNOWN_KEYS
-                .iter()
-                .any(|known| sources::normalise_key(known) == field)
-        };
         let unknown_keys = set_keys(&figment)
             .into_iter()
-            .filter(|k| !is_known(k))
+            .filter(|k| !is_known_field(k))
             .map(|k| (k.replace('_', "-"), origin_of(&figment, &k)))
             .collect();
         let unused_keys = set_keys(&everything)
             .into_iter()
-            .filter(|k| is_known(k) && !keep(k))
+            .filter(|k| is_known_field(k) && !keep(k))
             .map(|k| (k.replace('_', "-"), origin_of(&everything, &k)))
             .collect();
         Ok(Config {
@@ -610,6 +600,13 @@ impl Config {
             })
             .collect()
     }
+}
+
+/// Whether `field` (a key as figment names it: `plugin_dir`) is one sarde knows.
+fn is_known_field(field: &str) -> bool {
+    KNOWN_KEYS
+        .iter()
+        .any(|known| sources::normalise_key(known) == field)
 }
 
 fn to_dict(settings: &Settings) -> Dict {

@@ -17,14 +17,12 @@ use bytes::Bytes;
 use sarde_api::transport::BlobReader;
 use tokio::sync::mpsc;
 
+use crate::writer::{BLOCK, DIRECT_ALIGN};
+
 /// Bytes per read.
 const CHUNK: u64 = 1 << 20;
 /// Chunks read ahead of the consumer.
 const AHEAD: usize = 2;
-/// Offset and length alignment of direct reads.
-const BLOCK: u64 = 512;
-/// Memory alignment direct reads may ask for.
-const MEMORY_ALIGN: usize = 4096;
 
 /// The `len` bytes of `file` from `start` on, read ahead on a blocking thread.
 pub(crate) fn blob_reader(file: &Path, start: u64, len: u64) -> io::Result<BlobReader> {
@@ -61,11 +59,11 @@ impl Pool {
         Pool { home, returned }
     }
 
-    /// A buffer with room for `CHUNK` bytes at a `MEMORY_ALIGN`ed offset.
+    /// A buffer with room for `CHUNK` bytes at a `DIRECT_ALIGN`ed offset.
     fn take(&self) -> Vec<u8> {
         self.returned
             .try_recv()
-            .unwrap_or_else(|_| vec![0u8; CHUNK as usize + MEMORY_ALIGN])
+            .unwrap_or_else(|_| vec![0u8; CHUNK as usize + DIRECT_ALIGN])
     }
 
     /// `range` of `storage` as bytes that return `storage` here when dropped.
@@ -137,7 +135,7 @@ fn read_direct(pool: &Pool, file: &File, at: u64, end: u64) -> io::Result<Bytes>
     let span = (end - from).min(CHUNK);
     let want = (span.div_ceil(BLOCK) * BLOCK) as usize;
     let mut storage = pool.take();
-    let offset = storage.as_ptr().align_offset(MEMORY_ALIGN);
+    let offset = storage.as_ptr().align_offset(DIRECT_ALIGN);
     let got = read_full_at(file, &mut storage[offset..offset + want], from)?;
     let skip = (at - from) as usize;
     let usable = got.min(span as usize);

@@ -26,7 +26,8 @@ use tokio::io::AsyncReadExt;
 
 /// Bytes read per write.
 const CHUNK: usize = 1 << 20;
-const BLOCK: u64 = 512;
+/// A tar block: entries start on one, and direct I/O works in them.
+pub(crate) const BLOCK: u64 = 512;
 
 /// The bytes an entry of `size` takes: its header, its data, the padding.
 fn entry_len(size: u64) -> u64 {
@@ -302,7 +303,7 @@ impl Direct {
 }
 
 /// Memory alignment direct I/O may ask for (a page).
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// A buffer of `len` bytes whose start is aligned for direct I/O.
 struct AlignedBuffer {

@@ -175,21 +175,8 @@ impl OciDir {
     }
 }
 
-/// Whether the layout at `dir` lists `reference` (a tag, or a manifest digest
-/// it lists or stores). Reads only `index.json`; false when there is none.
+/// Whether the layout at `dir` holds `reference` (a tag, or a manifest
+/// digest it lists or stores), as [`Layout::resolve`] finds it.
 fn holds(dir: &Path, reference: &str) -> bool {
-    let Ok(bytes) = fs::read(dir.join("index.json")) else {
-        return false;
-    };
-    let Ok(index) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-        return false;
-    };
-    let listed = index["manifests"].as_array().into_iter().flatten();
-    if let Some(hex) = reference.strip_prefix("sha256:") {
-        return listed.clone().any(|m| m["digest"] == reference)
-            || (is_safe_component(hex) && dir.join("blobs/sha256").join(hex).is_file());
-    }
-    listed
-        .into_iter()
-        .any(|m| m["annotations"][sarde_api::oci::media_types::ANNOTATION_REF_NAME] == reference)
+    crate::Layout::open(dir).is_ok_and(|layout| layout.resolve(reference).is_ok())
 }

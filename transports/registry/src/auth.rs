@@ -244,7 +244,6 @@ impl Authenticator {
         http: &Http,
         object: &Object,
     ) -> Result<(StatusCode, Challenge), TransportError> {
-        http.ready().await;
         let url = http.url("/v2/");
         let res = http.send_small(http.client().get(url), object).await?;
         let status = res.status();
@@ -391,7 +390,6 @@ impl Authenticator {
     /// The login check as `docker login` does it: a token request for no scope
     /// (Bearer) or `GET /v2/` with the credentials (Basic).
     pub async fn check_credentials(&self, http: &Http) -> Result<(), TransportError> {
-        http.ready().await;
         let object = Object::Login;
         let (status, challenge) = self.ping(http, &object).await?;
         if status == StatusCode::NOT_FOUND {

@@ -57,11 +57,6 @@ impl ConfiguredRegistry {
         }
     }
 
-    /// Whether any table of `conf` can apply to a repository of `location`.
-    pub fn applies(conf: &RegistriesConf, location: &str) -> bool {
-        conf.applies_to(location)
-    }
-
     fn endpoints_for(
         &self,
         repository: &str,

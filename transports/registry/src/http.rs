@@ -99,8 +99,9 @@ impl Http {
     }
 
     /// For an insecure registry, once: https (unverified) when something
-    /// answers HTTP over TLS there, else plain http. Called before the first
-    /// request; a secure registry is always https.
+    /// answers HTTP over TLS there, else plain http; a secure registry is
+    /// always https. Every network method of the registry transport calls it
+    /// first, before it makes a URL.
     pub async fn ready(&self) {
         if !self.insecure {
             return;

@@ -126,7 +126,7 @@ impl TransportFactory for RegistryFactory {
         options: &TransportOptions,
     ) -> Result<Box<dyn Transport>, TransportError> {
         let conf = load_conf(options, location)?;
-        if ConfiguredRegistry::applies(&conf, location) {
+        if conf.applies_to(location) {
             return Ok(Box::new(ConfiguredRegistry::new(
                 location,
                 Arc::new(conf),
@@ -246,7 +246,6 @@ impl RegistryTransport {
         kind: Kind,
         make: impl Fn() -> RequestBuilder,
     ) -> Result<Response, TransportError> {
-        self.http.ready().await;
         let mut stale: Option<HeaderValue> = None;
         for attempt in 0..2 {
             let authorization = self

@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::BLOCK_SIZE;
 use crate::error::DiskError;
-use crate::holes::{SparseReader, ZEROS, ZeroDigests, is_zero};
+use crate::holes::{AlignedBlock, SparseReader, ZEROS, ZeroDigests, is_zero};
 
 /// One piece of an exported file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub struct PieceInfo {
     /// The compressed blob's digest and size; `None` for an all-zero piece, which is
     /// not stored and comes back as a hole.
     pub blob: Option<(Digest, u64)>,
+    /// The blob came from an earlier export ([`PieceSink::reuse`]): not compressed.
+    pub reused: bool,
 }
 
 /// Where compressed pieces go (in sarde: blob files of an OCI layout). Called from
@@ -38,6 +40,25 @@ pub struct PieceInfo {
 pub trait PieceSink: Sync {
     /// Starts the blob of piece `index`. Only called for pieces that hold data.
     fn begin(&self, index: usize) -> io::Result<Box<dyn PieceWriter + '_>>;
+
+    /// Whether an earlier export stored a blob for the piece at `offset` of
+    /// `length` bytes. Such a piece is hashed first and compressed only when
+    /// [`PieceSink::reuse`] has no blob for its content (it changed).
+    fn has_previous(&self, _offset: u64, _length: u64) -> bool {
+        false
+    }
+
+    /// The blob (digest, size) an earlier export made of exactly this content
+    /// (`digest`: sha256 of the uncompressed bytes), made available in the sink;
+    /// `None` to compress the piece.
+    fn reuse(
+        &self,
+        _offset: u64,
+        _length: u64,
+        _digest: &Digest,
+    ) -> io::Result<Option<(Digest, u64)>> {
+        Ok(None)
+    }
 }
 
 /// The blob of one piece being written; it hashes what it is given.
@@ -158,8 +179,9 @@ impl Job<'_> {
             source,
         })?;
         let mut reader = SparseReader::new(file, self.len);
-        reader.advise_sequential();
-        let mut buf = vec![0u8; BLOCK_SIZE];
+        reader.read_directly(self.path);
+        let mut block = AlignedBlock::new();
+        let buf = block.as_mut();
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -170,7 +192,7 @@ impl Job<'_> {
                 return Ok(());
             }
             let length = self.piece_size.min(self.len - offset);
-            match self.piece(&mut reader, &mut buf, index, offset, length) {
+            match self.piece(&mut reader, buf, index, offset, length) {
                 Ok(info) => done.push(info),
                 Err(Abort::Stopped) => return Ok(()),
                 Err(Abort::Failed(e)) => return Err(e),
@@ -205,6 +227,7 @@ impl Job<'_> {
             length,
             uncompressed_digest,
             blob,
+            reused: false,
         };
         let in_hole = reader
             .is_hole(offset, length)
@@ -242,11 +265,33 @@ impl Job<'_> {
             offset,
             source,
         };
+        // A piece an earlier export stored: hashed first, compressed only if changed.
+        let mut known = None;
+        if self.sink.has_previous(offset, length) {
+            let digest = self.hash_rest(reader, buf, hasher, offset, pos, length)?;
+            if let Some(blob) = self
+                .sink
+                .reuse(offset, length, &digest)
+                .map_err(sink_error)?
+            {
+                return Ok(PieceInfo {
+                    reused: true,
+                    ..info(digest, Some(blob))
+                });
+            }
+            // Changed: read its first data block again and compress it.
+            let n = (length - pos).min(BLOCK_SIZE as u64) as usize;
+            reader
+                .read_block(offset + pos, &mut buf[..n])
+                .map_err(|e| self.read_error(e))?;
+            known = Some(digest);
+            hasher = Sha256::new();
+        }
         let mut writer = self.sink.begin(index).map_err(sink_error)?;
         let written = match self.compress(
             reader,
             buf,
-            &mut hasher,
+            known.is_none().then_some(&mut hasher),
             &mut *writer,
             index,
             offset,
@@ -269,18 +314,66 @@ impl Job<'_> {
                 reported,
             }));
         }
-        let digest = Digest::from_sha256(hasher.finalize().into());
+        let digest = known.unwrap_or_else(|| Digest::from_sha256(hasher.finalize().into()));
         Ok(info(digest, Some((blob, written))))
     }
 
+    /// Hashes the piece from `first` (whose block is in `buf`) to its end, after
+    /// the zeros `hasher` has seen, and returns the piece's digest.
+    fn hash_rest(
+        &self,
+        reader: &mut SparseReader,
+        buf: &mut [u8],
+        mut hasher: Sha256,
+        offset: u64,
+        first: u64,
+        length: u64,
+    ) -> Result<Digest, Abort> {
+        self.each_block(reader, buf, offset, first, length, |block| {
+            hasher.update(block);
+            Ok(())
+        })?;
+        Ok(Digest::from_sha256(hasher.finalize().into()))
+    }
+
+    /// Calls `f` with each block of the piece from `first` (whose block is already
+    /// in `buf`) to its end, reading the others into `buf`.
+    fn each_block(
+        &self,
+        reader: &mut SparseReader,
+        buf: &mut [u8],
+        offset: u64,
+        first: u64,
+        length: u64,
+        mut f: impl FnMut(&[u8]) -> Result<(), Abort>,
+    ) -> Result<(), Abort> {
+        let mut pos = first;
+        while pos < length {
+            let n = (length - pos).min(BLOCK_SIZE as u64) as usize;
+            let block = &mut buf[..n];
+            if pos != first {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(Abort::Stopped);
+                }
+                reader
+                    .read_block(offset + pos, block)
+                    .map_err(|e| self.read_error(e))?;
+            }
+            f(block)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
     /// Compresses the piece from `first` (whose block is already in `buf`) to its end,
-    /// after the zeros before it. Returns the compressed size.
+    /// after the zeros before it, hashing what it reads into `hasher` when given.
+    /// Returns the compressed size.
     #[allow(clippy::too_many_arguments)]
     fn compress(
         &self,
         reader: &mut SparseReader,
         buf: &mut [u8],
-        hasher: &mut Sha256,
+        mut hasher: Option<&mut Sha256>,
         writer: &mut dyn PieceWriter,
         index: usize,
         offset: u64,
@@ -315,24 +408,13 @@ impl Job<'_> {
                 encoder.write_all(&ZEROS[..n]).map_err(compress_error)?;
                 pos += n as u64;
             }
-            loop {
-                let n = (length - pos).min(BLOCK_SIZE as u64) as usize;
-                let block = &mut buf[..n];
-                if pos != first {
-                    if self.stop.load(Ordering::Relaxed) {
-                        return Err(Abort::Stopped);
-                    }
-                    reader
-                        .read_block(offset + pos, block)
-                        .map_err(|e| self.read_error(e))?;
+            self.each_block(reader, buf, offset, first, length, |block| {
+                if let Some(hasher) = hasher.as_mut() {
+                    hasher.update(block);
                 }
-                hasher.update(&*block);
                 encoder.write_all(block).map_err(compress_error)?;
-                pos += n as u64;
-                if pos == length {
-                    break;
-                }
-            }
+                Ok(())
+            })?;
             encoder.finish().map_err(compress_error)?;
         }
         Ok(counted.count)

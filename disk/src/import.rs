@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 use crate::BLOCK_SIZE;
 use crate::error::DiskError;
 use crate::export::PieceInfo;
-use crate::holes::{SparseReader, ZEROS, ZeroDigests, is_zero, path_of, read_full};
+use crate::holes::{DIRECT_ALIGN, SparseReader, ZEROS, ZeroDigests, is_zero, path_of, read_full};
 
 /// Creates `path` (which must not exist) with `size` bytes, all a hole: pieces are
 /// then written at their offsets and all-zero pieces cost nothing. Opened for reading
@@ -50,9 +50,6 @@ pub fn open_direct(path: &Path) -> Option<File> {
         .open(path)
         .ok()
 }
-
-/// Alignment of direct I/O offsets, lengths and buffers.
-const DIRECT_ALIGN: usize = 4096;
 
 thread_local! {
     /// One block buffer per thread, reused across pieces (a piece may be as small as

@@ -1,7 +1,7 @@
 //! `sarde export`: a libvirt domain and its disks (every file of every backing chain)
 //! into the local OCI layout, compressed and hashed in parallel, streaming.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,8 @@ use sarde_format::v1::{self, GZIP_MAGIC, V1FileOut};
 use sarde_format::{FileRole, Format};
 use sarde_transport_oci_dir::{BlobWriter, Layout};
 
+use crate::export_record::{self, ExportRecord};
+use crate::marker::FileStamp;
 use crate::{Engine, EngineError, ImageLocation, Result, read_full};
 
 /// What to export, as the user asked.
@@ -54,6 +56,12 @@ pub struct ExportOutcome {
     pub bytes_stored: u64,
     /// Pieces not stored because they are all zero.
     pub zero_pieces: usize,
+    /// Files not read at all: unchanged since their last export (same identity
+    /// stamp), their pieces taken from it.
+    pub files_unchanged: usize,
+    /// Pieces whose blob an earlier export made of the same bytes: hashed, not
+    /// compressed (files unchanged included).
+    pub pieces_reused: usize,
 }
 
 /// One file to export.
@@ -103,12 +111,16 @@ impl Engine {
             image: request.image.name.clone(),
             files: files.len(),
             layers: 0,
-            bytes_read: files.iter().map(|f| f.spec.size).sum(),
+            bytes_read: 0,
             bytes_stored: 0,
             zero_pieces: 0,
+            files_unchanged: 0,
+            pieces_reused: 0,
         };
         let built = match request.format {
             Format::Native => {
+                let options = self.piece_options(request);
+                let encoding = export_record::encoding_of(codec.as_ref(), &options)?;
                 let mut stored = Vec::new();
                 for file in &files {
                     tracing::info!(file = %file.path.display(), name = %file.spec.name, "exporting");
@@ -116,6 +128,7 @@ impl Engine {
                         &layout,
                         file,
                         codec.as_ref(),
+                        (&options, &encoding),
                         request,
                         &mut outcome,
                     )?;
@@ -127,6 +140,7 @@ impl Engine {
                 let mut stored = Vec::new();
                 for file in &files {
                     tracing::info!(file = %file.path.display(), name = %file.spec.name, "exporting (v1)");
+                    outcome.bytes_read += file.spec.size;
                     stored.push(self.export_v1_file(
                         &layout,
                         file,
@@ -176,29 +190,60 @@ impl Engine {
         Ok(hypervisor.domain_xml(&request.vm, true)?)
     }
 
+    /// How native pieces are compressed: parallelism comes from pieces, a stream
+    /// per thread, none inside a stream.
+    fn piece_options(&self, request: &ExportRequest) -> EncodeOptions {
+        EncodeOptions {
+            level: request.level,
+            threads: 0,
+            ..EncodeOptions::default()
+        }
+    }
+
     fn export_native_file(
         &self,
         layout: &Layout,
         file: &SourceFile,
         codec: &dyn Codec,
+        (options, encoding): (&EncodeOptions, &str),
         request: &ExportRequest,
         outcome: &mut ExportOutcome,
     ) -> Result<NativeFile> {
-        // Parallelism comes from pieces, a stream per thread: none inside a stream.
-        let options = EncodeOptions {
-            level: request.level,
-            threads: 0,
-            ..EncodeOptions::default()
-        };
-        let sink = LayoutSink { layout };
-        let infos = sarde_disk::export_file(
+        let source = std::fs::canonicalize(&file.path).map_err(EngineError::io(
             &file.path,
+            "resolving the disk file's path",
+        ))?;
+        let before = FileStamp::of(&source).map_err(EngineError::io(&source, "reading"))?;
+        let ocidir = self.ocidir.root();
+        let record = ExportRecord::load(ocidir, &source, encoding, request.chunksize);
+        if let Some(record) = record.as_ref().filter(|r| r.unchanged(&before)) {
+            if self.reuse_whole_file(layout, record)? {
+                tracing::info!(file = %source.display(), "unchanged since its last export: not read");
+                outcome.files_unchanged += 1;
+                outcome.pieces_reused += record.pieces.len();
+                outcome.zero_pieces += record.zero_pieces;
+                outcome.bytes_stored += record.pieces.iter().map(|p| p.blob_size).sum::<u64>();
+                return Ok(NativeFile {
+                    spec: file.spec.clone(),
+                    pieces: record.pieces.clone(),
+                });
+            }
+        }
+        outcome.bytes_read += file.spec.size;
+        let sink = LayoutSink {
+            layout,
+            previous: record.as_ref().map(|r| (r.by_range(), r.layout.as_path())),
+        };
+        let infos = sarde_disk::export_file(
+            &source,
             request.chunksize,
             self.effective_threads(),
             codec,
-            &options,
+            options,
             &sink,
         )?;
+        outcome.pieces_reused += infos.iter().filter(|i| i.reused).count();
+        let mut zero_pieces = 0usize;
         let suffix = codec.media_type_suffix().map(str::to_string);
         let mut pieces = Vec::new();
         for info in &infos {
@@ -214,15 +259,15 @@ impl Engine {
                         suffix: suffix.clone(),
                     });
                 }
-                None => outcome.zero_pieces += 1,
+                None => zero_pieces += 1,
             }
         }
         // A file keeps at least one piece so its description travels.
         if pieces.is_empty() {
             let length = request.chunksize.min(file.spec.size).max(1);
-            let (blob, blob_size, digest) = store_zero_piece(layout, codec, &options, length)?;
+            let (blob, blob_size, digest) = store_zero_piece(layout, codec, options, length)?;
             outcome.bytes_stored += blob_size;
-            outcome.zero_pieces = outcome.zero_pieces.saturating_sub(1);
+            zero_pieces = zero_pieces.saturating_sub(1);
             pieces.push(Piece {
                 offset: 0,
                 size: length,
@@ -232,10 +277,40 @@ impl Engine {
                 suffix,
             });
         }
+        outcome.zero_pieces += zero_pieces;
+        // Recorded only when the file did not change while it was read.
+        if FileStamp::of(&source).is_ok_and(|after| after == before) {
+            let record = ExportRecord {
+                path: source.clone(),
+                stamp: before,
+                encoding: encoding.to_string(),
+                piece_size: request.chunksize,
+                layout: layout.path().to_path_buf(),
+                pieces: pieces.clone(),
+                zero_pieces,
+            };
+            if let Err(e) = record.save(ocidir) {
+                tracing::warn!(
+                    "{}: keeping the export record: {e}; the next export reads the whole file",
+                    source.display()
+                );
+            }
+        }
         Ok(NativeFile {
             spec: file.spec.clone(),
             pieces,
         })
+    }
+
+    /// Provides every blob of an unchanged file's record in `layout`; false when
+    /// one is gone (the file is then exported piece by piece).
+    fn reuse_whole_file(&self, layout: &Layout, record: &ExportRecord) -> Result<bool> {
+        for piece in &record.pieces {
+            if !export_record::provide_blob(layout, &record.layout, piece)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The codec of the request, or the format's: v1 images hold gzip
@@ -469,10 +544,15 @@ fn store_zero_piece(
     Ok((blob, size, hasher.finish().1))
 }
 
-/// Piece blobs go straight into the layout.
+/// Piece blobs go straight into the layout; pieces the last export of the file
+/// stored are reused when their content is unchanged.
 struct LayoutSink<'a> {
     layout: &'a Layout,
+    previous: Option<Previous<'a>>,
 }
+
+/// The last export's pieces by (offset, size), and the layout it wrote.
+type Previous<'a> = (HashMap<(u64, u64), &'a Piece>, &'a Path);
 
 struct LayoutPiece(BlobWriter);
 
@@ -498,6 +578,32 @@ impl PieceSink for LayoutSink<'_> {
     fn begin(&self, _index: usize) -> io::Result<Box<dyn PieceWriter + '_>> {
         let writer = self.layout.blob_writer().map_err(io::Error::other)?;
         Ok(Box::new(LayoutPiece(writer)))
+    }
+
+    fn has_previous(&self, offset: u64, length: u64) -> bool {
+        self.previous
+            .as_ref()
+            .is_some_and(|(pieces, _)| pieces.contains_key(&(offset, length)))
+    }
+
+    fn reuse(
+        &self,
+        offset: u64,
+        length: u64,
+        digest: &Digest,
+    ) -> io::Result<Option<(Digest, u64)>> {
+        let Some((pieces, recorded_in)) = &self.previous else {
+            return Ok(None);
+        };
+        let Some(piece) = pieces
+            .get(&(offset, length))
+            .filter(|p| p.digest == *digest)
+        else {
+            return Ok(None);
+        };
+        let provided = export_record::provide_blob(self.layout, recorded_in, piece)
+            .map_err(io::Error::other)?;
+        Ok(provided.then(|| (piece.blob.clone(), piece.blob_size)))
     }
 }
 

@@ -9,6 +9,7 @@
 mod blobs;
 pub mod clone;
 pub mod export;
+mod export_record;
 mod gzip_header;
 pub mod import;
 pub mod lifecycle;

@@ -48,7 +48,7 @@ pub struct FileSpec {
 }
 
 /// One stored piece.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Piece {
     pub offset: u64,
     /// Uncompressed length.

@@ -134,6 +134,9 @@ pub struct ExportArgs {
     /// Export even though the VM is running (its disks may be inconsistent)
     #[arg(long)]
     pub force: bool,
+    /// json: print what the export did (image id, bytes read and stored, pieces reused) as one object
+    #[arg(long, value_enum, default_value_t)]
+    pub format: OutputFormat,
     /// IMAGE is a directory (an OCI layout) with an optional :TAG, not a name in the cache
     #[arg(long)]
     pub raw: bool,

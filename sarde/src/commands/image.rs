@@ -117,15 +117,20 @@ pub fn export(cli: &Cli, config: &Config, args: &ExportArgs) -> Result<ExitCode>
         .export(&request)
         .with_context(|| format!("exporting VM {:?} to {image}", args.vm))?;
     tracing::info!(
-        "exported {} files ({} bytes) into {} layers, {} bytes stored, {} zero pieces skipped, in {:.1}s",
+        "exported {} files ({} bytes read; {} unchanged since their last export, not read) into {} layers, {} bytes stored, {} zero pieces skipped, {} pieces unchanged and not compressed again, in {:.1}s",
         outcome.files,
         outcome.bytes_read,
+        outcome.files_unchanged,
         outcome.layers,
         outcome.bytes_stored,
         outcome.zero_pieces,
+        outcome.pieces_reused,
         started.elapsed().as_secs_f64()
     );
-    println!("{}", outcome.image_id);
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&outcome)?),
+        OutputFormat::Text => println!("{}", outcome.image_id),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

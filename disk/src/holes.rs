@@ -165,7 +165,7 @@ impl SparseReader {
 
     /// The data extent at or after `pos`: `(start, end)`, with `start == len` when only
     /// holes follow.
-    fn data_at(&mut self, pos: u64) -> io::Result<(u64, u64)> {
+    pub(crate) fn data_at(&mut self, pos: u64) -> io::Result<(u64, u64)> {
         if let Some((from, start, end)) = self.extent
             && from <= pos
             && pos < end

@@ -9,18 +9,21 @@
 //!   several threads, so pieces can later be fetched, decompressed and written in
 //!   parallel and out of order; all-zero pieces are not stored at all;
 //! - [`create_sparse`], [`write_piece`], [`zero_range`] and [`verify_pieces`] /
-//!   [`verify_file`] rebuild such a file, sparse, checking every piece's digest.
+//!   [`verify_file`] rebuild such a file, sparse, checking every piece's digest;
+//!   [`copy_range`] takes a piece from an earlier version of the file instead.
 //!
 //! Memory stays bounded whatever the disk size: everything streams through 1 MiB
 //! blocks per thread.
 
 mod chain;
+mod copy;
 mod error;
 mod export;
 mod holes;
 mod import;
 
 pub use chain::{ChainFile, ImageHeader, backing_chain, create_overlay, inspect, rebase_in_place};
+pub use copy::copy_range;
 pub use error::DiskError;
 pub use export::{PieceInfo, PieceSink, PieceWriter, export_file};
 pub use import::{

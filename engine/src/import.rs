@@ -27,6 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::blobs::Blobs;
 use crate::marker::{FileRecord, FileStamp, Marker, Region};
+use crate::update::PreviousVersions;
 use crate::verify::VerifyingReader;
 use crate::{Engine, EngineError, ImageLocation, Result, gzip_header, read_full};
 
@@ -64,7 +65,19 @@ pub struct ImportOutcome {
     pub directory: PathBuf,
     /// False when the VM already existed from the same image and was left alone.
     pub created: bool,
+    /// Bytes decompressed from the image's blobs and written.
     pub bytes_written: u64,
+    /// Bytes of unchanged pieces copied from an earlier version's files instead.
+    pub bytes_copied: u64,
+    /// The earlier imports those pieces came from.
+    pub copied_from: Vec<String>,
+}
+
+/// What an import took from earlier versions instead of the blobs.
+#[derive(Default)]
+struct Copied {
+    bytes: u64,
+    from: Vec<String>,
 }
 
 /// An image read from the layout and checked.
@@ -148,6 +161,11 @@ impl NameLock {
     /// The lock shared, waiting for an import of the name to finish.
     pub(crate) fn shared(vmdir: &Path, name: &str) -> Result<NameLock> {
         Self::take(vmdir, name, libc::LOCK_SH)
+    }
+
+    /// The lock shared if no import or removal holds it now; `None` otherwise.
+    pub(crate) fn try_shared(vmdir: &Path, name: &str) -> Option<NameLock> {
+        Self::take(vmdir, name, libc::LOCK_SH | libc::LOCK_NB).ok()
     }
 
     /// The lock exclusive if nobody holds it now (a removal of the VM); `None`
@@ -244,6 +262,8 @@ impl Engine {
                     directory: final_dir,
                     created: false,
                     bytes_written: 0,
+                    bytes_copied: 0,
+                    copied_from: Vec::new(),
                 });
             }
             if marker.is_none() {
@@ -350,6 +370,7 @@ impl Engine {
         // The domain XML first: a hostile image is refused before any disk is written.
         let xml = String::from_utf8(layout.read_blob(image.content.domain_xml())?)
             .map_err(|_| EngineError::Refused("the domain XML layer is not UTF-8 text".into()))?;
+        let mut copied = Copied::default();
         let (records, bytes_written) = match &image.content {
             Content::Native(native) => {
                 self.check_xml(
@@ -357,7 +378,9 @@ impl Engine {
                     native.files.iter().map(|f| f.spec.name.as_str()),
                     request,
                 )?;
-                self.write_native(layout, native, staging)?
+                let previous = self.previous_versions(&request.image.name, name, &native.files)?;
+                copied.from = previous.vms.clone();
+                self.write_native(layout, native, staging, &previous, &mut copied)?
             }
             Content::V1(v1) => {
                 let (records, bytes) = self.write_v1(layout, v1, staging)?;
@@ -435,6 +458,8 @@ impl Engine {
             directory: final_dir.to_path_buf(),
             created: true,
             bytes_written,
+            bytes_copied: copied.bytes,
+            copied_from: copied.from,
         })
     }
 
@@ -457,12 +482,15 @@ impl Engine {
         }
     }
 
-    /// Decompresses all pieces of all files in parallel, each straight to its offset.
+    /// Decompresses all pieces of all files in parallel, each straight to its
+    /// offset; pieces an earlier version holds are copied from it instead.
     fn write_native(
         &self,
         layout: &Blobs<'_>,
         image: &NativeImage,
         staging: &Path,
+        previous: &PreviousVersions,
+        copied: &mut Copied,
     ) -> Result<(Vec<FileRecord>, u64)> {
         // Holes cost nothing; every stored piece is written in full. Refuse up front
         // what cannot fit (a small image can announce terabytes).
@@ -528,6 +556,9 @@ impl Engine {
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<EngineError>> = Mutex::new(None);
         let written = AtomicUsize::new(0);
+        let copied_bytes = AtomicUsize::new(0);
+        // Pieces copied from each earlier file, checked again if it changed meanwhile.
+        let copies: Mutex<Vec<(usize, &native::Piece, u64)>> = Mutex::new(Vec::new());
         std::thread::scope(|scope| {
             for _ in 0..self.effective_threads().min(jobs.len().max(1)) {
                 scope.spawn(|| {
@@ -537,6 +568,42 @@ impl Engine {
                             break;
                         };
                         let spec = &image.files[file_index].spec;
+                        if let Some(from) =
+                            previous.files[file_index].as_ref().filter(|f| f.holds(piece))
+                        {
+                            match sarde_disk::copy_range(
+                                &from.file,
+                                &files[file_index],
+                                piece.offset,
+                                piece.size,
+                            ) {
+                                Ok(bytes) => {
+                                    copied_bytes.fetch_add(bytes as usize, Ordering::Relaxed);
+                                    copies
+                                        .lock()
+                                        .expect("not poisoned")
+                                        .push((file_index, piece, bytes));
+                                    continue;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(
+                                        "{}: copying the piece at offset {} from {} failed ({e}); writing it from its blob",
+                                        spec.name,
+                                        piece.offset,
+                                        from.path.display()
+                                    );
+                                    if let Err(e) = sarde_disk::zero_range(
+                                        &files[file_index],
+                                        piece.offset,
+                                        piece.size,
+                                    ) {
+                                        failed.store(true, Ordering::Relaxed);
+                                        first_error.lock().expect("not poisoned").get_or_insert(e.into());
+                                        continue;
+                                    }
+                                }
+                            }
+                        }
                         match self.write_native_piece(
                             layout,
                             &files[file_index],
@@ -559,6 +626,34 @@ impl Engine {
         if let Some(e) = first_error.into_inner().expect("not poisoned") {
             return Err(e);
         }
+        // A file that changed while pieces were copied from it: the copies are
+        // hashed, and a piece that no longer matches is written from its blob.
+        for (file_index, piece, bytes) in copies.into_inner().expect("not poisoned") {
+            let from = previous.files[file_index].as_ref().expect("copied from it");
+            if from.unchanged_since_check() {
+                continue;
+            }
+            let path = staging.join(&image.files[file_index].spec.name);
+            let span = sarde_disk::PieceSpan {
+                offset: piece.offset,
+                length: piece.size,
+                digest: piece.digest.clone(),
+            };
+            if sarde_disk::verify_pieces(&path, &[span], 1)? == [true] {
+                continue;
+            }
+            tracing::warn!(
+                "{} changed while the piece at offset {} was copied from it; writing it from its blob",
+                from.path.display(),
+                piece.offset
+            );
+            copied_bytes.fetch_sub(bytes as usize, Ordering::Relaxed);
+            sarde_disk::zero_range(&files[file_index], piece.offset, piece.size)?;
+            let spec = &image.files[file_index].spec;
+            self.write_native_piece(layout, &files[file_index], None, spec, piece)?;
+            written.fetch_add(piece.size as usize, Ordering::Relaxed);
+        }
+        copied.bytes = copied_bytes.into_inner() as u64;
         for (file, spec) in files.iter().zip(&image.files) {
             file.sync_all()
                 .map_err(EngineError::io(&staging.join(&spec.spec.name), "syncing"))?;

@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod list;
 mod marker;
 pub mod remote;
+mod update;
 mod verify;
 
 use std::path::{Path, PathBuf};

@@ -121,3 +121,121 @@ fn an_export_record_of_a_collected_blob_is_not_trusted() {
         "localhost/e2e/incgc:a",
     ]));
 }
+
+/// (offset, piece digest) of each disk piece of `tag` in the cache layout.
+fn pieces(layout: &Path, tag: &str) -> Vec<(u64, String)> {
+    let read = |digest: &str| {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in {index}"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&read(entry["digest"].as_str().unwrap())).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| {
+            let a = &l["annotations"];
+            Some((
+                a["org.sardinecake.piece.offset"].as_str()?.parse().ok()?,
+                a["org.sardinecake.piece.digest"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn import_json(home: &Path, args: &[&str]) -> serde_json::Value {
+    let out = ok(sarde(home).args(["import", "--format", "json"]).args(args));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("import said {out:?}: {e}"))
+}
+
+#[test]
+fn an_update_import_copies_unchanged_pieces_but_never_modified_bytes() {
+    if !vm::libvirt_enabled("an_update_import_copies_unchanged_pieces_but_never_modified_bytes") {
+        return;
+    }
+    let work = vm::workdir();
+    let disk = work.path().join("d.qcow2");
+    qcow2(&disk, "32M", None);
+    fill_random(&disk, 0, 16, 11);
+    let name = vm::unique("sarde-upd");
+    let mut test_vm = TestVm::define(&name, &[&disk], None);
+    let home = vm::workdir();
+    let (a, b, full) = (
+        format!("{name}-a"),
+        format!("{name}-b"),
+        format!("{name}-full"),
+    );
+    for vm in [&a, &b, &full] {
+        test_vm.cleanup_also(vm);
+    }
+    export(home.path(), &name, "localhost/e2e/upd:1");
+    fill_random(&disk, 4, 1, 12);
+    export(home.path(), &name, "localhost/e2e/upd:2");
+    let layout = home.path().join("OCI/localhost/e2e/upd");
+    let old = pieces(&layout, "1");
+    let new = pieces(&layout, "2");
+    let shared: Vec<&(u64, String)> = new.iter().filter(|p| old.contains(p)).collect();
+    assert!(
+        shared.len() > 4 && shared.len() < new.len(),
+        "{old:?} {new:?}"
+    );
+
+    // Version 1 imported twice; A's file is then modified inside a piece that
+    // version 2 shares (its stamp changes: its record is not trusted).
+    for vm in [&a, &b] {
+        import_json(home.path(), &["-n", vm, "localhost/e2e/upd:1"]);
+    }
+    let a_file = home.path().join("VMs").join(&a).join("d.qcow2");
+    let (offset, _) = shared[shared.len() / 2];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a_file)
+            .unwrap();
+        let mut byte = [0u8; 1];
+        std::fs::File::open(&a_file)
+            .unwrap()
+            .read_exact_at(&mut byte, offset + 100)
+            .unwrap();
+        f.write_all_at(&[byte[0] ^ 0x5a], offset + 100).unwrap();
+    }
+
+    // The reference: version 2 imported from its blobs alone (in a VM directory
+    // with no earlier version).
+    let alone = home.path().join("alone");
+    let reference = import_json(
+        home.path(),
+        &[
+            "-n",
+            &full,
+            "--vmdir",
+            alone.to_str().unwrap(),
+            "localhost/e2e/upd:2",
+        ],
+    );
+    let reference_file = alone.join(&full).join("d.qcow2");
+    assert_eq!(reference["bytes_copied"], 0, "{reference}");
+
+    // B is untouched: its record is trusted and the shared pieces are copied.
+    let updated = import_json(home.path(), &["-n", &b, "--replace", "localhost/e2e/upd:2"]);
+    assert!(updated["bytes_copied"].as_u64().unwrap() > 0, "{updated}");
+    assert_eq!(updated["copied_from"], serde_json::json!([b]), "{updated}");
+    let b_file = home.path().join("VMs").join(&b).join("d.qcow2");
+    assert_eq!(vm::sha256(&b_file), vm::sha256(&reference_file));
+
+    // A was modified: its shared pieces are hashed, the modified one comes from its blob.
+    let updated = import_json(home.path(), &["-n", &a, "--replace", "localhost/e2e/upd:2"]);
+    assert!(updated["bytes_copied"].as_u64().unwrap() > 0, "{updated}");
+    assert_eq!(updated["copied_from"], serde_json::json!([a]), "{updated}");
+    assert_eq!(vm::sha256(&a_file), vm::sha256(&reference_file));
+}

@@ -305,6 +305,17 @@ impl Engine {
             }
         }
 
+        if request.incoming.is_none()
+            && image
+                .manifest_descriptor
+                .annotation(sarde_transport_oci_dir::ANNOTATION_BLOBS)
+                == Some(sarde_transport_oci_dir::BLOBS_METADATA_ONLY)
+        {
+            return Err(EngineError::Refused(format!(
+                "{} is kept in the cache without its disk pieces (it was pulled with keep-blobs = false, for VMs it no longer has): `sarde pull` it, which fetches the pieces this host lacks",
+                request.image.name
+            )));
+        }
         // A pull made room for the whole image before it started.
         if request.incoming.is_none() {
             let need = crate::lifecycle::SpaceNeed {

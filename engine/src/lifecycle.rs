@@ -37,6 +37,10 @@ pub struct LifecycleSettings {
     /// Nothing used more recently is removed automatically or to meet a budget,
     /// and partial downloads are kept this long for a later run to resume.
     pub prune_min_age: Duration,
+    /// A pull keeps the image's disk pieces in the cache (to push, copy or
+    /// import it again). Without them the cache holds only the image's
+    /// metadata: the imported VM holds the data.
+    pub keep_blobs: bool,
 }
 
 impl Default for LifecycleSettings {
@@ -45,6 +49,7 @@ impl Default for LifecycleSettings {
             space_budget: None,
             auto_prune: true,
             prune_min_age: Duration::from_secs(3600),
+            keep_blobs: true,
         }
     }
 }

@@ -251,6 +251,8 @@ impl Engine {
             check_source_blobs: true,
             counting: Counting::Sent,
             gate: None,
+            withheld: Default::default(),
+            blobs_only: false,
         };
         Ok(request.run(&self.remote.transfer, progress).await?)
     }
@@ -277,6 +279,8 @@ impl Engine {
             check_source_blobs: source.scheme != DEFAULT_SCHEME,
             counting: Counting::Both,
             gate: None,
+            withheld: Default::default(),
+            blobs_only: false,
         };
         Ok(request.run(&self.remote.transfer, progress).await?)
     }
@@ -352,6 +356,8 @@ impl Engine {
             check_source_blobs: false,
             counting: Counting::Received,
             gate,
+            withheld: Default::default(),
+            blobs_only: false,
         };
         let options = &self.remote.transfer;
         let resolved = request.resolve(options).await?;
@@ -469,10 +475,11 @@ impl Engine {
             .into_iter()
             .filter_map(|r| Layout::open(&r.path).ok())
             .collect();
+        let withheld = &prepared.request.withheld;
         Ok(resolved
             .blobs
             .iter()
-            .filter(|b| !layouts.iter().any(|l| l.has_blob(b)))
+            .filter(|b| !withheld.contains(&b.digest) && !layouts.iter().any(|l| l.has_blob(b)))
             .map(|b| b.size)
             .sum())
     }
@@ -489,17 +496,21 @@ impl Engine {
         let started = std::time::Instant::now();
         let options = &self.remote.transfer;
         let gate = Arc::new(BlobGate::new());
-        let prepared = self
+        let mut prepared = self
             .prepare_fetch(source, image, "pull", Some(gate.clone()))
             .await?;
         import.image = prepared.location.clone();
         let engine = self.clone();
-        let resolved = &prepared.resolved;
+        let keep_blobs = self.lifecycle.keep_blobs;
         if prepared.up_to_date {
+            let resolved = &prepared.resolved;
             self.record_image_use(&import.image, &resolved.manifest.digest);
             let outcome = tokio::task::spawn_blocking(move || engine.import(&import))
                 .await
                 .map_err(|e| RemoteError::Refused(format!("the import task failed: {e}")))??;
+            if !keep_blobs {
+                self.keep_metadata_only(&prepared)?;
+            }
             let mut summary = resolved.up_to_date_summary(Counting::Received);
             summary.seconds = started.elapsed().as_secs_f64();
             return Ok(Pulled {
@@ -512,11 +523,24 @@ impl Engine {
                 import: outcome,
             });
         }
+        let keep_vm = self.import_name(&prepared.resolved.manifest.bytes, &import);
+        if !keep_blobs {
+            // The pieces an earlier version on this host holds are copied from
+            // it, never fetched; the manifest is written once the VM is there.
+            if let Some(name) = &keep_vm {
+                prepared.request.withheld = self.pieces_held_on_host(
+                    &import.image.name,
+                    name,
+                    &prepared.resolved.manifest.bytes,
+                )?;
+            }
+            prepared.request.blobs_only = true;
+        }
+        let resolved = &prepared.resolved;
         let need = SpaceNeed {
             cache: self.claim_blobs(&prepared)?,
             vms: self.disk_bytes_to_write(&resolved.manifest.bytes, &import),
         };
-        let keep_vm = self.import_name(&resolved.manifest.bytes, &import);
         self.make_room_off_thread(need, import.image.clone(), keep_vm)
             .await?;
         import.incoming = Some(Incoming {
@@ -547,6 +571,9 @@ impl Engine {
                 (fetch.await?, outcome)
             }
         };
+        if !keep_blobs {
+            self.keep_metadata_only(&prepared)?;
+        }
         let mut summary = copied.summary;
         summary.seconds = started.elapsed().as_secs_f64();
         self.record_image_use(&prepared.location, &resolved.manifest.digest);
@@ -559,6 +586,34 @@ impl Engine {
             },
             import: outcome,
         })
+    }
+}
+
+impl Engine {
+    /// Keeps the pulled image in the cache without its disk pieces (the VM holds
+    /// the data): its manifest tagged and marked so, the pieces nothing else
+    /// needs deleted.
+    fn keep_metadata_only(&self, prepared: &PreparedFetch) -> Result<(), RemoteError> {
+        let layout = Layout::create(&prepared.location.layout)?;
+        let reference = prepared
+            .image
+            .tag_or_default()
+            .map(str::to_string)
+            .unwrap_or_else(|| prepared.location.reference.clone());
+        let freed = sarde_lifecycle::metadata_only::keep_metadata_only(
+            self.ocidir.root(),
+            &layout,
+            &prepared.resolved.manifest.bytes,
+            &prepared.resolved.descriptor(),
+            &reference,
+            &prepared.lease,
+        )
+        .map_err(EngineError::from)?;
+        tracing::info!(
+            "{}: kept without its disk pieces (keep-blobs = false); {freed} bytes of pieces removed from the cache",
+            prepared.image
+        );
+        Ok(())
     }
 }
 

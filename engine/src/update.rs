@@ -119,6 +119,32 @@ impl Engine {
         Ok(previous)
     }
 
+    /// The piece blobs of `manifest` an import under `name` would copy from
+    /// earlier imports of `image`'s repository: what a pull that keeps no
+    /// blobs need not fetch.
+    pub(crate) fn pieces_held_on_host(
+        &self,
+        image: &str,
+        name: &str,
+        manifest: &[u8],
+    ) -> Result<std::collections::BTreeSet<Digest>> {
+        let Ok(parsed) = serde_json::from_slice::<sarde_api::oci::ImageManifest>(manifest) else {
+            return Ok(Default::default());
+        };
+        let Ok(native) = sarde_format::native::parse(&parsed) else {
+            return Ok(Default::default());
+        };
+        let previous = self.previous_versions(image, name, &native.files)?;
+        Ok(native
+            .files
+            .iter()
+            .zip(&previous.files)
+            .filter_map(|(file, from)| Some((file, from.as_ref()?)))
+            .flat_map(|(file, from)| file.pieces.iter().filter(|p| from.holds(p)))
+            .map(|p| p.blob.clone())
+            .collect())
+    }
+
     /// The ranges of an earlier import's file that hold pieces of `file`,
     /// trusted or hashed; `None` when there are none.
     fn previous_file(

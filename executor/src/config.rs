@@ -84,6 +84,9 @@ pub struct Settings {
     pub auto_prune: bool,
     /// Nothing used more recently is removed automatically.
     pub prune_min_age: Duration,
+    /// A pull keeps the image's disk pieces in the cache; false: only its
+    /// metadata (the base VM holds the data).
+    pub keep_blobs: bool,
 }
 
 /// Every key this executor reads.
@@ -118,6 +121,7 @@ pub const KEYS: &[&str] = &[
     "space-budget",
     "auto-prune",
     "prune-min-age",
+    "keep-blobs",
     "omit-backingstore",
     "verbosity",
 ];
@@ -376,6 +380,11 @@ impl Settings {
             .transpose()
             .map_err(|e| bad("auto-prune", e))?
             .unwrap_or(true);
+        let keep_blobs = get("keep-blobs")
+            .map(sarde_api::age::parse_switch)
+            .transpose()
+            .map_err(|e| bad("keep-blobs", e))?
+            .unwrap_or(true);
         let prune_min_age = get("prune-min-age")
             .map(|s| s.parse::<sarde_api::age::Age>())
             .transpose()
@@ -437,6 +446,7 @@ impl Settings {
             space_budget,
             auto_prune,
             prune_min_age,
+            keep_blobs,
         })
     }
 

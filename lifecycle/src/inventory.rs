@@ -16,12 +16,7 @@ use crate::space::FileFacts;
 use crate::usage::{image_key, modified, usage_dir};
 use crate::{Result, layout_key, state_dir, try_lock_existing};
 
-/// Index entries with this annotation keep only their metadata blobs: their disk
-/// pieces were dropped on purpose (an image imported without keeping its blobs),
-/// so missing pieces do not make them broken.
-pub const ANNOTATION_BLOBS: &str = "org.sardinecake.blobs";
-/// The value of [`ANNOTATION_BLOBS`] for such images.
-pub const BLOBS_METADATA_ONLY: &str = "metadata-only";
+pub use sarde_transport_oci_dir::{ANNOTATION_BLOBS, BLOBS_METADATA_ONLY};
 
 /// Deepest index nesting followed (an index of indexes of manifests).
 const MAX_NESTING: usize = 4;
@@ -224,7 +219,7 @@ pub(crate) fn scan_layout(
         let tag = entry
             .annotation(media_types::ANNOTATION_REF_NAME)
             .map(str::to_string);
-        let metadata_only = entry.annotation(ANNOTATION_BLOBS) == Some(BLOBS_METADATA_ONLY);
+        let metadata_only = crate::metadata_only::is_metadata_only(&entry);
         let mut image = CachedImage {
             layout: key.clone(),
             leased: leases.holds_image(&key, tag.as_deref(), &entry.digest),
@@ -291,9 +286,7 @@ fn walk(
         walk(layout, stored, &config, depth + 1, metadata_only, image);
     }
     for layer in named.layers {
-        let is_disk = sarde_format::native::piece_kind(&layer.media_type).is_some()
-            || layer.media_type.starts_with(media_types::V1_DISK_GZIP);
-        if metadata_only && is_disk {
+        if metadata_only && crate::metadata_only::is_piece(&layer) {
             // Counted as the image's when present; not needed when gone.
             image.blobs.insert(layer.digest.clone());
             continue;

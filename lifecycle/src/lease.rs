@@ -149,6 +149,20 @@ impl Lease {
         })
     }
 
+    /// Lets go of blobs the command no longer counts on.
+    pub fn release_blobs<'a>(
+        &self,
+        layout: &Layout,
+        digests: impl IntoIterator<Item = &'a Digest>,
+    ) -> Result<()> {
+        let digests: Vec<&Digest> = digests.into_iter().collect();
+        self.change(layout, |r| {
+            let before = r.blobs.len();
+            r.blobs.retain(|d| !digests.contains(&d));
+            r.blobs.len() != before
+        })
+    }
+
     fn change(&self, layout: &Layout, change: impl FnOnce(&mut LeaseRecord) -> bool) -> Result<()> {
         let mut record = self.record.lock().expect("lease record lock");
         if !change(&mut record) {

@@ -10,6 +10,8 @@
 //! - [`space`] — real sizes: allocated blocks, each inode once, free space;
 //! - [`inventory`] — one scan of the cache: images, their blobs, orphans,
 //!   temporary files, partial downloads, leases;
+//! - [`metadata_only`] — images kept without their disk pieces (`keep-blobs =
+//!   false`: the imported VM holds the data);
 //! - [`plan`] — what a prune removes (always garbage; `--older-than`;
 //!   `--space-budget`; the shortfall of an automatic reclaim), least recently used
 //!   first, computed the same way for `--dry-run` and for the real run;
@@ -21,6 +23,7 @@
 
 pub mod inventory;
 pub mod lease;
+pub mod metadata_only;
 pub mod plan;
 pub mod space;
 pub mod sweep;

@@ -239,3 +239,142 @@ fn an_update_import_copies_unchanged_pieces_but_never_modified_bytes() {
     assert_eq!(updated["copied_from"], serde_json::json!([a]), "{updated}");
     assert_eq!(vm::sha256(&a_file), vm::sha256(&reference_file));
 }
+
+/// Every blob file of a cache layout.
+fn stored_blobs(layout: &Path) -> Vec<String> {
+    std::fs::read_dir(layout.join("blobs/sha256"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                .filter(|name| !name.contains(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The blob digests of the disk pieces of `tag` in a cache layout.
+fn piece_blobs(layout: &Path, tag: &str) -> Vec<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in {index}"))
+        .clone();
+    let hex = entry["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"].as_str().unwrap().contains(".piece."))
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_host_that_keeps_no_blobs_pulls_updates_and_repulls() {
+    if !sarde_e2e::registry::registry_tests_enabled(
+        "a_host_that_keeps_no_blobs_pulls_updates_and_repulls",
+    ) {
+        return;
+    }
+    let registry = sarde_e2e::registry::TestRegistry::start(Default::default());
+    let image = format!("{}/e2e/keep:latest", registry.address());
+    let work = vm::workdir();
+    let disk = work.path().join("d.qcow2");
+    qcow2(&disk, "32M", None);
+    fill_random(&disk, 0, 16, 21);
+    let name = vm::unique("sarde-keep");
+    let mut test_vm = TestVm::define(&name, &[&disk], None);
+    let pulled = format!("{name}-pulled");
+    test_vm.cleanup_also(&pulled);
+    let builder = vm::workdir();
+    let build_layout = builder
+        .path()
+        .join("OCI")
+        .join(registry.address())
+        .join("e2e/keep");
+    export(builder.path(), &name, &image);
+    ok(sarde(builder.path()).args(["push", "--insecure", &image]));
+    let v1_pieces = piece_blobs(&build_layout, "latest");
+
+    let runner = vm::workdir();
+    let pull = || {
+        let mut cmd = sarde(runner.path());
+        cmd.env("SARDE_KEEP_BLOBS", "no").args([
+            "pull",
+            "--insecure",
+            "--replace",
+            "-n",
+            &pulled,
+            &image,
+        ]);
+        ok(&mut cmd)
+    };
+    let layout = runner
+        .path()
+        .join("OCI")
+        .join(registry.address())
+        .join("e2e/keep");
+    let vm_file = runner.path().join("VMs").join(&pulled).join("d.qcow2");
+    pull();
+    assert_eq!(vm::sha256(&vm_file), vm::sha256(&disk));
+    let kept = stored_blobs(&layout);
+    assert!(
+        kept.iter().all(|b| !v1_pieces.contains(b)),
+        "the cache keeps no piece: {kept:?}"
+    );
+    assert!(!kept.is_empty());
+
+    // The image counts as complete: prune keeps it; push says why it cannot.
+    ok(sarde(runner.path()).args(["prune"]));
+    let listed = ok(sarde(runner.path()).args(["list", "--format", "json"]));
+    assert!(listed.contains("e2e/keep"), "{listed}");
+    let refused = sarde_e2e::fails(sarde(runner.path()).args([
+        "push",
+        "--insecure",
+        "-t",
+        &format!("{}/e2e/elsewhere:1", registry.address()),
+        &image,
+    ]));
+    assert!(refused.contains("keep-blobs"), "{refused}");
+
+    // An update moves only the changed pieces: unchanged ones come from the VM.
+    fill_random(&disk, 5, 1, 22);
+    export(builder.path(), &name, &image);
+    ok(sarde(builder.path()).args(["push", "--insecure", &image]));
+    let v2_pieces = piece_blobs(&build_layout, "latest");
+    pull();
+    assert_eq!(vm::sha256(&vm_file), vm::sha256(&disk));
+    for piece in &v2_pieces {
+        let fetched = registry.blob_gets(piece);
+        if v1_pieces.contains(piece) {
+            assert_eq!(
+                fetched, 1,
+                "{piece} is unchanged: fetched by the first pull only"
+            );
+        } else {
+            assert_eq!(fetched, 1, "{piece} changed: fetched once, by the update");
+        }
+    }
+    assert!(v2_pieces.iter().any(|p| !v1_pieces.contains(p)));
+    let kept = stored_blobs(&layout);
+    assert!(kept.iter().all(|b| !v2_pieces.contains(b)), "{kept:?}");
+
+    // A re-pull of the unchanged tag fetches nothing and leaves the VM alone.
+    let gets = registry.answered("GET", "/blobs/");
+    pull();
+    assert_eq!(registry.answered("GET", "/blobs/"), gets);
+    assert_eq!(vm::sha256(&vm_file), vm::sha256(&disk));
+}

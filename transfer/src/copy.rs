@@ -13,11 +13,13 @@
 //!   with backoff and resume the same way.
 //! - Manifests go last (children first), so a cut copy leaves no half image.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
+use sarde_api::Digest;
 use sarde_api::oci::Descriptor;
 use sarde_api::transport::{Access, BlobSink, BlobWrite, RawManifest};
 use sarde_api::{Transport, TransportError};
@@ -71,6 +73,14 @@ pub struct CopyRequest {
     /// Told about each blob as it is complete at the (first) destination, so a
     /// consumer (pull's import) can use it while the rest still moves.
     pub gate: Option<Arc<BlobGate>>,
+    /// Blobs not copied, because the consumer has their content already (pull's
+    /// import copies unchanged pieces from the previous version of a VM); the
+    /// gate says so to whoever waits for one. Only with `blobs_only`: a
+    /// destination would refuse a manifest whose blobs it lacks.
+    pub withheld: BTreeSet<Digest>,
+    /// Copies the blobs only; the caller writes the manifest and tag itself
+    /// (pull's, once the import is done, for an image kept without its pieces).
+    pub blobs_only: bool,
 }
 
 /// What a copy did.
@@ -338,10 +348,30 @@ impl CopyRequest {
     ) -> Result<bool, TransferError> {
         let t = destination.transport.as_ref();
         let location = t.location();
-        let total: u64 = image.blobs.iter().map(|b| b.size).sum();
+        let blobs: Vec<&Descriptor> = image
+            .blobs
+            .iter()
+            .filter(|b| !self.withheld.contains(&b.digest))
+            .collect();
+        if let Some(gate) = gate {
+            for blob in image
+                .blobs
+                .iter()
+                .filter(|b| self.withheld.contains(&b.digest))
+            {
+                gate.withhold(
+                    &blob.digest,
+                    format!(
+                        "{}: blob {} was not fetched, as the previous version of the VM held its content, which changed since; run the pull again",
+                        self.image, blob.digest
+                    ),
+                );
+            }
+        }
+        let total: u64 = blobs.iter().map(|b| b.size).sum();
         progress.event(&Event::Start {
             image: &destination.name,
-            blobs: image.blobs.len(),
+            blobs: blobs.len(),
             bytes: total,
         });
         let sources: Vec<&str> = mount_from
@@ -369,14 +399,14 @@ impl CopyRequest {
                 destination.name,
                 image.manifest.digest
             );
-            for blob in &image.blobs {
+            for blob in &blobs {
                 counters.skip(blob, false, progress.as_ref());
                 if let Some(gate) = gate {
                     gate.ready(&blob.digest, false);
                 }
             }
         } else {
-            futures_util::stream::iter(image.blobs.iter())
+            futures_util::stream::iter(blobs.iter().copied())
                 .map(|blob| {
                     let sources = &sources;
                     async move {
@@ -410,6 +440,9 @@ impl CopyRequest {
                 .await;
                 result?;
             }
+        }
+        if self.blobs_only {
+            return Ok(manifest_only);
         }
         let reference = destination
             .tag

@@ -11,6 +11,8 @@ struct State {
     /// Ready blobs, and whether this transfer downloaded and verified them (rather
     /// than finding them in the cache).
     ready: HashMap<Digest, bool>,
+    /// Blobs the transfer does not move, with what to tell a waiter.
+    withheld: HashMap<Digest, String>,
     failed: Option<String>,
 }
 
@@ -41,6 +43,13 @@ impl BlobGate {
         state.ready.get(digest).copied().unwrap_or(false)
     }
 
+    /// Marks a blob the transfer will not move: a waiter for it gets `message`.
+    pub fn withhold(&self, digest: &Digest, message: String) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.withheld.insert(digest.clone(), message);
+        self.changed.notify_all();
+    }
+
     /// Marks the transfer as failed: every waiter gets `message`.
     pub fn fail(&self, message: String) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -54,6 +63,9 @@ impl BlobGate {
         loop {
             if state.ready.contains_key(digest) {
                 return Ok(());
+            }
+            if let Some(message) = state.withheld.get(digest) {
+                return Err(message.clone());
             }
             if let Some(message) = &state.failed {
                 return Err(message.clone());

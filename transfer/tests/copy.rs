@@ -56,6 +56,8 @@ fn request(source: Arc<dyn Transport>, destination: &Path) -> CopyRequest {
         check_source_blobs: true,
         counting: Counting::Both,
         gate: None,
+        withheld: Default::default(),
+        blobs_only: false,
     }
 }
 

@@ -149,6 +149,7 @@ fn engine(settings: &Settings, registry: Arc<sarde_api::Registry>) -> Result<Eng
             space_budget: settings.space_budget,
             auto_prune: settings.auto_prune,
             prune_min_age: settings.prune_min_age,
+            keep_blobs: settings.keep_blobs,
         },
     })
 }

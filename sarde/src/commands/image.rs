@@ -47,6 +47,7 @@ pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
             space_budget: s.space_budget.map(|b| b.0),
             auto_prune: s.auto_prune,
             prune_min_age: s.prune_min_age.0,
+            keep_blobs: s.keep_blobs,
         },
     })
 }

@@ -103,6 +103,10 @@ pub struct Settings {
     /// Reclaim space before fetch, pull and import when they need it.
     #[serde(deserialize_with = "lenient::switch")]
     pub auto_prune: bool,
+    /// A pull keeps the image's disk pieces in the cache; `no`: only its
+    /// metadata (the imported VM holds the data).
+    #[serde(deserialize_with = "lenient::switch")]
+    pub keep_blobs: bool,
     /// Nothing used more recently is removed automatically or for a budget, and
     /// partial downloads are kept this long for a later run to resume.
     #[serde(deserialize_with = "lenient::from_str")]
@@ -140,6 +144,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "space-budget",
     "auto-prune",
     "prune-min-age",
+    "keep-blobs",
     "verbose",
     "quiet",
 ];
@@ -157,6 +162,8 @@ pub mod groups {
     pub const THREADS: &[&str] = &["threads"];
     pub const COMPRESSION: &[&str] = &["chunksize", "codec", "level"];
     pub const SPACE: &[&str] = &["space-budget", "auto-prune", "prune-min-age"];
+    /// What a pull keeps of an image besides the VM.
+    pub const KEEP: &[&str] = &["keep-blobs"];
     /// Reaching a registry at all (login checks credentials with one request).
     pub const REGISTRY: &[&str] = &[
         "insecure",
@@ -200,13 +207,14 @@ const COMMANDS: &[(&str, &[&[&str]])] = {
         (
             "pull",
             &[
-                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, THREADS, SPACE, REGISTRY, TRANSFER,
+                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, THREADS, SPACE, KEEP, REGISTRY, TRANSFER,
             ],
         ),
         (
             "clone",
             &[
-                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, CLONES, THREADS, SPACE, REGISTRY, TRANSFER,
+                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, CLONES, THREADS, SPACE, KEEP, REGISTRY,
+                TRANSFER,
             ],
         ),
         ("login", &[OUTPUT, PLUGINS, REGISTRY]),
@@ -322,6 +330,7 @@ impl Settings {
             space_budget: None,
             auto_prune: true,
             prune_min_age: Age(std::time::Duration::from_secs(3600)),
+            keep_blobs: true,
             verbose: 0,
             quiet: 0,
         }

@@ -18,6 +18,13 @@ mod partial;
 mod transport;
 
 pub use cache::{OciDir, RepositoryEntry};
+
+/// Index entries with this annotation keep only their metadata blobs: their disk
+/// pieces were dropped on purpose (an image pulled with `keep-blobs = false`, whose
+/// VM holds the data), so missing pieces do not make them broken.
+pub const ANNOTATION_BLOBS: &str = "org.sardinecake.blobs";
+/// The value of [`ANNOTATION_BLOBS`] for such images.
+pub const BLOBS_METADATA_ONLY: &str = "metadata-only";
 pub use error::LayoutError;
 pub use layout::{BlobWriter, Layout, MAX_IN_MEMORY_BLOB};
 pub use transport::{OciDirFactory, OciDirTransport, SCHEME, register};

@@ -341,6 +341,14 @@ impl Transport for OciDirTransport {
             let descriptor = layout
                 .resolve(&reference)
                 .map_err(|e| this.error(&repository, e))?;
+            if descriptor.annotation(crate::ANNOTATION_BLOBS) == Some(crate::BLOBS_METADATA_ONLY) {
+                return Err(TransportError::Protocol {
+                    location: this.location(),
+                    message: format!(
+                        "{repository}:{reference} is kept here without its disk pieces (it was pulled with keep-blobs = false; the VM imported from it holds the data), so it cannot be read from this cache: `sarde fetch` it to bring its pieces back, or push or copy it from a host that has them"
+                    ),
+                });
+            }
             // A layout is untrusted too (copied from elsewhere, or an archive's).
             if descriptor.size > MAX_MANIFEST_SIZE {
                 return Err(TransportError::Protocol {

@@ -122,8 +122,8 @@ fn an_export_record_of_a_collected_blob_is_not_trusted() {
     ]));
 }
 
-/// (offset, piece digest) of each disk piece of `tag` in the cache layout.
-fn pieces(layout: &Path, tag: &str) -> Vec<(u64, String)> {
+/// The manifest `tag` names in a cache layout.
+fn manifest_of(layout: &Path, tag: &str) -> serde_json::Value {
     let read = |digest: &str| {
         let hex = digest.strip_prefix("sha256:").unwrap();
         std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
@@ -136,9 +136,12 @@ fn pieces(layout: &Path, tag: &str) -> Vec<(u64, String)> {
         .iter()
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
         .unwrap_or_else(|| panic!("no tag {tag} in {index}"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&read(entry["digest"].as_str().unwrap())).unwrap();
-    manifest["layers"]
+    serde_json::from_slice(&read(entry["digest"].as_str().unwrap())).unwrap()
+}
+
+/// (offset, piece digest) of each disk piece of `tag` in the cache layout.
+fn pieces(layout: &Path, tag: &str) -> Vec<(u64, String)> {
+    manifest_of(layout, tag)["layers"]
         .as_array()
         .unwrap()
         .iter()
@@ -255,25 +258,7 @@ fn stored_blobs(layout: &Path) -> Vec<String> {
 
 /// The blob digests of the disk pieces of `tag` in a cache layout.
 fn piece_blobs(layout: &Path, tag: &str) -> Vec<String> {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let entry = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap_or_else(|| panic!("no tag {tag} in {index}"))
-        .clone();
-    let hex = entry["digest"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("sha256:")
-        .unwrap()
-        .to_string();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
-            .unwrap();
-    manifest["layers"]
+    manifest_of(layout, tag)["layers"]
         .as_array()
         .unwrap()
         .iter()

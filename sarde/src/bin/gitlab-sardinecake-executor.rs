@@ -131,7 +131,8 @@ fn engine(settings: &Settings, registry: Arc<sarde_api::Registry>) -> Result<Eng
         connect: settings.connect.clone(),
         ocidir: OciDir::new(settings.ocidir.clone()),
         vmdir: settings.vmdir.clone(),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // As many as the host has (twice that where workers wait for the disk).
+        threads: 0,
         remote: Remote {
             insecure: settings.insecure.clone(),
             certs_dirs: defaults.certs_dir,

@@ -29,7 +29,7 @@ pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
         connect: s.connect.clone(),
         ocidir: OciDir::new(s.ocidir.clone()),
         vmdir: s.vmdir.clone(),
-        threads: s.effective_threads(),
+        threads: s.threads,
         remote: Remote {
             insecure: s.insecure.clone(),
             certs_dirs: s.certs_dir.clone(),

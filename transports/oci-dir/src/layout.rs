@@ -8,7 +8,7 @@
 //! other's tags; readers need no lock because a rename is atomic.
 
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256, Sha512};
 use tempfile::NamedTempFile;
 
+use crate::blob_file::BlobFile;
 use crate::error::{LayoutError, io_error};
 
 /// The largest blob [`Layout::read_blob`] reads into memory: manifests, configs and
@@ -37,8 +38,6 @@ const BLOBS_LOCK_FILE: &str = "blobs.lock";
 /// Prefix of temporary files; never a valid hex digest, so never taken for a blob.
 const TEMP_PREFIX: &str = ".tmp-";
 const LAYOUT_VERSION: &str = "1.0.0";
-/// Buffer between [`BlobWriter`] and its file, so small writes don't each cost a syscall.
-const WRITE_BUFFER: usize = 256 << 10;
 
 type Result<T, E = LayoutError> = std::result::Result<T, E>;
 
@@ -225,13 +224,24 @@ impl Layout {
 
     /// A streaming writer for a new sha256 blob; see [`BlobWriter`].
     pub fn blob_writer(&self) -> Result<BlobWriter> {
+        self.new_blob_writer(BlobFile::buffered)
+    }
+
+    /// [`Layout::blob_writer`] for a large blob nothing reads back soon (an
+    /// export's pieces): written with `O_DIRECT` where the file system allows,
+    /// past the page cache.
+    pub fn blob_writer_direct(&self) -> Result<BlobWriter> {
+        self.new_blob_writer(BlobFile::direct)
+    }
+
+    fn new_blob_writer(&self, file: fn(NamedTempFile) -> BlobFile) -> Result<BlobWriter> {
         let dir = self.path.join("blobs").join(Algorithm::Sha256.name());
         fs::create_dir_all(&dir).map_err(io_error(&dir, "creating the blob directory"))?;
         let temp = new_temp_in(&dir).map_err(io_error(&dir, "creating a temporary blob file"))?;
         Ok(BlobWriter {
             layout: self.clone(),
             dir,
-            file: BufWriter::with_capacity(WRITE_BUFFER, temp),
+            file: file(temp),
             hasher: Sha256::new(),
             written: 0,
         })
@@ -552,7 +562,7 @@ pub struct LayoutLock {
 pub struct BlobWriter {
     layout: Layout,
     dir: PathBuf,
-    file: BufWriter<NamedTempFile>,
+    file: BlobFile,
     hasher: Sha256,
     written: u64,
 }
@@ -560,7 +570,7 @@ pub struct BlobWriter {
 impl std::fmt::Debug for BlobWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlobWriter")
-            .field("temp", &self.file.get_ref().path())
+            .field("temp", &self.file.temp().path())
             .field("written", &self.written)
             .finish()
     }
@@ -574,7 +584,7 @@ impl BlobWriter {
 
     /// The temporary file being written (removed on drop, renamed on commit).
     pub fn temp_path(&self) -> &Path {
-        self.file.get_ref().path()
+        self.file.temp().path()
     }
 
     /// Finishes the blob: checks it against `expected` (digest, size) when given —
@@ -596,8 +606,8 @@ impl BlobWriter {
             written,
         } = self;
         let temp = file
-            .into_inner()
-            .map_err(|e| io_error(&dir, "writing the blob")(e.into_error()))?;
+            .finish()
+            .map_err(|e| io_error(&dir, "writing the blob")(e))?;
         let digest = Digest::from_sha256(hasher.finalize().into());
         if let Some((want, want_size)) = expected {
             if want.algorithm() != Algorithm::Sha256 {
@@ -643,11 +653,11 @@ impl Write for BlobWriter {
         self.hasher.update(&buf[..n]);
         let before = self.written;
         self.written += n as u64;
-        if before / WRITEBACK_EVERY != self.written / WRITEBACK_EVERY {
+        if self.file.cached() && before / WRITEBACK_EVERY != self.written / WRITEBACK_EVERY {
             // The commit's fsync then finds most of the blob on disk already.
             let end = self.written / WRITEBACK_EVERY * WRITEBACK_EVERY;
             sarde_api::writeback::start_writeback(
-                self.file.get_ref().as_file(),
+                self.file.temp().as_file(),
                 end - WRITEBACK_EVERY,
                 WRITEBACK_EVERY,
             );

@@ -11,7 +11,9 @@
 //! - [`OciDirTransport`] / [`OciDirFactory`] — the same as a
 //!   [`sarde_api::Transport`] under the scheme `oci-dir`.
 
+mod blob_file;
 mod cache;
+mod direct;
 mod error;
 mod layout;
 mod partial;
@@ -25,6 +27,7 @@ pub use cache::{OciDir, RepositoryEntry};
 pub const ANNOTATION_BLOBS: &str = "org.sardinecake.blobs";
 /// The value of [`ANNOTATION_BLOBS`] for such images.
 pub const BLOBS_METADATA_ONLY: &str = "metadata-only";
+pub use direct::DirectReader;
 pub use error::LayoutError;
 pub use layout::{BlobWriter, Layout, MAX_IN_MEMORY_BLOB};
 pub use transport::{OciDirFactory, OciDirTransport, SCHEME, register};

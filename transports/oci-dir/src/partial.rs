@@ -14,7 +14,7 @@
 //! - Verified by size and digest, synced, then renamed into the layout.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +25,7 @@ use sarde_api::{Digest, TransportError};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
+use crate::direct::DirectAppender;
 use crate::layout::Layout;
 
 /// Bytes read per write to the partial file.
@@ -92,6 +93,10 @@ pub(crate) struct PartialBlob {
     path: PathBuf,
     /// `None` once committed.
     file: Option<File>,
+    /// Appends to `file` past the page cache: the import that reads the blob
+    /// next reads it once, and the cache of a 60 GB pull would cost more than
+    /// the disk (see [`crate::direct`]).
+    appender: DirectAppender,
     hasher: Sha256,
     have: u64,
     /// For messages.
@@ -196,12 +201,14 @@ impl PartialBlob {
                 blob.size
             );
         }
+        let appender = DirectAppender::new(&file, have)?;
         Ok(Some(PartialBlob {
             _lock: lock,
             layout,
             blob: blob.clone(),
             path,
             file: Some(file),
+            appender,
             hasher,
             have,
             location,
@@ -222,6 +229,7 @@ impl PartialBlob {
         if let Some(file) = &mut self.file {
             let _ = file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0)));
         }
+        self.appender.reset();
         self.hasher = Sha256::new();
         self.have = 0;
     }
@@ -257,13 +265,12 @@ impl PartialBlob {
                 }
             };
             let n = n.min(usize::try_from(self.blob.size - self.have).unwrap_or(usize::MAX));
-            // Written from the async task as it arrives: a local file write is
-            // short next to a network read, and the kernel writes back behind us.
-            let file = self.file.as_mut().expect("an open sink has its file");
-            if let Err(e) = file.write_all(&buf[..n]) {
+            // Written from the async task as it arrives: a direct write of a
+            // megabyte now and then is short next to the network reads.
+            let file = self.file.as_ref().expect("an open sink has its file");
+            if let Err(e) = self.appender.push(file, &buf[..n]) {
                 return Err(self.io_error("writing the partial blob", e));
             }
-            sarde_api::writeback::start_writeback(file, self.have, n as u64);
             self.hasher.update(&buf[..n]);
             self.have += n as u64;
         }
@@ -278,6 +285,9 @@ impl Drop for PartialBlob {
         if let Some(file) = &self.file {
             if self.have == 0 && still_at(file, &self.path).unwrap_or(false) {
                 let _ = fs::remove_file(&self.path);
+            } else {
+                // Bytes still in the buffer are kept for the resume.
+                let _ = self.appender.save(file);
             }
         }
     }
@@ -357,6 +367,9 @@ impl BlobSink for PartialBlob {
             });
         }
         let file = self.file.take().expect("checked above");
+        if let Err(e) = self.appender.finish(&file) {
+            return Err(self.io_error("writing the partial blob", e));
+        }
         let (path, layout, blob) = (self.path.clone(), self.layout.clone(), self.blob.clone());
         let committed = tokio::task::spawn_blocking(move || commit(file, &path, &layout, &blob))
             .await

@@ -1,8 +1,8 @@
 //! Update import: a new version of an image whose previous version is imported on
-//! this host takes every unchanged piece from the previous VM's files with
-//! `copy_file_range` (a reflink on XFS and btrfs) instead of decompressing and
-//! writing it, so a 1% update costs about a copy of the files plus the changed
-//! pieces.
+//! this host takes every unchanged piece from the previous VM's files (shared
+//! blocks on XFS and btrfs, a direct copy elsewhere: [`sarde_disk::copy_range`])
+//! instead of decompressing and writing it, so a 1% update costs about a copy of
+//! the files plus the changed pieces.
 //!
 //! A piece is taken only where the previous import record says the file holds
 //! the same bytes at the same offset, and only while that still holds: the record

@@ -345,6 +345,7 @@ impl Engine {
         image: Option<&ImageReference>,
         command: &str,
         gate: Option<Arc<BlobGate>>,
+        import: Option<&ImportRequest>,
     ) -> Result<PreparedFetch, RemoteError> {
         let mut request = CopyRequest {
             source: self.open_remote(source)?,
@@ -379,7 +380,12 @@ impl Engine {
             tag: image.tag_or_default().map(str::to_string),
             name: source.to_string(),
         });
-        let up_to_date = request.up_to_date(&resolved, options).await?;
+        // A pull whose VM is this image, untouched, needs nothing from the cache
+        // but the tag: its blobs are not even looked at (a re-pull costs the same
+        // for 10 pieces and for 1000).
+        let vm_current =
+            import.is_some_and(|import| self.vm_is_current(&location, &resolved, import));
+        let up_to_date = vm_current || request.up_to_date(&resolved, options).await?;
         Ok(PreparedFetch {
             request,
             resolved,
@@ -399,7 +405,9 @@ impl Engine {
         progress: Arc<dyn Progress>,
     ) -> Result<Fetched, RemoteError> {
         let started = std::time::Instant::now();
-        let prepared = self.prepare_fetch(source, image, "fetch", None).await?;
+        let prepared = self
+            .prepare_fetch(source, image, "fetch", None, None)
+            .await?;
         let options = &self.remote.transfer;
         let summary = if prepared.up_to_date {
             progress.event(&sarde_transfer::Event::Finish {
@@ -497,7 +505,7 @@ impl Engine {
         let options = &self.remote.transfer;
         let gate = Arc::new(BlobGate::new());
         let mut prepared = self
-            .prepare_fetch(source, image, "pull", Some(gate.clone()))
+            .prepare_fetch(source, image, "pull", Some(gate.clone()), Some(&import))
             .await?;
         import.image = prepared.location.clone();
         let engine = self.clone();
@@ -590,6 +598,36 @@ impl Engine {
 }
 
 impl Engine {
+    /// Whether the cache's tag names this manifest and the VM a pull would
+    /// import it as was imported from it and is untouched since (its files'
+    /// identity stamps are those recorded after the import). The import that
+    /// follows checks the domain itself.
+    fn vm_is_current(
+        &self,
+        location: &ImageLocation,
+        resolved: &sarde_transfer::SourceImage,
+        import: &ImportRequest,
+    ) -> bool {
+        let digest = &resolved.manifest.digest;
+        let tagged = Layout::open(&location.layout)
+            .and_then(|layout| layout.resolve(&location.reference))
+            .is_ok_and(|entry| entry.digest == *digest);
+        let Some(name) = self.import_name(&resolved.manifest.bytes, import) else {
+            return false;
+        };
+        let dir = self.vmdir.join(&name);
+        tagged
+            && crate::Marker::read(&dir).is_some_and(|marker| {
+                marker.defined
+                    && marker.manifest == *digest
+                    && marker.files.iter().all(|file| {
+                        file.stamp.is_some()
+                            && crate::marker::FileStamp::of(&dir.join(&file.name)).ok()
+                                == file.stamp
+                    })
+            })
+    }
+
     /// Keeps the pulled image in the cache without its disk pieces (the VM holds
     /// the data): its manifest tagged and marked so, the pieces nothing else
     /// needs deleted.

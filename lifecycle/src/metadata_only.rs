@@ -39,6 +39,13 @@ pub fn keep_metadata_only(
     reference: &str,
     lease: &Lease,
 ) -> Result<u64> {
+    // A re-pull of an image kept so: nothing to do.
+    if layout
+        .resolve(reference)
+        .is_ok_and(|entry| entry.digest == manifest.digest && is_metadata_only(&entry))
+    {
+        return Ok(0);
+    }
     let stored = layout.put_manifest(bytes, &manifest.media_type)?;
     let mut entry = stored.clone();
     entry.annotations.insert(

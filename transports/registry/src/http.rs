@@ -102,19 +102,39 @@ impl Http {
     /// answers HTTP over TLS there, else plain http; a secure registry is
     /// always https. Every network method of the registry transport calls it
     /// first, before it makes a URL.
+    ///
+    /// Plain http is asked first: a port that answers it with anything but 400
+    /// (what TLS servers answer a plain request with, "HTTP request to an HTTPS
+    /// server") speaks no TLS, and the TLS attempt, which costs more than the
+    /// rest of a re-pull of an unchanged tag, is spared.
     pub async fn ready(&self) {
         if !self.insecure {
             return;
         }
         self.scheme_probed
             .get_or_init(|| async {
+                let timeout = self.bounds.connect.min(Duration::from_secs(10));
+                let plain = self
+                    .client
+                    .get(self.url("/v2/"))
+                    .timeout(timeout)
+                    .send()
+                    .await;
+                match plain {
+                    Ok(answer) if answer.status() != reqwest::StatusCode::BAD_REQUEST => {
+                        tracing::debug!("{}: insecure registry answers plain http", self.location);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("{}: no plain http there ({e})", self.location),
+                }
                 let Ok(https) = reqwest::Url::parse(&format!("https://{}/", self.location)) else {
                     return;
                 };
                 let probe = self
                     .client
                     .get(format!("{https}v2/"))
-                    .timeout(self.bounds.connect.min(Duration::from_secs(10)))
+                    .timeout(timeout)
                     .send()
                     .await;
                 match probe {

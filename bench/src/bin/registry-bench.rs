@@ -1464,6 +1464,9 @@ fn bench(
         let push = runner.measure("sarde push (update)", &mut sarde_push_cmd(), true)?;
         sarde_update_push = Some(export.then(&push));
         sarde_update_export = Some(export);
+        // Nothing later needs the export cache either: room for the large sizes.
+        std::fs::remove_dir_all(&sarde_push_oci)
+            .with_context(|| format!("removing {sarde_push_oci}"))?;
         let fetch = runner.measure(
             "sarde fetch (update, into the old cache)",
             &mut sarde_fetch_cmd(),

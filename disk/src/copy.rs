@@ -13,12 +13,22 @@ use std::os::unix::fs::FileExt;
 
 use crate::BLOCK_SIZE;
 use crate::error::DiskError;
-use crate::holes::{SparseReader, path_of};
+use crate::holes::{SparseReader, hash_zeros, path_of};
+use sarde_api::Digest;
+use sha2::{Digest as _, Sha256};
 
 /// Copies `[offset, offset + length)` of `from` to the same offsets of `to`, whose
 /// range must read as zeros (a sparse file being filled): only the source's data
-/// extents are copied. Returns the bytes copied.
-pub fn copy_range(from: &File, to: &File, offset: u64, length: u64) -> Result<u64, DiskError> {
+/// extents are copied. Returns the bytes copied and, when `hash`, the sha256 of
+/// the whole range as it was read (holes as zeros); hashing reads the bytes, so
+/// then they are copied, never shared.
+pub fn copy_range(
+    from: &File,
+    to: &File,
+    offset: u64,
+    length: u64,
+    hash: bool,
+) -> Result<(u64, Option<Digest>), DiskError> {
     let read_error = |at: u64, source: io::Error| DiskError::Read {
         file: path_of(from),
         offset: at,
@@ -36,31 +46,44 @@ pub fn copy_range(from: &File, to: &File, offset: u64, length: u64) -> Result<u6
     }
     let handle = from.try_clone().map_err(|e| read_error(offset, e))?;
     let mut extents = SparseReader::new(handle, from_len);
+    let mut hasher = hash.then(Sha256::new);
     let end = offset + length;
     let mut at = offset;
     let mut copied = 0;
     while at < end {
         let (start, data_end) = extents.data_at(at).map_err(|e| read_error(at, e))?;
+        let start = start.min(end);
+        if let Some(hasher) = hasher.as_mut() {
+            hash_zeros(hasher, start - at);
+        }
         if start >= end {
             break;
         }
         let stop = data_end.min(end);
-        copy_extent(from, to, start, stop - start)?;
+        copy_extent(from, to, start, stop - start, hasher.as_mut())?;
         copied += stop - start;
         at = stop;
     }
-    Ok(copied)
+    let digest = hasher.map(|h| Digest::from_sha256(h.finalize().into()));
+    Ok((copied, digest))
 }
 
-/// One data extent: shared where the file system can, else copied directly.
-fn copy_extent(from: &File, to: &File, offset: u64, length: u64) -> Result<(), DiskError> {
-    if reflink(from, to, offset, length) {
+/// One data extent: shared where the file system can (unless its bytes must be
+/// hashed), else copied directly.
+fn copy_extent(
+    from: &File,
+    to: &File,
+    offset: u64,
+    length: u64,
+    mut hasher: Option<&mut Sha256>,
+) -> Result<(), DiskError> {
+    if hasher.is_none() && reflink(from, to, offset, length) {
         return Ok(());
     }
     let (Some(direct_from), Some(direct_to)) =
         (reopen_direct(from, false), reopen_direct(to, true))
     else {
-        return copy_by_reading(from, to, offset, length);
+        return copy_by_reading(from, to, offset, length, hasher);
     };
     let mut storage = vec![0u8; BLOCK_SIZE + ALIGN];
     let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN);
@@ -74,8 +97,12 @@ fn copy_extent(from: &File, to: &File, offset: u64, length: u64) -> Result<(), D
         let copied = aligned
             && direct_from.read_exact_at(&mut buf[..n], at).is_ok()
             && direct_to.write_all_at(&buf[..n], at).is_ok();
-        if !copied {
-            copy_by_reading(from, to, at, n as u64)?;
+        if copied {
+            if let Some(hasher) = hasher.as_mut() {
+                hasher.update(&buf[..n]);
+            }
+        } else {
+            copy_by_reading(from, to, at, n as u64, hasher.as_deref_mut())?;
         }
         done += n as u64;
     }
@@ -109,7 +136,13 @@ fn reopen_direct(file: &File, write: bool) -> Option<File> {
         .ok()
 }
 
-fn copy_by_reading(from: &File, to: &File, offset: u64, length: u64) -> Result<(), DiskError> {
+fn copy_by_reading(
+    from: &File,
+    to: &File,
+    offset: u64,
+    length: u64,
+    mut hasher: Option<&mut Sha256>,
+) -> Result<(), DiskError> {
     let mut buf = vec![0u8; BLOCK_SIZE];
     let mut done = 0u64;
     while done < length {
@@ -121,6 +154,9 @@ fn copy_by_reading(from: &File, to: &File, offset: u64, length: u64) -> Result<(
                 offset: at,
                 source,
             })?;
+        if let Some(hasher) = hasher.as_mut() {
+            hasher.update(&buf[..n]);
+        }
         to.write_all_at(&buf[..n], at)
             .map_err(|source| DiskError::Write {
                 file: path_of(to),
@@ -152,11 +188,17 @@ mod tests {
         from.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
         from.write_all_at(&[9u8; 8192], 5 << 20).unwrap();
         let to = crate::create_sparse(&b, 8 << 20).unwrap();
-        let copied = copy_range(&from, &to, 0, 8 << 20).unwrap();
+        let (copied, digest) = copy_range(&from, &to, 0, 8 << 20, true).unwrap();
         // ext4/xfs/tmpfs report the two extents (block-sized at least), not 8 MiB.
         assert!(copied < 8 << 20, "copied {copied}");
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let bytes = std::fs::read(&a).unwrap();
+        assert_eq!(bytes, std::fs::read(&b).unwrap());
+        assert_eq!(
+            digest,
+            Some(Digest::sha256_of(&bytes)),
+            "holes hash as zeros"
+        );
         // A range past the source's end is refused.
-        assert!(copy_range(&from, &to, 7 << 20, 2 << 20).is_err());
+        assert!(copy_range(&from, &to, 7 << 20, 2 << 20, false).is_err());
     }
 }

@@ -92,6 +92,10 @@ pub enum DiskError {
         source: io::Error,
     },
     #[error(
+        "{file}: the piece at offset {offset} changed while it was exported (read twice, different bytes): shut the VM down, or export a snapshot, and export again"
+    )]
+    Changed { file: PathBuf, offset: u64 },
+    #[error(
         "{file}: piece {index} at offset {offset}: the blob store counted {reported} bytes, {written} were written"
     )]
     SinkSizeMismatch {

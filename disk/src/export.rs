@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::BLOCK_SIZE;
 use crate::error::DiskError;
-use crate::holes::{AlignedBlock, SparseReader, ZEROS, ZeroDigests, is_zero};
+use crate::holes::{AlignedBlock, SparseReader, ZEROS, ZeroDigests, hash_zeros, is_zero};
 
 /// One piece of an exported file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,12 +286,13 @@ impl Job<'_> {
                 .map_err(|e| self.read_error(e))?;
             known = Some(digest);
             hasher = Sha256::new();
+            hash_zeros(&mut hasher, pos);
         }
         let mut writer = self.sink.begin(index).map_err(sink_error)?;
         let written = match self.compress(
             reader,
             buf,
-            known.is_none().then_some(&mut hasher),
+            Some(&mut hasher),
             &mut *writer,
             index,
             offset,
@@ -314,7 +315,15 @@ impl Job<'_> {
                 reported,
             }));
         }
-        let digest = known.unwrap_or_else(|| Digest::from_sha256(hasher.finalize().into()));
+        let digest = Digest::from_sha256(hasher.finalize().into());
+        // The compressed bytes were read a second time: they must be the ones
+        // hashed first, or the file changed during the export.
+        if known.as_ref().is_some_and(|k| *k != digest) {
+            return Err(Abort::Failed(DiskError::Changed {
+                file: self.file(),
+                offset,
+            }));
+        }
         Ok(info(digest, Some((blob, written))))
     }
 

@@ -522,6 +522,8 @@ impl Engine {
         // Pieces go to disk without the page cache where the file system allows.
         let mut direct: Vec<Option<File>> = Vec::new();
         let mut jobs = Vec::new();
+        // Pieces whose bytes this import hashed: (file index, offset).
+        let verified: Mutex<std::collections::HashSet<(usize, u64)>> = Mutex::default();
         for (index, file) in image.files.iter().enumerate() {
             let path = staging.join(&file.spec.name);
             let resumable = fs::metadata(&path).is_ok_and(|m| m.len() == file.spec.size);
@@ -553,6 +555,11 @@ impl Engine {
             direct.push(sarde_disk::open_direct(&path));
             for (piece, done) in file.pieces.iter().zip(done) {
                 if done {
+                    // Hashed just now by the resume's check.
+                    verified
+                        .lock()
+                        .expect("not poisoned")
+                        .insert((index, piece.offset));
                     continue;
                 }
                 if resumable {
@@ -570,6 +577,12 @@ impl Engine {
         let copied_bytes = AtomicUsize::new(0);
         // Pieces copied from each earlier file, checked again if it changed meanwhile.
         let copies: Mutex<Vec<(usize, &native::Piece, u64)>> = Mutex::new(Vec::new());
+        let verified_now = |file_index: usize, piece: &native::Piece| {
+            verified
+                .lock()
+                .expect("not poisoned")
+                .insert((file_index, piece.offset));
+        };
         std::thread::scope(|scope| {
             for _ in 0..self.disk_bound_threads().min(jobs.len().max(1)) {
                 scope.spawn(|| {
@@ -582,37 +595,45 @@ impl Engine {
                         if let Some(from) =
                             previous.files[file_index].as_ref().filter(|f| f.holds(piece))
                         {
-                            match sarde_disk::copy_range(
+                            let hash = from.needs_hash(piece);
+                            let why = match sarde_disk::copy_range(
                                 &from.file,
                                 &files[file_index],
                                 piece.offset,
                                 piece.size,
+                                hash,
                             ) {
-                                Ok(bytes) => {
+                                Ok((bytes, digest))
+                                    if digest.as_ref().is_none_or(|d| *d == piece.digest) =>
+                                {
                                     copied_bytes.fetch_add(bytes as usize, Ordering::Relaxed);
-                                    copies
-                                        .lock()
-                                        .expect("not poisoned")
-                                        .push((file_index, piece, bytes));
+                                    verified_now(file_index, piece);
+                                    if !hash {
+                                        copies
+                                            .lock()
+                                            .expect("not poisoned")
+                                            .push((file_index, piece, bytes));
+                                    }
                                     continue;
                                 }
-                                Err(e) => {
-                                    tracing::warn!(
-                                        "{}: copying the piece at offset {} from {} failed ({e}); writing it from its blob",
-                                        spec.name,
-                                        piece.offset,
-                                        from.path.display()
-                                    );
-                                    if let Err(e) = sarde_disk::zero_range(
-                                        &files[file_index],
-                                        piece.offset,
-                                        piece.size,
-                                    ) {
-                                        failed.store(true, Ordering::Relaxed);
-                                        first_error.lock().expect("not poisoned").get_or_insert(e.into());
-                                        continue;
-                                    }
-                                }
+                                Ok(_) => "it does not hold what its import record says".to_string(),
+                                Err(e) => format!("copying failed: {e}"),
+                            };
+                            tracing::warn!(
+                                "{}: the piece at offset {} cannot come from {} ({why}); writing it from its blob",
+                                spec.name,
+                                piece.offset,
+                                from.path.display()
+                            );
+                            if let Err(e) =
+                                sarde_disk::zero_range(&files[file_index], piece.offset, piece.size)
+                            {
+                                failed.store(true, Ordering::Relaxed);
+                                first_error
+                                    .lock()
+                                    .expect("not poisoned")
+                                    .get_or_insert(e.into());
+                                continue;
                             }
                         }
                         match self.write_native_piece(
@@ -622,7 +643,10 @@ impl Engine {
                             spec,
                             piece,
                         ) {
-                            Ok(()) => {
+                            Ok(hashed) => {
+                                if hashed {
+                                    verified_now(file_index, piece);
+                                }
                                 written.fetch_add(piece.size as usize, Ordering::Relaxed);
                             }
                             Err(e) => {
@@ -661,7 +685,12 @@ impl Engine {
             copied_bytes.fetch_sub(bytes as usize, Ordering::Relaxed);
             sarde_disk::zero_range(&files[file_index], piece.offset, piece.size)?;
             let spec = &image.files[file_index].spec;
-            self.write_native_piece(layout, &files[file_index], None, spec, piece)?;
+            if !self.write_native_piece(layout, &files[file_index], None, spec, piece)? {
+                verified
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&(file_index, piece.offset));
+            }
             written.fetch_add(piece.size as usize, Ordering::Relaxed);
         }
         copied.bytes = copied_bytes.into_inner() as u64;
@@ -685,13 +714,15 @@ impl Engine {
                 rebased.push(file.spec.name.as_str());
             }
         }
+        let verified = verified.into_inner().expect("not poisoned");
         let mut records = Vec::new();
-        for f in &image.files {
+        for (index, f) in image.files.iter().enumerate() {
             let path = staging.join(&f.spec.name);
             let mut regions = Vec::new();
             for p in &f.pieces {
                 // A rebase rewrites the header, so record what the file holds now.
-                let digest = if rebased.contains(&f.spec.name.as_str()) && p.offset < REBASE_REACH {
+                let rehashed = rebased.contains(&f.spec.name.as_str()) && p.offset < REBASE_REACH;
+                let digest = if rehashed {
                     hash_range(&path, p.offset, p.size)?
                 } else {
                     p.digest.clone()
@@ -700,6 +731,7 @@ impl Engine {
                     offset: p.offset,
                     size: p.size,
                     digest,
+                    verified: rehashed || verified.contains(&(index, p.offset)),
                 });
             }
             records.push(FileRecord {
@@ -719,7 +751,7 @@ impl Engine {
         direct: Option<&File>,
         spec: &native::FileSpec,
         piece: &native::Piece,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let codec = self.registry.codec_for_suffix(piece.suffix.as_deref()).ok_or_else(|| {
             EngineError::Refused(format!(
                 "{}: piece at offset {} is compressed with {}, which no registered codec reads; load the plugin that provides it (sarde plugins lists what is loaded)",
@@ -770,7 +802,7 @@ impl Engine {
         match (written, blob_check) {
             (_, Err(e)) => Err(EngineError::Refused(e.to_string())),
             (Err(e), Ok(())) => Err(e.into()),
-            (Ok(()), Ok(())) => Ok(()),
+            (Ok(()), Ok(())) => Ok(expected.is_some()),
         }
     }
 
@@ -1080,10 +1112,12 @@ fn write_v1_file(
         FileRecord {
             name,
             size: pos,
+            // v1: the whole file hashed against its diff_id.
             regions: vec![Region {
                 offset: 0,
                 size: pos,
                 digest,
+                verified: true,
             }],
             stamp: None,
         },

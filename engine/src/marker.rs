@@ -19,6 +19,12 @@ pub struct Region {
     pub offset: u64,
     pub size: u64,
     pub digest: Digest,
+    /// The import hashed these bytes (decoded with a codec that does not check
+    /// them itself, copied from an earlier version, or rewritten by a rebase);
+    /// otherwise `digest` is the image's word, which a later update import
+    /// checks before it copies the bytes into another image's VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verified: bool,
 }
 
 /// What one imported file must contain.

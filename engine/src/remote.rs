@@ -502,7 +502,6 @@ impl Engine {
         progress: Arc<dyn Progress>,
     ) -> Result<Pulled, RemoteError> {
         let started = std::time::Instant::now();
-        let options = &self.remote.transfer;
         let gate = Arc::new(BlobGate::new());
         let mut prepared = self
             .prepare_fetch(source, image, "pull", Some(gate.clone()), Some(&import))
@@ -544,39 +543,38 @@ impl Engine {
             }
             prepared.request.blobs_only = true;
         }
-        let resolved = &prepared.resolved;
         let need = SpaceNeed {
             cache: self.claim_blobs(&prepared)?,
-            vms: self.disk_bytes_to_write(&resolved.manifest.bytes, &import),
+            vms: self.disk_bytes_to_write(&prepared.resolved.manifest.bytes, &import),
         };
         self.make_room_off_thread(need, import.image.clone(), keep_vm)
             .await?;
-        import.incoming = Some(Incoming {
-            manifest: resolved.descriptor(),
-            manifest_bytes: resolved.manifest.bytes.clone(),
-            gate: gate.clone(),
-        });
-        // A pull stopped half way (Ctrl-C, a cancelled job) must not leave the
-        // import waiting for blobs that will never come.
-        let _stop_import = FailOnDrop(gate);
-        let mut import_task = tokio::task::spawn_blocking(move || engine.import(&import));
-        let fetch = prepared
-            .request
-            .copy_resolved(resolved, options, progress, started);
-        tokio::pin!(fetch);
-        let task_failed = |e: tokio::task::JoinError| {
-            RemoteError::Refused(format!("the import task failed: {e}"))
-        };
-        let (copied, outcome) = tokio::select! {
-            copied = &mut fetch => {
-                // On failure the gate is failed too, so the import stops waiting.
-                let outcome = import_task.await.map_err(task_failed)?;
-                (copied?, outcome?)
-            }
-            imported = &mut import_task => {
-                // An import that fails (a hostile image, a name taken) stops the download.
-                let outcome = imported.map_err(task_failed)??;
-                (fetch.await?, outcome)
+        let manifest = prepared.resolved.descriptor();
+        let manifest_bytes = prepared.resolved.manifest.bytes.clone();
+        let mut first = Some(gate);
+        let (copied, outcome) = loop {
+            let gate = first.take().unwrap_or_else(|| Arc::new(BlobGate::new()));
+            prepared.request.gate = Some(gate.clone());
+            let mut import = import.clone();
+            import.incoming = Some(Incoming {
+                manifest: manifest.clone(),
+                manifest_bytes: manifest_bytes.clone(),
+                gate: gate.clone(),
+            });
+            let result = self
+                .fetch_and_import(&prepared, import, gate, progress.clone(), started)
+                .await;
+            match result {
+                // A piece the previous version was to give (its blob withheld)
+                // could not come from it after all: fetch what is missing.
+                Err(e)
+                    if !prepared.request.withheld.is_empty()
+                        && e.to_string().contains(sarde_transfer::WITHHELD) =>
+                {
+                    tracing::warn!("{e}; fetching the pieces the previous version did not give");
+                    prepared.request.withheld.clear();
+                }
+                other => break other?,
             }
         };
         if !keep_blobs {
@@ -584,10 +582,10 @@ impl Engine {
         }
         let mut summary = copied.summary;
         summary.seconds = started.elapsed().as_secs_f64();
-        self.record_image_use(&prepared.location, &resolved.manifest.digest);
+        self.record_image_use(&prepared.location, &manifest.digest);
         Ok(Pulled {
             fetched: Fetched {
-                manifest: resolved.descriptor(),
+                manifest,
                 image: prepared.image,
                 summary,
                 up_to_date: false,
@@ -598,10 +596,49 @@ impl Engine {
 }
 
 impl Engine {
+    /// Copies the image's blobs into the cache while the import writes each
+    /// piece into the VM as it arrives.
+    async fn fetch_and_import(
+        &self,
+        prepared: &PreparedFetch,
+        import: ImportRequest,
+        gate: Arc<BlobGate>,
+        progress: Arc<dyn Progress>,
+        started: std::time::Instant,
+    ) -> Result<(sarde_transfer::Copied, crate::import::ImportOutcome), RemoteError> {
+        // A pull stopped half way (Ctrl-C, a cancelled job) must not leave the
+        // import waiting for blobs that will never come.
+        let _stop_import = FailOnDrop(gate);
+        let engine = self.clone();
+        let mut import_task = tokio::task::spawn_blocking(move || engine.import(&import));
+        let fetch = prepared.request.copy_resolved(
+            &prepared.resolved,
+            &self.remote.transfer,
+            progress,
+            started,
+        );
+        tokio::pin!(fetch);
+        let task_failed = |e: tokio::task::JoinError| {
+            RemoteError::Refused(format!("the import task failed: {e}"))
+        };
+        Ok(tokio::select! {
+            copied = &mut fetch => {
+                // On failure the gate is failed too, so the import stops waiting.
+                let outcome = import_task.await.map_err(task_failed)?;
+                (copied?, outcome?)
+            }
+            imported = &mut import_task => {
+                // An import that fails (a hostile image, a name taken) stops the download.
+                let outcome = imported.map_err(task_failed)??;
+                (fetch.await?, outcome)
+            }
+        })
+    }
+
     /// Whether the cache's tag names this manifest and the VM a pull would
     /// import it as was imported from it and is untouched since (its files'
-    /// identity stamps are those recorded after the import). The import that
-    /// follows checks the domain itself.
+    /// identity stamps are those recorded after the import), and the domain is
+    /// defined.
     fn vm_is_current(
         &self,
         location: &ImageLocation,
@@ -616,6 +653,13 @@ impl Engine {
             return false;
         };
         let dir = self.vmdir.join(&name);
+        let defined = || {
+            self.registry
+                .connect(&self.connect)
+                .ok()
+                .and_then(|hypervisor| hypervisor.exists(&name).ok())
+                .unwrap_or(false)
+        };
         tagged
             && crate::Marker::read(&dir).is_some_and(|marker| {
                 marker.defined
@@ -626,6 +670,7 @@ impl Engine {
                                 == file.stamp
                     })
             })
+            && defined()
     }
 
     /// Keeps the pulled image in the cache without its disk pieces (the VM holds

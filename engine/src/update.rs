@@ -7,9 +7,11 @@
 //! A piece is taken only where the previous import record says the file holds
 //! the same bytes at the same offset, and only while that still holds: the record
 //! is trusted where the file's identity stamp is the one recorded after its import
-//! (an untouched file); otherwise each candidate range is hashed first. A file
-//! that changes while it is copied from has its copies hashed afterwards, and a
-//! piece that no longer matches is written from its blob.
+//! (an untouched file) and the import hashed those bytes itself; otherwise the
+//! bytes are hashed as they are copied (a record's digest may be only what an
+//! image claimed, and another image's VM must not inherit bytes on that word).
+//! A file that changes while it is copied from has its unhashed copies hashed
+//! afterwards. A piece that does not match is written from its blob.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,8 +28,9 @@ use crate::{Engine, Result};
 pub(crate) struct PreviousFile {
     pub path: PathBuf,
     pub file: File,
-    /// The ranges that hold these bytes: (offset, size) → digest.
-    ranges: HashMap<(u64, u64), Digest>,
+    /// The ranges that hold these bytes: (offset, size) → digest, and whether
+    /// that is known (not to be hashed again).
+    ranges: HashMap<(u64, u64), (Digest, bool)>,
     /// The file's stamp when the ranges were checked.
     stamp: Option<FileStamp>,
 }
@@ -35,7 +38,16 @@ pub(crate) struct PreviousFile {
 impl PreviousFile {
     /// Whether `piece` can be copied from this file.
     pub fn holds(&self, piece: &Piece) -> bool {
-        self.ranges.get(&(piece.offset, piece.size)) == Some(&piece.digest)
+        self.ranges
+            .get(&(piece.offset, piece.size))
+            .is_some_and(|(digest, _)| *digest == piece.digest)
+    }
+
+    /// Whether the bytes must be hashed as they are copied.
+    pub fn needs_hash(&self, piece: &Piece) -> bool {
+        self.ranges
+            .get(&(piece.offset, piece.size))
+            .is_none_or(|(_, known)| !known)
     }
 
     /// Whether the file is still as it was checked; when not, copies made from it
@@ -135,14 +147,19 @@ impl Engine {
             return Ok(Default::default());
         };
         let previous = self.previous_versions(image, name, &native.files)?;
-        Ok(native
-            .files
-            .iter()
-            .zip(&previous.files)
-            .filter_map(|(file, from)| Some((file, from.as_ref()?)))
-            .flat_map(|(file, from)| file.pieces.iter().filter(|p| from.holds(p)))
-            .map(|p| p.blob.clone())
-            .collect())
+        // A blob is withheld only when every piece made of it is held.
+        let mut held = std::collections::BTreeSet::new();
+        let mut needed = std::collections::BTreeSet::new();
+        for (file, from) in native.files.iter().zip(&previous.files) {
+            for piece in &file.pieces {
+                if from.as_ref().is_some_and(|f| f.holds(piece)) {
+                    held.insert(piece.blob.clone());
+                } else {
+                    needed.insert(piece.blob.clone());
+                }
+            }
+        }
+        Ok(held.difference(&needed).cloned().collect())
     }
 
     /// The ranges of an earlier import's file that hold pieces of `file`,
@@ -158,43 +175,35 @@ impl Engine {
             return Ok(None);
         };
         let stamp = FileStamp::of(&path).ok();
-        let recorded: HashMap<(u64, u64), &Digest> = record
+        let recorded: HashMap<(u64, u64), &crate::marker::Region> = record
             .regions
             .iter()
-            .map(|r| ((r.offset, r.size), &r.digest))
+            .map(|r| ((r.offset, r.size), r))
             .collect();
-        let candidates: Vec<sarde_disk::PieceSpan> = file
+        let untouched = stamp.is_some() && record.stamp == stamp;
+        let size = stamp.as_ref().map_or(0, |s| s.size);
+        let ranges: HashMap<(u64, u64), (Digest, bool)> = file
             .pieces
             .iter()
-            .filter(|p| recorded.get(&(p.offset, p.size)) == Some(&&p.digest))
-            .filter(|p| p.offset + p.size <= stamp.as_ref().map_or(0, |s| s.size))
-            .map(|p| sarde_disk::PieceSpan {
-                offset: p.offset,
-                length: p.size,
-                digest: p.digest.clone(),
+            .filter(|p| p.offset + p.size <= size)
+            .filter_map(|p| {
+                let region = recorded.get(&(p.offset, p.size))?;
+                (region.digest == p.digest).then(|| {
+                    (
+                        (p.offset, p.size),
+                        (p.digest.clone(), untouched && region.verified),
+                    )
+                })
             })
-            .collect();
-        if candidates.is_empty() {
-            return Ok(None);
-        }
-        let trusted = stamp.is_some() && record.stamp == stamp;
-        let good = if trusted {
-            vec![true; candidates.len()]
-        } else {
-            tracing::info!(
-                "{}: changed since its import; hashing the pieces it may still share with the update",
-                path.display()
-            );
-            sarde_disk::verify_pieces(&path, &candidates, self.effective_threads())?
-        };
-        let ranges: HashMap<(u64, u64), Digest> = candidates
-            .into_iter()
-            .zip(good)
-            .filter(|(_, good)| *good)
-            .map(|(span, _)| ((span.offset, span.length), span.digest))
             .collect();
         if ranges.is_empty() {
             return Ok(None);
+        }
+        if !untouched {
+            tracing::info!(
+                "{}: changed since its import; the pieces it may share with the update are hashed as they are copied",
+                path.display()
+            );
         }
         Ok(Some(PreviousFile {
             path,

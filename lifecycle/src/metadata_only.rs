@@ -72,7 +72,8 @@ pub fn keep_metadata_only(
     let leases = Leases::read(cache);
     let mut needed = BTreeSet::new();
     for other in layout.index()?.manifests {
-        if other.digest == stored.digest || is_metadata_only(&other) {
+        // Another tag of the same manifest that keeps its pieces needs them.
+        if is_metadata_only(&other) {
             continue;
         }
         needed.extend(image_blobs(layout, &other));

@@ -362,8 +362,10 @@ impl CopyRequest {
                 gate.withhold(
                     &blob.digest,
                     format!(
-                        "{}: blob {} was not fetched, as the previous version of the VM held its content, which changed since; run the pull again",
-                        self.image, blob.digest
+                        "{}: blob {} {}",
+                        self.image,
+                        blob.digest,
+                        crate::gate::WITHHELD
                     ),
                 );
             }

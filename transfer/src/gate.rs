@@ -16,6 +16,10 @@ struct State {
     failed: Option<String>,
 }
 
+/// In the message a waiter for a withheld blob gets, so the consumer can tell it
+/// from a failed transfer and fetch the blob after all.
+pub const WITHHELD: &str = "was not fetched, as the previous version on this host held its content";
+
 /// Blobs that have arrived, and whether the transfer failed.
 #[derive(Debug, Default)]
 pub struct BlobGate {

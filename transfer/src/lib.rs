@@ -33,7 +33,7 @@ use serde::Serialize;
 
 pub use copy::{Copied, CopyRequest, Counting, Destination, SourceImage};
 pub use error::{TransferError, VerifyFailure};
-pub use gate::BlobGate;
+pub use gate::{BlobGate, WITHHELD};
 pub use progress::{Event, NoProgress, Progress};
 pub use retry::RetryBudget;
 

@@ -103,10 +103,11 @@ impl Http {
     /// always https. Every network method of the registry transport calls it
     /// first, before it makes a URL.
     ///
-    /// Plain http is asked first: a port that answers it with anything but 400
-    /// (what TLS servers answer a plain request with, "HTTP request to an HTTPS
-    /// server") speaks no TLS, and the TLS attempt, which costs more than the
-    /// rest of a re-pull of an unchanged tag, is spared.
+    /// On an explicit port, plain http is asked first: a port that answers it
+    /// (without a redirect to https) with anything but 400 (what TLS servers
+    /// answer a plain request with, "HTTP request to an HTTPS server") speaks no
+    /// TLS, and the TLS attempt, which costs more than the rest of a re-pull of
+    /// an unchanged tag, is spared.
     pub async fn ready(&self) {
         if !self.insecure {
             return;
@@ -114,19 +115,28 @@ impl Http {
         self.scheme_probed
             .get_or_init(|| async {
                 let timeout = self.bounds.connect.min(Duration::from_secs(10));
-                let plain = self
-                    .client
-                    .get(self.url("/v2/"))
-                    .timeout(timeout)
-                    .send()
-                    .await;
-                match plain {
-                    Ok(answer) if answer.status() != reqwest::StatusCode::BAD_REQUEST => {
-                        tracing::debug!("{}: insecure registry answers plain http", self.location);
-                        return;
+                // Only on an explicit port: port 80 commonly redirects to https.
+                if has_port(&self.location) {
+                    let plain = self
+                        .client
+                        .get(self.url("/v2/"))
+                        .timeout(timeout)
+                        .send()
+                        .await;
+                    match plain {
+                        Ok(answer)
+                            if answer.status() != reqwest::StatusCode::BAD_REQUEST
+                                && answer.url().scheme() == "http" =>
+                        {
+                            tracing::debug!(
+                                "{}: insecure registry answers plain http",
+                                self.location
+                            );
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!("{}: no plain http there ({e})", self.location),
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!("{}: no plain http there ({e})", self.location),
                 }
                 let Ok(https) = reqwest::Url::parse(&format!("https://{}/", self.location)) else {
                     return;
@@ -424,4 +434,11 @@ impl UploadWatch {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last)
     }
+}
+
+/// Whether a `host[:port]` location names its port (`[::1]` does not).
+fn has_port(location: &str) -> bool {
+    location.rsplit_once(':').is_some_and(|(host, port)| {
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':')
+    })
 }

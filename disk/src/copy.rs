@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 
 use crate::BLOCK_SIZE;
 use crate::error::DiskError;
-use crate::holes::{SparseReader, hash_zeros, path_of};
+use crate::holes::{AlignedBlock, DIRECT_ALIGN, SparseReader, hash_zeros, path_of};
 use sarde_api::Digest;
 use sha2::{Digest as _, Sha256};
 
@@ -46,6 +46,9 @@ pub fn copy_range(
     }
     let handle = from.try_clone().map_err(|e| read_error(offset, e))?;
     let mut extents = SparseReader::new(handle, from_len);
+    // Opened once for all extents of the range, and only when shared blocks are
+    // not an option (a hashed copy) or the first reflink fails.
+    let mut direct: Option<Option<(File, File)>> = None;
     let mut hasher = hash.then(Sha256::new);
     let end = offset + length;
     let mut at = offset;
@@ -60,7 +63,19 @@ pub fn copy_range(
             break;
         }
         let stop = data_end.min(end);
-        copy_extent(from, to, start, stop - start, hasher.as_mut())?;
+        if hasher.is_some() || !reflink(from, to, start, stop - start) {
+            let handles = direct.get_or_insert_with(|| {
+                Some((reopen_direct(from, false)?, reopen_direct(to, true)?))
+            });
+            copy_extent(
+                from,
+                to,
+                handles.as_ref(),
+                start,
+                stop - start,
+                hasher.as_mut(),
+            )?;
+        }
         copied += stop - start;
         at = stop;
     }
@@ -68,32 +83,27 @@ pub fn copy_range(
     Ok((copied, digest))
 }
 
-/// One data extent: shared where the file system can (unless its bytes must be
-/// hashed), else copied directly.
+/// One data extent, copied with `direct` (`O_DIRECT` handles of `from` and `to`)
+/// where given, else through the page cache.
 fn copy_extent(
     from: &File,
     to: &File,
+    direct: Option<&(File, File)>,
     offset: u64,
     length: u64,
     mut hasher: Option<&mut Sha256>,
 ) -> Result<(), DiskError> {
-    if hasher.is_none() && reflink(from, to, offset, length) {
-        return Ok(());
-    }
-    let (Some(direct_from), Some(direct_to)) =
-        (reopen_direct(from, false), reopen_direct(to, true))
-    else {
+    let Some((direct_from, direct_to)) = direct else {
         return copy_by_reading(from, to, offset, length, hasher);
     };
-    let mut storage = vec![0u8; BLOCK_SIZE + ALIGN];
-    let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN);
-    let buf = &mut storage[start..start + BLOCK_SIZE];
+    let mut block = AlignedBlock::new();
+    let buf = block.as_mut();
     let mut done = 0u64;
     while done < length {
         let at = offset + done;
         let n = (length - done).min(BLOCK_SIZE as u64) as usize;
         // Aligned chunks go directly; an unaligned start or end through the cache.
-        let aligned = at % ALIGN as u64 == 0 && n % ALIGN == 0;
+        let aligned = at % DIRECT_ALIGN as u64 == 0 && n % DIRECT_ALIGN == 0;
         let copied = aligned
             && direct_from.read_exact_at(&mut buf[..n], at).is_ok()
             && direct_to.write_all_at(&buf[..n], at).is_ok();
@@ -108,9 +118,6 @@ fn copy_extent(
     }
     Ok(())
 }
-
-/// Alignment of direct I/O offsets, lengths and buffers.
-const ALIGN: usize = 4096;
 
 /// Shares the range's blocks (`FICLONERANGE`); false where the file system
 /// cannot (ext4, different file systems) or the range is not block-aligned.

@@ -363,15 +363,6 @@ impl Settings {
             min_rate: self.min_rate.0,
         }
     }
-
-    /// Worker threads to use: `threads`, or one per core when 0.
-    pub fn effective_threads(&self) -> usize {
-        if self.threads > 0 {
-            self.threads
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
-    }
 }
 
 /// Values given on the command line, keyed by field name (`plugin_dir`); they

@@ -82,10 +82,15 @@ impl CachedImage {
         )
     }
 
+    /// The tagged manifest.
+    pub fn manifest(&self) -> Value {
+        let (digest, _) = self.manifest_descriptor();
+        read_json(&self.blob_path(&digest))
+    }
+
     /// Config and layers of the tagged manifest.
     pub fn blobs(&self) -> Vec<Blob> {
-        let (digest, _) = self.manifest_descriptor();
-        let manifest = read_json(&self.blob_path(&digest));
+        let manifest = self.manifest();
         let blob = |v: &Value| Blob {
             digest: v["digest"].as_str().unwrap().to_string(),
             size: v["size"].as_u64().unwrap(),

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use sarde_e2e::cache::{Blob, CachedImage};
 use sarde_e2e::vm::{self, TestVm, fill_random, qcow2};
 use sarde_e2e::{ok, sarde};
 
@@ -122,26 +123,9 @@ fn an_export_record_of_a_collected_blob_is_not_trusted() {
     ]));
 }
 
-/// The manifest `tag` names in a cache layout.
-fn manifest_of(layout: &Path, tag: &str) -> serde_json::Value {
-    let read = |digest: &str| {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let entry = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap_or_else(|| panic!("no tag {tag} in {index}"));
-    serde_json::from_slice(&read(entry["digest"].as_str().unwrap())).unwrap()
-}
-
-/// (offset, piece digest) of each disk piece of `tag` in the cache layout.
-fn pieces(layout: &Path, tag: &str) -> Vec<(u64, String)> {
-    manifest_of(layout, tag)["layers"]
+/// (offset, piece digest) of each disk piece of a cached image.
+fn pieces(image: &CachedImage) -> Vec<(u64, String)> {
+    image.manifest()["layers"]
         .as_array()
         .unwrap()
         .iter()
@@ -183,9 +167,8 @@ fn an_update_import_copies_unchanged_pieces_but_never_modified_bytes() {
     export(home.path(), &name, "localhost/e2e/upd:1");
     fill_random(&disk, 4, 1, 12);
     export(home.path(), &name, "localhost/e2e/upd:2");
-    let layout = home.path().join("OCI/localhost/e2e/upd");
-    let old = pieces(&layout, "1");
-    let new = pieces(&layout, "2");
+    let old = pieces(&CachedImage::new(home.path(), "localhost/e2e/upd:1"));
+    let new = pieces(&CachedImage::new(home.path(), "localhost/e2e/upd:2"));
     let shared: Vec<&(u64, String)> = new.iter().filter(|p| old.contains(p)).collect();
     assert!(
         shared.len() > 4 && shared.len() < new.len(),
@@ -274,14 +257,13 @@ fn stored_blobs(layout: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The blob digests of the disk pieces of `tag` in a cache layout.
-fn piece_blobs(layout: &Path, tag: &str) -> Vec<String> {
-    manifest_of(layout, tag)["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["mediaType"].as_str().unwrap().contains(".piece."))
-        .map(|l| l["digest"].as_str().unwrap().to_string())
+/// The blob digests of a cached image's disk pieces.
+fn piece_blobs(image: &CachedImage) -> Vec<String> {
+    image
+        .blobs()
+        .into_iter()
+        .filter(Blob::is_piece)
+        .map(|b| b.digest)
         .collect()
 }
 
@@ -303,14 +285,10 @@ fn a_host_that_keeps_no_blobs_pulls_updates_and_repulls() {
     let pulled = format!("{name}-pulled");
     test_vm.cleanup_also(&pulled);
     let builder = vm::workdir();
-    let build_layout = builder
-        .path()
-        .join("OCI")
-        .join(registry.address())
-        .join("e2e/keep");
+    let built = CachedImage::new(builder.path(), &image);
     export(builder.path(), &name, &image);
     ok(sarde(builder.path()).args(["push", "--insecure", &image]));
-    let v1_pieces = piece_blobs(&build_layout, "latest");
+    let v1_pieces = piece_blobs(&built);
 
     let runner = vm::workdir();
     let pull = || {
@@ -325,11 +303,7 @@ fn a_host_that_keeps_no_blobs_pulls_updates_and_repulls() {
         ]);
         ok(&mut cmd)
     };
-    let layout = runner
-        .path()
-        .join("OCI")
-        .join(registry.address())
-        .join("e2e/keep");
+    let layout = CachedImage::new(runner.path(), &image).layout;
     let vm_file = runner.path().join("VMs").join(&pulled).join("d.qcow2");
     pull();
     assert_eq!(vm::sha256(&vm_file), vm::sha256(&disk));
@@ -357,7 +331,7 @@ fn a_host_that_keeps_no_blobs_pulls_updates_and_repulls() {
     fill_random(&disk, 5, 1, 22);
     export(builder.path(), &name, &image);
     ok(sarde(builder.path()).args(["push", "--insecure", &image]));
-    let v2_pieces = piece_blobs(&build_layout, "latest");
+    let v2_pieces = piece_blobs(&built);
     pull();
     assert_eq!(vm::sha256(&vm_file), vm::sha256(&disk));
     for piece in &v2_pieces {

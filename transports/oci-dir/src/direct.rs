@@ -20,11 +20,44 @@ const ALIGN: usize = 4096;
 /// Bytes gathered before one direct write.
 const CHUNK: usize = 1 << 20;
 
+/// A chunk-sized buffer whose start is aligned for direct I/O.
+struct Chunk {
+    storage: Vec<u8>,
+    start: usize,
+}
+
+impl Chunk {
+    fn new() -> Chunk {
+        let storage = vec![0u8; CHUNK + ALIGN];
+        let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN);
+        Chunk { storage, start }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.storage[self.start..self.start + CHUNK]
+    }
+
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + CHUNK]
+    }
+}
+
+/// The same open file again, with `O_DIRECT` (not a path that may have been
+/// replaced meanwhile); `None` where refused.
+fn reopen_direct(file: &File, write: bool) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()
+}
+
 pub(crate) struct DirectAppender {
     /// The file opened again with `O_DIRECT`; `None` where refused.
     direct: Option<File>,
-    storage: Vec<u8>,
-    start: usize,
+    buf: Chunk,
     filled: usize,
     /// Where the buffer's first byte goes in the file (aligned).
     offset: u64,
@@ -34,25 +67,15 @@ impl DirectAppender {
     /// Appends to `file` from `at` (its length): the unaligned tail before `at`
     /// is read back into the buffer, so every direct write is aligned.
     pub(crate) fn new(file: &File, at: u64) -> io::Result<DirectAppender> {
-        use std::os::unix::fs::OpenOptionsExt;
-        // The same open file, not a path that may have been replaced meanwhile.
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok();
-        let storage = vec![0u8; CHUNK + ALIGN];
-        let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN);
         let offset = at / ALIGN as u64 * ALIGN as u64;
         let mut appender = DirectAppender {
-            direct,
-            storage,
-            start,
+            direct: reopen_direct(file, true),
+            buf: Chunk::new(),
             filled: (at - offset) as usize,
             offset,
         };
         let tail = appender.filled;
-        file.read_exact_at(&mut appender.storage[start..start + tail], offset)?;
+        file.read_exact_at(&mut appender.buf.get_mut()[..tail], offset)?;
         Ok(appender)
     }
 
@@ -65,8 +88,8 @@ impl DirectAppender {
     pub(crate) fn push(&mut self, file: &File, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let n = data.len().min(CHUNK - self.filled);
-            let at = self.start + self.filled;
-            self.storage[at..at + n].copy_from_slice(&data[..n]);
+            let at = self.filled;
+            self.buf.get_mut()[at..at + n].copy_from_slice(&data[..n]);
             self.filled += n;
             data = &data[n..];
             if self.filled == CHUNK {
@@ -82,8 +105,8 @@ impl DirectAppender {
     pub(crate) fn finish(&mut self, file: &File) -> io::Result<()> {
         if self.filled > 0 {
             let padded = self.filled.div_ceil(ALIGN) * ALIGN;
-            let at = self.start + self.filled;
-            self.storage[at..self.start + padded].fill(0);
+            let at = self.filled;
+            self.buf.get_mut()[at..padded].fill(0);
             self.write_out(file, padded)?;
         }
         file.set_len(self.len())
@@ -92,7 +115,7 @@ impl DirectAppender {
     /// Writes what is buffered through the page cache, keeping the buffer (for
     /// a writer that stops half way: the bytes stay for a resume).
     pub(crate) fn save(&self, file: &File) -> io::Result<()> {
-        let data = &self.storage[self.start..self.start + self.filled];
+        let data = &self.buf.get()[..self.filled];
         file.write_all_at(data, self.offset)
     }
 
@@ -103,7 +126,7 @@ impl DirectAppender {
     }
 
     fn write_out(&mut self, file: &File, len: usize) -> io::Result<()> {
-        let data = &self.storage[self.start..self.start + len];
+        let data = &self.buf.get()[..len];
         if let Some(direct) = &self.direct {
             match direct.write_all_at(data, self.offset) {
                 Ok(()) => return Ok(()),
@@ -156,8 +179,7 @@ mod tests {
 pub struct DirectReader {
     file: File,
     direct: Option<File>,
-    storage: Vec<u8>,
-    start: usize,
+    buf: Chunk,
     /// Valid bytes in the buffer, and how many of them were handed out.
     len: usize,
     pos: usize,
@@ -167,19 +189,10 @@ pub struct DirectReader {
 
 impl DirectReader {
     pub fn new(file: File) -> DirectReader {
-        use std::os::unix::fs::OpenOptionsExt;
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok();
-        let storage = vec![0u8; CHUNK + ALIGN];
-        let start = storage.as_ptr().align_offset(ALIGN).min(ALIGN);
         DirectReader {
+            direct: reopen_direct(&file, false),
             file,
-            direct,
-            storage,
-            start,
+            buf: Chunk::new(),
             len: 0,
             pos: 0,
             offset: 0,
@@ -188,7 +201,7 @@ impl DirectReader {
 
     /// Reads the next chunk into the buffer; 0 at the end of the file.
     fn fill(&mut self) -> io::Result<usize> {
-        let buf = &mut self.storage[self.start..self.start + CHUNK];
+        let buf = self.buf.get_mut();
         let n = loop {
             let result = match &self.direct {
                 Some(direct) => direct.read_at(buf, self.offset),
@@ -221,8 +234,7 @@ impl io::Read for DirectReader {
             return Ok(0);
         }
         let n = out.len().min(self.len - self.pos);
-        let from = self.start + self.pos;
-        out[..n].copy_from_slice(&self.storage[from..from + n]);
+        out[..n].copy_from_slice(&self.buf.get()[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
     }

@@ -14,7 +14,29 @@ SARDE_TEST_PYTHON_SARDE="$(bash scripts/install-python-tool.sh)"
 export SARDE_TEST_PYTHON_SARDE
 export SARDE_TEST_LIBVIRT=1
 export SARDE_TEST_REGISTRY="127.0.0.1:${SARDE_TEST_REGISTRY_PORT:-5000}"
+# A test whose prerequisite is missing fails here, naming it, instead of
+# printing SKIPPED and passing (tests/prerequisite).
+export SARDE_TEST_REQUIRE_ALL=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+
+# libtest counts per binary; sum what the end-to-end binaries (tests/tests/*.rs,
+# run after the sarde_e2e library's own unit tests) ran, so a suite that
+# silently ran nothing shows.
+awk '
+    /^ *Running unittests / { in_e2e_package = ($0 ~ /sarde_e2e-/); e2e = 0 }
+    /^ *Running tests\// { e2e = in_e2e_package }
+    /^test result:/ {
+        if (e2e) { passed += $4; failed += $6; ignored += $8; binaries++ }
+        all += $4
+    }
+    END {
+        printf "end-to-end tests: %d passed, %d failed, %d ignored in %d binaries (%d tests passed in all)\n",
+            passed, failed, ignored, binaries, all
+    }' "$log"
+exit "$status"

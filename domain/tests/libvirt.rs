@@ -18,15 +18,11 @@ fn libvirt_reachable(test: &str) -> bool {
         .args(["-q", "-c", URI, "uri"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if reachable {
-        return true;
-    }
-    assert!(
-        std::env::var("SARDE_TEST_LIBVIRT").as_deref() != Ok("1"),
-        "SARDE_TEST_LIBVIRT=1 but libvirtd at {URI} does not answer"
-    );
-    eprintln!("SKIPPED {test}: libvirtd at {URI} does not answer (virsh -c {URI} uri failed)");
-    false
+    sarde_test_prerequisite::require(
+        test,
+        reachable,
+        &format!("libvirtd at {URI} answering `virsh -c {URI} uri` (scripts/start-services.sh)"),
+    )
 }
 
 fn run(program: &str, args: &[&str]) -> String {

@@ -59,20 +59,29 @@ pub struct GuestImage {
 }
 
 /// The test guest, built on first use (a few seconds, plus ~30 MB of `.deb`s the
-/// first time) and reused by every later call and test process. `None`, with the
-/// reason on stderr, when it cannot be built (tools or package mirror missing).
-/// A file lock serialises concurrent builders.
+/// first time) and reused by every later call and test process. When it cannot
+/// be built (tools or package mirror missing), a missing prerequisite: `None`
+/// with SKIPPED on stderr by hand, a failure naming the reason under CI. A file
+/// lock serialises concurrent builders.
 pub fn test_guest() -> Option<GuestImage> {
-    static GUEST: OnceLock<Option<GuestImage>> = OnceLock::new();
-    GUEST.get_or_init(build).clone()
+    static GUEST: OnceLock<Result<GuestImage, String>> = OnceLock::new();
+    match GUEST.get_or_init(build) {
+        Ok(image) => Some(image.clone()),
+        Err(why) => {
+            sarde_test_prerequisite::missing("test guest", why);
+            None
+        }
+    }
 }
 
-fn build() -> Option<GuestImage> {
+fn build() -> Result<GuestImage, String> {
     let dir = guest_dir();
     let parent = dir.parent().unwrap_or(Path::new("/"));
     if let Err(e) = std::fs::create_dir_all(parent) {
-        eprintln!("test guest: cannot create {}: {e}", parent.display());
-        return None;
+        return Err(format!(
+            "test guest: cannot create {}: {e}",
+            parent.display()
+        ));
     }
     let script = crate::workspace_root().join("scripts/build-test-guest.sh");
     let lock = dir.with_extension("lock");
@@ -87,17 +96,15 @@ fn build() -> Option<GuestImage> {
     match out {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
-            eprintln!(
+            return Err(format!(
                 "test guest: {} failed ({}):\n{}",
                 script.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
-            );
-            return None;
+            ));
         }
         Err(e) => {
-            eprintln!("test guest: cannot run flock/bash: {e}");
-            return None;
+            return Err(format!("test guest: cannot run flock/bash: {e}"));
         }
     }
     let image = GuestImage {
@@ -118,11 +125,13 @@ fn build() -> Option<GuestImage> {
         &image.access,
     ] {
         if !file.is_file() {
-            eprintln!("test guest: {} is missing after the build", file.display());
-            return None;
+            return Err(format!(
+                "test guest: {} is missing after the build",
+                file.display()
+            ));
         }
     }
-    Some(image)
+    Ok(image)
 }
 
 /// A MAC address for a domain name: `52:54:00` (QEMU's prefix) and 3 bytes of a

@@ -6,10 +6,10 @@
 //! dropped.
 //!
 //! ```no_run
-//! use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+//! use sarde_e2e::registry::{RegistryOptions, TestRegistry, require_registry_tools};
 //!
-//! if !registry_tools_available() {
-//!     eprintln!("SKIPPED: docker-registry, htpasswd or openssl missing (scripts/install-deps.sh)");
+//! // Prints SKIPPED, or fails under CI, naming the missing tools.
+//! if !require_registry_tools("my_test") {
 //!     return;
 //! }
 //! let registry = TestRegistry::start(RegistryOptions::default());
@@ -80,24 +80,20 @@ pub fn registry_tests_enabled(test: &str) -> bool {
     if !crate::vm::libvirt_enabled(test) {
         return false;
     }
-    if !registry_tools_available() {
-        let why = format!(
-            "{test}: docker-registry, htpasswd, openssl or curl missing (scripts/install-deps.sh)"
-        );
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        eprintln!("SKIPPED {why}");
-        return false;
-    }
-    true
+    require_registry_tools(test)
+}
+
+/// [`registry_tools_available`], or a missing prerequisite naming the tools.
+pub fn require_registry_tools(test: &str) -> bool {
+    sarde_test_prerequisite::require(
+        test,
+        registry_tools_available(),
+        "docker-registry, htpasswd, openssl or curl (scripts/install-deps.sh)",
+    )
 }
 
 fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
-            let candidate = dir.join(program);
-            fs::metadata(&candidate).is_ok_and(|m| m.is_file())
-        })
-    })
+    sarde_test_prerequisite::on_path(program)
 }
 
 /// A private `docker-registry` process on 127.0.0.1. Holds a temporary directory

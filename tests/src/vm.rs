@@ -11,14 +11,11 @@ pub const LIBVIRT_URI: &str = "qemu:///system";
 /// Whether tests that need the real libvirtd should run (CI sets
 /// `SARDE_TEST_LIBVIRT=1` after starting the daemons). Prints why when not.
 pub fn libvirt_enabled(test: &str) -> bool {
-    if std::env::var("SARDE_TEST_LIBVIRT").as_deref() == Ok("1") {
-        true
-    } else {
-        eprintln!(
-            "SKIPPED {test}: set SARDE_TEST_LIBVIRT=1 with libvirtd running (scripts/start-services.sh)"
-        );
-        false
-    }
+    sarde_test_prerequisite::require(
+        test,
+        std::env::var("SARDE_TEST_LIBVIRT").as_deref() == Ok("1"),
+        "SARDE_TEST_LIBVIRT=1 with libvirtd running (scripts/start-services.sh)",
+    )
 }
 
 /// Runs a command and panics with its stderr when it fails; returns stdout.
@@ -45,15 +42,12 @@ pub fn python_sarde(test: &str) -> Option<PathBuf> {
     if !libvirt_enabled(test) {
         return None;
     }
-    match std::env::var_os("SARDE_TEST_PYTHON_SARDE") {
-        Some(path) => Some(PathBuf::from(path)),
-        None => {
-            eprintln!(
-                "SKIPPED {test}: set SARDE_TEST_PYTHON_SARDE to the Python tool's sarde (scripts/install-python-tool.sh prints it)"
-            );
-            None
-        }
-    }
+    sarde_test_prerequisite::env(
+        test,
+        "SARDE_TEST_PYTHON_SARDE",
+        "the Python tool's sarde, which scripts/install-python-tool.sh prints",
+    )
+    .map(PathBuf::from)
 }
 
 /// A backing chain the Python tool can export: `<dir>/top.qcow2` over

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sarde_e2e::guest::{self, GuestImage};
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, require_registry_tools};
 use sarde_e2e::runner::{self, BUILD_FAILURE, SYSTEM_FAILURE, assert_ok, text};
 use sarde_e2e::vm::{self, TestVm};
 use sarde_e2e::{ok, sarde};
@@ -46,8 +46,7 @@ fn setup(test: &str, extra_ini: &str) -> Option<(Setup, GuestImage)> {
     if !vm::libvirt_enabled(test) {
         return None;
     }
-    if !registry_tools_available() {
-        println!("SKIPPED {test}: docker-registry or its tools missing");
+    if !require_registry_tools(test) {
         return None;
     }
     let guest = guest::test_guest()?;

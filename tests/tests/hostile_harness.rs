@@ -7,30 +7,21 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sarde_e2e::hostile::{Action, Body, HostileServer, Matcher, Mutation, Rule};
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, require_registry_tools};
 
 /// Whether the registry tools are there. Skips (false) when they are not, except on
 /// CI (`CI=true`), where a missing tool is a failure.
 fn tools(test: &str) -> bool {
-    require(test, registry_tools_available())
+    require_registry_tools(test)
 }
 
 /// Whether curl is there (for tests that need no registry).
 fn curl_tool(test: &str) -> bool {
-    require(test, Command::new("curl").arg("--version").output().is_ok())
-}
-
-fn require(test: &str, available: bool) -> bool {
-    if available {
-        return true;
-    }
-    let why = "docker-registry, htpasswd, openssl or curl missing (scripts/install-deps.sh)";
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: {why}"
-    );
-    eprintln!("SKIPPED {test}: {why}");
-    false
+    sarde_test_prerequisite::require(
+        test,
+        Command::new("curl").arg("--version").output().is_ok(),
+        "curl (scripts/install-deps.sh)",
+    )
 }
 
 /// What curl got.

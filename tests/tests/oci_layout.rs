@@ -18,13 +18,7 @@ fn enabled(test: &str) -> bool {
         return false;
     }
     let skopeo = Command::new("skopeo").arg("--version").output();
-    if skopeo.is_err() {
-        let why = format!("{test}: skopeo missing (scripts/install-deps.sh)");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        eprintln!("SKIPPED {why}");
-        return false;
-    }
-    true
+    sarde_test_prerequisite::require(test, skopeo.is_ok(), "skopeo (scripts/install-deps.sh)")
 }
 
 fn skopeo(args: &[&str]) -> String {

@@ -6,19 +6,12 @@ use std::process::Command;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tools_available};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry, require_registry_tools};
 use sarde_e2e::token::{Grant, TokenConfig, TokenServer};
 use serde_json::{Value, json};
 
 fn tools(test: &str) -> bool {
-    if registry_tools_available() {
-        true
-    } else {
-        eprintln!(
-            "SKIPPED {test}: docker-registry, htpasswd, openssl or curl missing (scripts/install-deps.sh)"
-        );
-        false
-    }
+    require_registry_tools(test)
 }
 
 /// Runs curl with `args`; returns its exit code and the HTTP status it printed.

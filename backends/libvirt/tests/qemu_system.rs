@@ -11,14 +11,14 @@ use sarde_backend_libvirt::LibvirtHypervisor;
 const URI: &str = "qemu:///system";
 
 fn enabled() -> bool {
-    if std::env::var("SARDE_TEST_LIBVIRT").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!(
-        "SKIPPED: set SARDE_TEST_LIBVIRT=1 to run the {URI} tests (needs root, libvirtd and \
-         virtlogd running, and qemu-system-x86)"
-    );
-    false
+    sarde_test_prerequisite::require(
+        "qemu_system",
+        std::env::var("SARDE_TEST_LIBVIRT").as_deref() == Ok("1"),
+        &format!(
+            "SARDE_TEST_LIBVIRT=1 for the {URI} tests (needs root, libvirtd and virtlogd \
+             running, and qemu-system-x86)"
+        ),
+    )
 }
 
 /// Unique per test run, so parallel or leftover runs do not collide.

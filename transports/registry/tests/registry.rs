@@ -1,5 +1,5 @@
 //! Against a real registry: `SARDE_TEST_REGISTRY=127.0.0.1:5000` (plain HTTP).
-//! Without it the registry tests print SKIPPED and pass.
+//! Without it the registry tests print SKIPPED and pass, or fail under CI.
 
 use std::io;
 use std::pin::Pin;
@@ -16,10 +16,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 fn registry(test: &str) -> Option<RegistryTransport> {
-    let Ok(location) = std::env::var("SARDE_TEST_REGISTRY") else {
-        println!("SKIPPED {test}: set SARDE_TEST_REGISTRY=host:port to run it");
-        return None;
-    };
+    let location = sarde_test_prerequisite::env(
+        test,
+        "SARDE_TEST_REGISTRY",
+        "host:port of a plain-HTTP registry; scripts/start-services.sh starts one on 127.0.0.1:5000",
+    )?;
     let options = TransportOptions {
         insecure: true,
         ..Default::default()

@@ -447,6 +447,18 @@ pub struct ImportSpec {
     pub keep_uuid: bool,
 }
 
+impl ImportSpec {
+    /// The imported files and the NVRAM file as the rewritten XML names them:
+    /// the host paths [`check_host_paths`] allows.
+    pub fn own_paths(&self) -> Vec<String> {
+        self.files
+            .values()
+            .chain(self.nvram.iter())
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
 /// Rewrites an image's domain XML for this host (call [`check_untrusted`] first):
 /// sets the name, drops the uuid (unless asked), the MAC addresses (libvirt makes
 /// new ones, so copies of one image do not clash) and backing-store chains, points

@@ -1099,12 +1099,7 @@ fn host_path_scan_allows_host_paths_only_where_libvirt_expects_them() {
         keep_uuid: false,
     };
     let xml = prepare_import(&e.xml, &spec).unwrap();
-    let own: Vec<String> = spec
-        .files
-        .values()
-        .chain(spec.nvram.iter())
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect();
+    let own = spec.own_paths();
     let own: Vec<&str> = own.iter().map(String::as_str).collect();
     check_host_paths(&xml, &own).unwrap_or_else(|err| panic!("{err}\n{xml}"));
     assert!(check_host_paths(&xml, &own[1..]).is_err());

@@ -68,7 +68,9 @@ fn choose(
 }
 
 /// `uri_default = "…"` from libvirt's configuration syntax (`#` comments).
-fn uri_default(text: &str) -> Option<String> {
+/// Public for the fuzz targets only.
+#[doc(hidden)]
+pub fn uri_default(text: &str) -> Option<String> {
     // libvirt takes the first setting of a key.
     text.lines().find_map(|line| {
         let (key, value) = line.split_once('=')?;

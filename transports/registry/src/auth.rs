@@ -109,7 +109,7 @@ pub(crate) enum Authorization {
     Header(HeaderValue),
 }
 
-struct Token {
+pub(crate) struct Token {
     header: HeaderValue,
     scopes: BTreeSet<Scope>,
     renew_at: Instant,
@@ -356,8 +356,18 @@ impl Authenticator {
         let body = http
             .read_capped(res, MAX_TOKEN_RESPONSE_SIZE, &object)
             .await?;
+        self.token_from_answer(&object, &body, scopes)
+    }
+
+    /// The token in a token server's answer (`body`, read whole and capped).
+    pub(crate) fn token_from_answer(
+        &self,
+        object: &Object,
+        body: &[u8],
+        scopes: &BTreeSet<Scope>,
+    ) -> Result<Token, TransportError> {
         let answer: TokenAnswer =
-            serde_json::from_slice(&body).map_err(|e| TransportError::Protocol {
+            serde_json::from_slice(body).map_err(|e| TransportError::Protocol {
                 location: self.location.clone(),
                 message: format!("{object}: the token server's answer is not a token: {e}"),
             })?;

@@ -318,9 +318,7 @@ impl Http {
         };
         // Nor may it keep us waiting for the message: the status says enough.
         let _ = tokio::time::timeout(self.bounds.idle.min(Duration::from_secs(10)), read).await;
-        body.truncate(MAX_ERROR_BODY_SIZE as usize);
-        let body = String::from_utf8_lossy(&body);
-        map_status(&self.location, object, Some(status), &body, after)
+        error_answer(&self.location, object, status, after, body)
     }
 
     /// A failed request, naming the bound that ended it when it timed out.
@@ -357,6 +355,20 @@ impl Http {
 }
 
 /// The announced length of an answer's body.
+/// The error a failed answer's status, `Retry-After` and body (as read: at most
+/// [`MAX_ERROR_BODY_SIZE`] of it is looked at) make.
+pub(crate) fn error_answer(
+    location: &str,
+    object: &Object,
+    status: u16,
+    retry_after: Option<Duration>,
+    mut body: Vec<u8>,
+) -> TransportError {
+    body.truncate(MAX_ERROR_BODY_SIZE as usize);
+    let body = String::from_utf8_lossy(&body);
+    map_status(location, object, Some(status), &body, retry_after)
+}
+
 pub(crate) fn content_length(res: &Response) -> Option<u64> {
     res.headers()
         .get(CONTENT_LENGTH)?

@@ -13,6 +13,8 @@ mod blob;
 mod configured;
 pub mod credentials;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod registries_conf;
 mod transport;

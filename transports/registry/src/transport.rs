@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderValue, LINK,
-    LOCATION, RANGE,
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderValue,
+    LINK, LOCATION, RANGE,
 };
 use reqwest::{RequestBuilder, Response, StatusCode};
 use sarde_api::digest::Algorithm;
@@ -349,7 +349,7 @@ impl RegistryTransport {
             if !res.status().is_success() {
                 return Err(self.http.error(object, res).await);
             }
-            let next = next_link(&res);
+            let next = next_link(res.headers());
             let body = self
                 .http
                 .read_capped(res, MAX_TAG_PAGE_SIZE, object)
@@ -846,8 +846,8 @@ fn upload_location(res: &Response) -> Result<reqwest::Url, String> {
 }
 
 /// The `rel="next"` target of a `Link` header (`<url>; rel="next"`).
-fn next_link(res: &Response) -> Option<String> {
-    res.headers()
+pub(crate) fn next_link(headers: &HeaderMap) -> Option<String> {
+    headers
         .get_all(LINK)
         .iter()
         .filter_map(|v| v.to_str().ok())

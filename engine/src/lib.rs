@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod list;
 mod marker;
 pub mod remote;
+pub mod trust;
 mod update;
 mod verify;
 

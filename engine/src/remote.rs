@@ -43,6 +43,8 @@ pub struct Remote {
     /// Credentials per registry (`host[:port]`) given by the caller (a CI job's);
     /// others are looked up by the transport.
     pub credentials: Vec<(String, sarde_api::transport::Credentials)>,
+    /// The signature policy fetch, pull and copy check images against.
+    pub trust: crate::trust::Trust,
 }
 
 /// A push, fetch or pull that failed.
@@ -54,6 +56,9 @@ pub enum RemoteError {
     Engine(#[from] EngineError),
     #[error("{0}")]
     Refused(String),
+    /// The signature policy refuses the image, or a key or policy is unusable.
+    #[error(transparent)]
+    Trust(#[from] sarde_trust::TrustError),
 }
 
 impl From<sarde_api::TransportError> for RemoteError {
@@ -120,6 +125,18 @@ pub struct Fetched {
     pub summary: Summary,
     /// The cache had the image under that name already.
     pub up_to_date: bool,
+    /// Why the signature policy let it in (`None`: no policy in force).
+    pub policy: Option<sarde_trust::Accepted>,
+}
+
+/// What a push or copy did, and the signatures it made.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    pub copied: Copied,
+    /// Why the signature policy let the source in (copy; `None` for push,
+    /// whose source is the cache, or when no policy is in force).
+    pub policy: Option<sarde_trust::Accepted>,
+    pub signed: Vec<sarde_trust::sign::Signed>,
 }
 
 /// What a pull did.
@@ -217,13 +234,16 @@ impl Engine {
         Ok(Arc::from(factory.open(&location, &options)?))
     }
 
-    /// Pushes a cached image to each target (the image's own name when none).
+    /// Pushes a cached image to each target (the image's own name when none),
+    /// with the signatures the cache holds, and signs it at each target with
+    /// `sign` when given.
     pub async fn push(
         &self,
         image: &ImageReference,
         targets: &[RemoteReference],
+        sign: Option<&sarde_trust::PrivateKey>,
         progress: Arc<dyn Progress>,
-    ) -> Result<Copied, RemoteError> {
+    ) -> Result<Pushed, RemoteError> {
         let location = ImageLocation::cached(&self.ocidir, image);
         let own;
         let targets = if targets.is_empty() {
@@ -233,8 +253,14 @@ impl Engine {
             targets
         };
         let mut destinations = Vec::new();
+        let mut to_sign = Vec::new();
         for target in targets {
-            destinations.push(self.destination(target)?);
+            let destination = self.destination(target)?;
+            if sign.is_some() {
+                // Refused before anything moves.
+                to_sign.push((destination.clone(), crate::trust::signing_identity(target)?));
+            }
+            destinations.push(destination);
         }
         // The image stays while its blobs are read and sent.
         let _lease = self.lease_image("push", &location, false)?;
@@ -253,18 +279,32 @@ impl Engine {
             gate: None,
             withheld: Default::default(),
             blobs_only: false,
+            attachment_tags: Some(sarde_trust::cosign::attachment_tags),
         };
-        Ok(request.run(&self.remote.transfer, progress).await?)
+        let copied = request.run(&self.remote.transfer, progress).await?;
+        let signed = match sign {
+            Some(key) => {
+                self.sign_destinations(&to_sign, &copied.manifest.digest, key)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        Ok(Pushed {
+            copied,
+            policy: None,
+            signed,
+        })
     }
 
     /// Copies an image between two transports, neither of them necessarily the
-    /// cache.
+    /// cache, with its signatures, once the signature policy accepts it.
     pub async fn copy(
         &self,
         source: &RemoteReference,
         destination: &RemoteReference,
         progress: Arc<dyn Progress>,
-    ) -> Result<Copied, RemoteError> {
+    ) -> Result<Pushed, RemoteError> {
+        let started = std::time::Instant::now();
         let request = CopyRequest {
             source: self.open_remote(source)?,
             repository: source.target.repository.clone(),
@@ -281,8 +321,18 @@ impl Engine {
             gate: None,
             withheld: Default::default(),
             blobs_only: false,
+            attachment_tags: Some(sarde_trust::cosign::attachment_tags),
         };
-        Ok(request.run(&self.remote.transfer, progress).await?)
+        let options = &self.remote.transfer;
+        let (resolved, policy) = self.resolve_trusted(&request, source).await?;
+        let copied = request
+            .copy_resolved(&resolved, options, progress, started)
+            .await?;
+        Ok(Pushed {
+            copied,
+            policy,
+            signed: Vec::new(),
+        })
     }
 
     fn destination(&self, target: &RemoteReference) -> Result<Destination, RemoteError> {
@@ -296,7 +346,7 @@ impl Engine {
 
     /// The cache as a transport (`oci-dir`, one layout per repository): the
     /// destination of fetch and pull, the source of push.
-    fn open_cache(&self) -> Result<Arc<dyn Transport>, RemoteError> {
+    pub(crate) fn open_cache(&self) -> Result<Arc<dyn Transport>, RemoteError> {
         let factory = self
             .registry
             .transport(CACHE_SCHEME)
@@ -359,9 +409,10 @@ impl Engine {
             gate,
             withheld: Default::default(),
             blobs_only: false,
+            attachment_tags: Some(sarde_trust::cosign::attachment_tags),
         };
         let options = &self.remote.transfer;
-        let resolved = request.resolve(options).await?;
+        let (resolved, policy) = self.resolve_trusted(&request, source).await?;
         let image = match image {
             Some(image) => image.clone(),
             None => self
@@ -386,6 +437,10 @@ impl Engine {
         let vm_current =
             import.is_some_and(|import| self.vm_is_current(&location, &resolved, import));
         let up_to_date = vm_current || request.up_to_date(&resolved, options).await?;
+        if up_to_date {
+            // The image is there; its signatures may be newer at the source.
+            request.copy_attachments(&resolved, options).await?;
+        }
         Ok(PreparedFetch {
             request,
             resolved,
@@ -393,6 +448,7 @@ impl Engine {
             location,
             lease,
             up_to_date,
+            policy,
         })
     }
 
@@ -435,6 +491,7 @@ impl Engine {
             image: prepared.image,
             summary,
             up_to_date: prepared.up_to_date,
+            policy: prepared.policy,
         })
     }
 
@@ -526,6 +583,7 @@ impl Engine {
                     image: prepared.image,
                     summary,
                     up_to_date: true,
+                    policy: prepared.policy.clone(),
                 },
                 import: outcome,
             });
@@ -589,6 +647,7 @@ impl Engine {
                 image: prepared.image,
                 summary,
                 up_to_date: false,
+                policy: prepared.policy.clone(),
             },
             import: outcome,
         })
@@ -718,11 +777,12 @@ struct PreparedFetch {
     image: ImageReference,
     location: ImageLocation,
     lease: sarde_lifecycle::Lease,
+    policy: Option<sarde_trust::Accepted>,
     up_to_date: bool,
 }
 
 /// An image's repository in the cache transport: `host[:port]/path`.
-fn cache_repository(image: &ImageReference) -> String {
+pub(crate) fn cache_repository(image: &ImageReference) -> String {
     image.cache_path_components().join("/")
 }
 

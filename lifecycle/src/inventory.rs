@@ -64,6 +64,10 @@ pub struct CachedImage {
     /// One of its manifests could not be read or parsed: what it names is
     /// unknown, so nothing unreferenced in its repository is collected.
     pub opaque: bool,
+    /// Entries that belong to this image (its signatures under cosign's
+    /// `sha256-<hex>.sig` tag): not images of their own; kept, counted and
+    /// removed with it.
+    pub attachments: Vec<String>,
 }
 
 impl CachedImage {
@@ -230,6 +234,7 @@ pub(crate) fn scan_layout(
             blobs: BTreeSet::new(),
             missing: Vec::new(),
             opaque: false,
+            attachments: Vec::new(),
         };
         walk(layout, &blobs, &entry, 0, metadata_only, &mut image);
         image.last_used = modified(&usage_dir.join(image_key(&key, &entry.digest)))
@@ -237,6 +242,7 @@ pub(crate) fn scan_layout(
             .unwrap_or(SystemTime::UNIX_EPOCH);
         images.push(image);
     }
+    fold_attachments(&mut images);
     Ok(LayoutInventory {
         key,
         path: layout.path().to_path_buf(),
@@ -244,6 +250,44 @@ pub(crate) fn scan_layout(
         blobs,
         temps,
     })
+}
+
+/// Folds each attachment entry (a signature's tag) into the images it belongs
+/// to, when the layout holds them: its blobs count as theirs, and it is not
+/// listed on its own. An attachment whose image is not here stays an entry.
+fn fold_attachments(images: &mut Vec<CachedImage>) {
+    let mut kept = Vec::with_capacity(images.len());
+    let mut attachments = Vec::new();
+    for image in images.drain(..) {
+        match image
+            .tag
+            .as_deref()
+            .and_then(sarde_api::oci::attachment_subject)
+        {
+            Some(subject) => attachments.push((subject, image)),
+            None => kept.push(image),
+        }
+    }
+    for (subject, attachment) in attachments {
+        let mut owners = kept
+            .iter_mut()
+            .filter(|i| i.manifest.digest == subject)
+            .peekable();
+        if owners.peek().is_none() {
+            kept.push(attachment);
+            continue;
+        }
+        for owner in owners {
+            owner.blobs.extend(attachment.blobs.iter().cloned());
+            owner.missing.extend(attachment.missing.iter().cloned());
+            owner.opaque |= attachment.opaque;
+            owner.leased |= attachment.leased;
+            if let Some(tag) = &attachment.tag {
+                owner.attachments.push(tag.clone());
+            }
+        }
+    }
+    *images = kept;
 }
 
 /// Adds `descriptor` and everything it references to `image`, noting what is

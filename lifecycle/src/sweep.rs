@@ -153,6 +153,22 @@ fn sweep_layout(
             }
         })?;
         swept.images.extend(removed);
+        // An image's attachments (its signatures) go with its last entry.
+        let tag_of = |e: &sarde_api::oci::Descriptor| {
+            e.annotation(sarde_api::oci::media_types::ANNOTATION_REF_NAME)
+                .and_then(sarde_api::oci::attachment_subject)
+        };
+        let remaining: BTreeSet<Digest> = layout
+            .index()?
+            .manifests
+            .iter()
+            .filter(|e| tag_of(e).is_none())
+            .map(|e| e.digest.clone())
+            .collect();
+        let gone: BTreeSet<&Digest> = planned.iter().map(|p| &p.manifest).collect();
+        layout.retain_entries(|entry| {
+            !tag_of(entry).is_some_and(|s| gone.contains(&s) && !remaining.contains(&s))
+        })?;
     }
     // The index as it is now, and what its entries use.
     let now = crate::inventory::scan_layout(root, &layout, &leases)?;

@@ -246,3 +246,36 @@ mod tests {
         ));
     }
 }
+
+/// The image a tag of the tag schema for attachments names (cosign's
+/// `sha256-<hex>.sig`, `.att`, `.sbom`): such a tag holds something that
+/// belongs to that image (a signature), not an image of its own.
+pub fn attachment_subject(tag: &str) -> Option<crate::Digest> {
+    let (digest, suffix) = tag.rsplit_once('.')?;
+    if !matches!(suffix, "sig" | "att" | "sbom") {
+        return None;
+    }
+    let (algorithm, hex) = digest.split_once('-')?;
+    if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    format!("{algorithm}:{hex}").parse().ok()
+}
+
+#[cfg(test)]
+mod attachment_tests {
+    use super::attachment_subject;
+
+    #[test]
+    fn attachment_tags_name_their_image() {
+        let hex = "a".repeat(64);
+        let subject = attachment_subject(&format!("sha256-{hex}.sig")).unwrap();
+        assert_eq!(subject.to_string(), format!("sha256:{hex}"));
+        assert!(attachment_subject(&format!("sha256-{hex}.att")).is_some());
+        assert!(attachment_subject(&format!("sha256-{hex}.tar")).is_none());
+        assert!(attachment_subject("sha256-abc.sig").is_none());
+        assert!(attachment_subject(&format!("sha256-{}.sig", "A".repeat(64))).is_none());
+        assert!(attachment_subject("latest").is_none());
+        assert!(attachment_subject("v1.sig").is_none());
+    }
+}

@@ -75,6 +75,8 @@ pub enum Command {
     Config(Box<ConfigArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions(CompletionsArgs),
+    /// Signing keys: `sarde key generate` writes a key pair cosign and skopeo read
+    Key(KeyArgs),
 }
 
 impl Command {
@@ -97,7 +99,7 @@ impl Command {
             Command::Prune(_) => Some("prune"),
             Command::Plugins(_) => Some("plugins"),
             Command::Config(args) => args.for_command.as_deref(),
-            Command::Completions(_) => None,
+            Command::Completions(_) | Command::Key(_) => None,
         }
     }
 }
@@ -226,6 +228,12 @@ pub struct PushArgs {
     /// Allow plain HTTP and unverified TLS for the registries of this command
     #[arg(long)]
     pub insecure: bool,
+    /// Sign the pushed image with this private key (cosign's format; `sarde key generate` writes one)
+    #[arg(long, value_name = "KEY")]
+    pub sign_by_sigstore_private_key: Option<PathBuf>,
+    /// Read the signing key's passphrase from FILE (asked for on a terminal when missing)
+    #[arg(long, value_name = "FILE", requires = "sign_by_sigstore_private_key")]
+    pub sign_passphrase_file: Option<PathBuf>,
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
@@ -235,6 +243,28 @@ pub struct PushArgs {
     pub transfer: TransferFlags,
     /// Image of the local cache, name[:tag|@digest]
     pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    #[command(subcommand)]
+    pub command: KeyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write a new signing key pair: PREFIX.private (encrypted, as cosign and skopeo read it) and PREFIX.pub
+    Generate(KeyGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyGenerateArgs {
+    /// Write PREFIX.private and PREFIX.pub (as `skopeo generate-sigstore-key`)
+    #[arg(long, value_name = "PREFIX")]
+    pub output_prefix: PathBuf,
+    /// Read the passphrase that encrypts the private key from FILE (asked for on a terminal when missing)
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -249,6 +279,8 @@ pub struct CopyArgs {
     pub cache: CacheFlags,
     #[command(flatten)]
     pub transfer: TransferFlags,
+    #[command(flatten)]
+    pub policy: PolicyFlags,
     /// Where the image is: docker://…, oci:PATH[:TAG], … (`sarde plugins` lists the transports)
     pub source: String,
     /// Where it goes, in the same syntax
@@ -274,6 +306,8 @@ pub struct FetchArgs {
     pub vmdir: VmDirFlags,
     #[command(flatten)]
     pub transfer: TransferFlags,
+    #[command(flatten)]
+    pub policy: PolicyFlags,
     /// Image name[:tag|@digest] (e.g. registry.example.org/sardines/debian:12)
     pub image: String,
 }
@@ -301,6 +335,8 @@ pub struct PullArgs {
     pub threads: ThreadsFlags,
     #[command(flatten)]
     pub transfer: TransferFlags,
+    #[command(flatten)]
+    pub policy: PolicyFlags,
     /// Image name[:tag|@digest]
     pub image: String,
 }
@@ -345,6 +381,8 @@ pub struct CloneArgs {
     pub threads: ThreadsFlags,
     #[command(flatten)]
     pub transfer: TransferFlags,
+    #[command(flatten)]
+    pub policy: PolicyFlags,
     /// A VM, or an image (pulled and imported when no such VM exists)
     pub source: String,
     /// Name of the clone (default: <source>-clone[-N])
@@ -623,6 +661,19 @@ impl FlagGroup for TransferFlags {
     }
 }
 
+#[derive(Debug, Args, Default)]
+pub struct PolicyFlags {
+    /// containers-policy.json(5) file that decides which images are let in (default: where podman and skopeo look)
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+}
+
+impl FlagGroup for PolicyFlags {
+    fn add_to(&self, flags: &mut FlagValues) {
+        set_path(flags, "policy", &self.policy);
+    }
+}
+
 /// Every configuration flag, for `sarde config`.
 #[derive(Debug, Args, Default)]
 pub struct AllFlags {
@@ -640,6 +691,8 @@ pub struct AllFlags {
     pub compression: CompressionFlags,
     #[command(flatten)]
     pub transfer: TransferFlags,
+    #[command(flatten)]
+    pub policy: PolicyFlags,
 }
 
 impl FlagGroup for AllFlags {
@@ -652,6 +705,7 @@ impl FlagGroup for AllFlags {
             &self.threads,
             &self.compression,
             &self.transfer,
+            &self.policy,
         ] {
             group.add_to(flags);
         }
@@ -678,13 +732,19 @@ impl PushArgs {
 
 impl CopyArgs {
     pub fn flag_values(&self) -> FlagValues {
-        flag_values(&[&self.cache, &self.transfer])
+        flag_values(&[&self.cache, &self.transfer, &self.policy])
     }
 }
 
 impl FetchArgs {
     pub fn flag_values(&self) -> FlagValues {
-        flag_values(&[&self.libvirt, &self.cache, &self.vmdir, &self.transfer])
+        flag_values(&[
+            &self.libvirt,
+            &self.cache,
+            &self.vmdir,
+            &self.transfer,
+            &self.policy,
+        ])
     }
 }
 
@@ -696,6 +756,7 @@ impl PullArgs {
             &self.vmdir,
             &self.threads,
             &self.transfer,
+            &self.policy,
         ])
     }
 }
@@ -709,6 +770,7 @@ impl CloneArgs {
             &self.clones,
             &self.threads,
             &self.transfer,
+            &self.policy,
         ])
     }
 }

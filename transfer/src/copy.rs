@@ -81,7 +81,24 @@ pub struct CopyRequest {
     /// Copies the blobs only; the caller writes the manifest and tag itself
     /// (pull's, once the import is done, for an image kept without its pieces).
     pub blobs_only: bool,
+    /// The tags at the source whose images belong to the image copied (cosign's
+    /// `sha256-<hex>.sig`), given its manifest digest: each one the source has
+    /// travels with it, written before the destination finishes the image (an
+    /// archive is closed then). `None`: nothing travels along.
+    pub attachment_tags: Option<fn(&Digest) -> Vec<String>>,
 }
+
+/// An image that travels with another under a tag of its own (a signature).
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub tag: String,
+    pub manifest: RawManifest,
+    pub blobs: Vec<Descriptor>,
+}
+
+/// Attachments are small (a signature's payload is about 250 bytes); a bigger
+/// blob is refused rather than read into memory.
+pub const MAX_ATTACHMENT_BLOB: u64 = 16 << 20;
 
 /// What a copy did.
 #[derive(Debug, Clone)]
@@ -102,6 +119,8 @@ pub struct SourceImage {
     pub blobs: Vec<Descriptor>,
     /// Bytes of manifests read.
     pub manifest_bytes: u64,
+    /// Images that travel with it (its signatures).
+    pub attachments: Vec<Attachment>,
 }
 
 impl SourceImage {
@@ -209,12 +228,127 @@ impl CopyRequest {
                 }
             }
         }
+        let attachments = self.resolve_attachments(&manifest.digest, options).await?;
         Ok(SourceImage {
             manifest,
             children,
             blobs,
             manifest_bytes,
+            attachments,
         })
+    }
+
+    /// The attachments the source has for `digest`.
+    async fn resolve_attachments(
+        &self,
+        digest: &Digest,
+        options: &TransferOptions,
+    ) -> Result<Vec<Attachment>, TransferError> {
+        let Some(tags) = self.attachment_tags else {
+            return Ok(Vec::new());
+        };
+        let mut attachments = Vec::new();
+        for tag in tags(digest) {
+            let manifest = match self.get_manifest(&tag, options).await {
+                Ok(m) => m,
+                Err(TransferError::Transport(TransportError::ManifestUnknown { .. })) => continue,
+                Err(e) => return Err(e),
+            };
+            let Refs::Image(blobs) = manifest::references(&self.image, &manifest)? else {
+                tracing::warn!("{}: {tag} is an index, not carried", self.image);
+                continue;
+            };
+            if let Some(big) = blobs.iter().find(|b| b.size > MAX_ATTACHMENT_BLOB) {
+                return Err(TransferError::Manifest {
+                    image: self.image.clone(),
+                    digest: manifest.digest.to_string(),
+                    message: format!(
+                        "{tag} names a blob of {} bytes, more than an attachment may have ({MAX_ATTACHMENT_BLOB})",
+                        big.size
+                    ),
+                });
+            }
+            attachments.push(Attachment {
+                tag,
+                manifest,
+                blobs,
+            });
+        }
+        Ok(attachments)
+    }
+
+    /// Writes the image's attachments to every destination that does not have
+    /// them under their tags already (also when the image itself was there).
+    pub async fn copy_attachments(
+        &self,
+        image: &SourceImage,
+        options: &TransferOptions,
+    ) -> Result<(), TransferError> {
+        for destination in &self.destinations {
+            self.attach(image, destination, options).await?;
+        }
+        Ok(())
+    }
+
+    async fn attach(
+        &self,
+        image: &SourceImage,
+        destination: &Destination,
+        options: &TransferOptions,
+    ) -> Result<(), TransferError> {
+        let t = destination.transport.as_ref();
+        for attachment in &image.attachments {
+            match t
+                .get_manifest(&destination.repository, &attachment.tag)
+                .await
+            {
+                Ok(m) if m.digest == attachment.manifest.digest => continue,
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Ok(_) | Err(_) => {}
+            }
+            for blob in &attachment.blobs {
+                if t.blob_exists(&destination.repository, blob).await? {
+                    continue;
+                }
+                let bytes = self.read_small_blob(blob).await?;
+                let reader: sarde_api::transport::BlobReader =
+                    Box::pin(std::io::Cursor::new(bytes));
+                t.put_blob(&destination.repository, blob, reader).await?;
+            }
+            self.put_manifest(destination, &attachment.tag, &attachment.manifest, options)
+                .await?;
+            tracing::debug!("{}: {} carried along", destination.name, attachment.tag);
+        }
+        Ok(())
+    }
+
+    /// A small blob of the source, read whole and checked by size and digest.
+    async fn read_small_blob(&self, blob: &Descriptor) -> Result<Vec<u8>, TransferError> {
+        use tokio::io::AsyncReadExt;
+        let reader = self.source.get_blob(&self.repository, blob, 0).await?;
+        let mut bytes = Vec::with_capacity(blob.size as usize);
+        reader
+            .take(blob.size + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| TransferError::Stream {
+                location: self.source.location(),
+                digest: blob.digest.clone(),
+                received: bytes.len() as u64,
+                source: e,
+            })?;
+        let actual = Digest::sha256_of(&bytes);
+        if bytes.len() as u64 != blob.size || actual != blob.digest {
+            return Err(TransferError::Verify(Box::new(VerifyFailure {
+                image: self.image.clone(),
+                location: self.source.location(),
+                digest: blob.digest.clone(),
+                what: "size and digest",
+                expected: format!("{} bytes, {}", blob.size, blob.digest),
+                actual: format!("{} bytes, {actual}", bytes.len()),
+            })));
+        }
+        Ok(bytes)
     }
 
     /// Whether every destination holds the whole image under its tag already,
@@ -443,6 +577,8 @@ impl CopyRequest {
                 result?;
             }
         }
+        // Before the image is finished: an archive is closed then.
+        self.attach(image, destination, options).await?;
         if self.blobs_only {
             return Ok(manifest_only);
         }

@@ -36,21 +36,16 @@ pub fn signature_tag(manifest: &Digest) -> String {
     format!("{}-{}.sig", manifest.algorithm().name(), manifest.hex())
 }
 
+/// The tags whose images travel with the image `manifest` (its signatures),
+/// for the copy engine's `attachment_tags`.
+pub fn attachment_tags(manifest: &Digest) -> Vec<String> {
+    vec![signature_tag(manifest)]
+}
+
 /// Whether `tag` is cosign's tag for something attached to an image
 /// (`sha256-<hex>.sig`, `.att`, `.sbom`), not an image of its own.
 pub fn is_attachment_tag(tag: &str) -> bool {
-    let Some((algorithm, rest)) = tag.split_once('-') else {
-        return false;
-    };
-    let Some((hex, suffix)) = rest.split_once('.') else {
-        return false;
-    };
-    matches!(algorithm, "sha256" | "sha512")
-        && matches!(suffix, "sig" | "att" | "sbom")
-        && hex.len() == if algorithm == "sha256" { 64 } else { 128 }
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    sarde_api::oci::attachment_subject(tag).is_some()
 }
 
 /// A simple signing payload (containers-signature(5), as cosign uses it).

@@ -145,6 +145,7 @@ fn engine(settings: &Settings, registry: Arc<sarde_api::Registry>) -> Result<Eng
             bounds: settings.time_bounds,
             default_transport: sarde_engine::remote::DEFAULT_SCHEME.to_string(),
             credentials: Vec::new(),
+            trust: Default::default(),
         },
         lifecycle: LifecycleSettings {
             space_budget: settings.space_budget,

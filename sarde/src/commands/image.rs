@@ -42,6 +42,7 @@ pub(crate) fn engine(cli: &Cli, config: &Config) -> Result<Engine> {
             bounds: s.time_bounds(),
             default_transport: s.transport.clone(),
             credentials: Vec::new(),
+            trust: Default::default(),
         },
         lifecycle: LifecycleSettings {
             space_budget: s.space_budget.map(|b| b.0),

@@ -6,6 +6,7 @@ mod lifecycle;
 mod login;
 mod progress;
 mod remote;
+mod trust;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -24,6 +25,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         clap_complete::generate(args.shell, &mut command, "sarde", &mut std::io::stdout());
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Key(args) = &cli.command {
+        // No configuration: a key pair is files and a passphrase.
+        sarde_cli::logging::init(i32::from(cli.verbose) - i32::from(cli.quiet));
+        return trust::key(&args.command);
+    }
     let mut flags = match &cli.command {
         Command::Config(args) => crate::cli::flag_values(&[&args.overrides]),
         Command::Export(args) => args.flag_values(),
@@ -40,7 +46,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(args) => args.flag_values(),
         Command::Rm(args) => args.flag_values(),
         Command::Prune(args) => args.flag_values(),
-        Command::Plugins(_) | Command::Completions(_) => FlagValues::default(),
+        Command::Plugins(_) | Command::Completions(_) | Command::Key(_) => FlagValues::default(),
     };
     if let Some(dirs) = &cli.plugin_dir {
         flags.set("plugin-dir", dirs.as_str());
@@ -72,7 +78,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Prune(args) => lifecycle::prune(&cli, &config, args),
         Command::Plugins(args) => plugins(&cli, &config, args),
         Command::Config(args) => show_config(&cli, &config, &env, args),
-        Command::Completions(_) => unreachable!("handled above"),
+        Command::Completions(_) | Command::Key(_) => unreachable!("handled above"),
     }
 }
 

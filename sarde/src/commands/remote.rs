@@ -131,10 +131,17 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
             engine.remote.insecure.push(image.registry_location());
         }
     }
+    let key = args
+        .sign_by_sigstore_private_key
+        .as_deref()
+        .map(|key| super::trust::signing_key(key, args.sign_passphrase_file.as_deref()))
+        .transpose()
+        .context("the signing key")?;
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
-    let pushed = runtime(config)?
-        .block_on(engine.push(&image, &targets, progress))
+    let result = runtime(config)?
+        .block_on(engine.push(&image, &targets, key.as_ref(), progress))
         .with_context(|| format!("pushing {image}"))?;
+    let pushed = &result.copied;
     tracing::info!("pushed {image}: {}", summary_line(&pushed.summary));
     match args.format {
         OutputFormat::Json => {
@@ -146,6 +153,17 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
                     .targets
                     .iter()
                     .map(|(name, manifest_only)| json!({"name": name, "manifest_only": manifest_only}))
+                    .collect::<Vec<_>>()
+            );
+            value["signed"] = json!(
+                result
+                    .signed
+                    .iter()
+                    .map(|s| json!({
+                        "identity": s.identity,
+                        "signature_manifest": s.signature_manifest.to_string(),
+                        "signatures": s.signatures,
+                    }))
                     .collect::<Vec<_>>()
             );
             println!("{value}");
@@ -160,17 +178,19 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
 }
 
 pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
-    let (engine, refs) = engine_for(
+    let (mut engine, refs) = engine_for(
         cli,
         config,
         args.insecure,
         &[&args.source, &args.destination],
     )?;
+    engine.remote.trust = super::trust::trust(config)?;
     let (source, destination) = (&refs[0], &refs[1]);
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
-    let copied = runtime(config)?
+    let result = runtime(config)?
         .block_on(engine.copy(source, destination, progress))
         .with_context(|| format!("copying {source} to {destination}"))?;
+    let copied = &result.copied;
     tracing::info!(
         "copied {source} to {destination}: {}",
         summary_line(&copied.summary)
@@ -182,6 +202,7 @@ pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
             value["destination"] = json!(destination.to_string());
             value["manifest"] = json!(copied.manifest.digest.to_string());
             value["manifest_only"] = json!(copied.targets.first().is_some_and(|t| t.1));
+            value["policy"] = super::trust::policy_json(result.policy.as_ref());
             println!("{value}");
         }
         OutputFormat::Text => println!("{destination}@{}", copied.manifest.digest),
@@ -190,13 +211,14 @@ pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
 }
 
 pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
-    let (engine, source, name) = engine_and_source(
+    let (mut engine, source, name) = engine_and_source(
         cli,
         config,
         args.insecure,
         args.source.as_deref(),
         &args.image,
     )?;
+    engine.remote.trust = super::trust::trust(config)?;
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let fetched = runtime(config)?
         .block_on(engine.fetch(&source, name.as_ref(), progress))
@@ -214,6 +236,7 @@ pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
             value["source"] = json!(source.to_string());
             value["manifest"] = json!(fetched.manifest.digest.to_string());
             value["up_to_date"] = json!(fetched.up_to_date);
+            value["policy"] = super::trust::policy_json(fetched.policy.as_ref());
             println!("{value}");
         }
         OutputFormat::Text => println!("{}", fetched.manifest.digest),
@@ -222,13 +245,14 @@ pub fn fetch(cli: &Cli, config: &Config, args: &FetchArgs) -> Result<ExitCode> {
 }
 
 pub fn pull(cli: &Cli, config: &Config, args: &PullArgs) -> Result<ExitCode> {
-    let (engine, source, name) = engine_and_source(
+    let (mut engine, source, name) = engine_and_source(
         cli,
         config,
         args.insecure,
         args.source.as_deref(),
         &args.image,
     )?;
+    engine.remote.trust = super::trust::trust(config)?;
     let import = args.vm.request(pending_location(&engine, name.as_ref()));
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let pulled = runtime(config)?
@@ -247,6 +271,7 @@ pub fn pull(cli: &Cli, config: &Config, args: &PullArgs) -> Result<ExitCode> {
                 "source": source.to_string(),
                 "manifest": pulled.fetched.manifest.digest.to_string(),
                 "up_to_date": pulled.fetched.up_to_date,
+                "policy": super::trust::policy_json(pulled.fetched.policy.as_ref()),
                 "transfer": pulled.fetched.summary,
                 "import": pulled.import,
             });
@@ -265,7 +290,7 @@ pub fn clone(cli: &Cli, config: &Config, args: &CloneArgs) -> Result<ExitCode> {
     let source_vm = if hv.exists(&args.source)? {
         args.source.clone()
     } else {
-        let (engine, source, name) =
+        let (mut engine, source, name) =
             engine_and_source(cli, config, args.insecure, None, &args.source).with_context(
                 || {
                     format!(
@@ -274,6 +299,7 @@ pub fn clone(cli: &Cli, config: &Config, args: &CloneArgs) -> Result<ExitCode> {
                     )
                 },
             )?;
+        engine.remote.trust = super::trust::trust(config)?;
         let import = ImportFlags {
             name: None,
             print_uuid: false,

@@ -107,6 +107,15 @@ pub struct Settings {
     /// metadata (the imported VM holds the data).
     #[serde(deserialize_with = "lenient::switch")]
     pub keep_blobs: bool,
+    /// The `containers-policy.json(5)` fetch, pull, copy and clone check images
+    /// against; unset: the first of `~/.config/containers/policy.json` and
+    /// `/etc/containers/policy.json` that exists.
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_from_str",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub policy: Option<PathBuf>,
     /// Nothing used more recently is removed automatically or for a budget, and
     /// partial downloads are kept this long for a later run to resume.
     #[serde(deserialize_with = "lenient::from_str")]
@@ -145,6 +154,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "auto-prune",
     "prune-min-age",
     "keep-blobs",
+    "policy",
     "verbose",
     "quiet",
 ];
@@ -164,6 +174,8 @@ pub mod groups {
     pub const SPACE: &[&str] = &["space-budget", "auto-prune", "prune-min-age"];
     /// What a pull keeps of an image besides the VM.
     pub const KEEP: &[&str] = &["keep-blobs"];
+    /// Which images are let in: the signature policy.
+    pub const TRUST: &[&str] = &["policy"];
     /// Reaching a registry at all (login checks credentials with one request).
     pub const REGISTRY: &[&str] = &[
         "insecure",
@@ -200,21 +212,22 @@ const COMMANDS: &[(&str, &[&[&str]])] = {
         (
             "fetch",
             &[
-                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, REGISTRY, TRANSFER, SPACE,
+                OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, REGISTRY, TRANSFER, SPACE, TRUST,
             ],
         ),
-        ("copy", &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER]),
+        ("copy", &[OUTPUT, PLUGINS, CACHE, REGISTRY, TRANSFER, TRUST]),
         (
             "pull",
             &[
                 OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, THREADS, SPACE, KEEP, REGISTRY, TRANSFER,
+                TRUST,
             ],
         ),
         (
             "clone",
             &[
                 OUTPUT, PLUGINS, LIBVIRT, CACHE, VMS, CLONES, THREADS, SPACE, KEEP, REGISTRY,
-                TRANSFER,
+                TRANSFER, TRUST,
             ],
         ),
         ("login", &[OUTPUT, PLUGINS, REGISTRY]),
@@ -331,6 +344,7 @@ impl Settings {
             auto_prune: true,
             prune_min_age: Age(std::time::Duration::from_secs(3600)),
             keep_blobs: true,
+            policy: None,
             verbose: 0,
             quiet: 0,
         }
@@ -343,6 +357,9 @@ impl Settings {
         self.vmdir = absolute(expand_tilde(&self.vmdir, home));
         if let Some(dir) = &self.clonedir {
             self.clonedir = Some(absolute(expand_tilde(dir, home)));
+        }
+        if let Some(policy) = &self.policy {
+            self.policy = Some(expand_tilde(policy, home));
         }
         for p in self
             .plugin_dir

@@ -87,6 +87,12 @@ pub struct Settings {
     /// A pull keeps the image's disk pieces in the cache; false: only its
     /// metadata (the base VM holds the data).
     pub keep_blobs: bool,
+    /// The `containers-policy.json(5)` images are checked against; unset: where
+    /// podman looks (`~/.config/containers/policy.json`,
+    /// `/etc/containers/policy.json`).
+    pub policy: Option<PathBuf>,
+    /// Refuse the image unless a signature of it was verified.
+    pub require_signature: bool,
 }
 
 /// Every key this executor reads.
@@ -122,6 +128,8 @@ pub const KEYS: &[&str] = &[
     "auto-prune",
     "prune-min-age",
     "keep-blobs",
+    "policy",
+    "require-signature",
     "omit-backingstore",
     "verbosity",
 ];
@@ -385,6 +393,11 @@ impl Settings {
             .transpose()
             .map_err(|e| bad("keep-blobs", e))?
             .unwrap_or(true);
+        let require_signature = get("require-signature")
+            .map(sarde_api::age::parse_switch)
+            .transpose()
+            .map_err(|e| bad("require-signature", e))?
+            .unwrap_or(false);
         let prune_min_age = get("prune-min-age")
             .map(|s| s.parse::<sarde_api::age::Age>())
             .transpose()
@@ -447,6 +460,8 @@ impl Settings {
             auto_prune,
             prune_min_age,
             keep_blobs,
+            policy: get("policy").map(path),
+            require_signature,
         })
     }
 

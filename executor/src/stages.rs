@@ -343,6 +343,11 @@ async fn source_vm(
     if pull {
         pull_source_vm(engine, source, Some(image)).await
     } else {
+        // The cached image, with the signatures the cache kept.
+        engine
+            .check_cached_policy(image)
+            .await
+            .map_err(|e| system(format!("using {image} from the cache: {e}")))?;
         let engine = engine.clone();
         let name = tokio::task::spawn_blocking(move || engine.import(&import))
             .await

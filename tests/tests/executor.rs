@@ -539,3 +539,127 @@ fn a_job_runs_from_an_archive_on_a_shared_file_system() {
         );
     }
 }
+
+/// A policy file naming the test registry's `ci/` repositories, trusting the
+/// public key `key`.
+fn write_policy(path: &Path, addr: &str, key: &Path) {
+    std::fs::write(
+        path,
+        format!(
+            r#"{{"default": [{{"type": "reject"}}],
+                "transports": {{"docker": {{"{addr}/ci": [{{"type": "sigstoreSigned", "keyPath": "{}"}}]}}}}}}"#,
+            key.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// A key pair made by `sarde key generate` in `dir`: (private, public, passphrase file).
+fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let pass = dir.join(format!("{name}.pass"));
+    std::fs::write(&pass, "passphrase\n").unwrap();
+    ok(sarde(dir)
+        .args(["key", "generate", "--output-prefix"])
+        .arg(dir.join(name))
+        .arg("--passphrase-file")
+        .arg(&pass));
+    (
+        dir.join(format!("{name}.private")),
+        dir.join(format!("{name}.pub")),
+        pass,
+    )
+}
+
+#[test]
+fn prepare_refuses_images_the_signature_policy_refuses_as_system_failures() {
+    let trust = vm::workdir();
+    let policy = trust.path().join("policy.json");
+    let Some((s, _guest)) = setup(
+        "prepare_refuses_images_the_signature_policy_refuses_as_system_failures",
+        &format!("policy = {}\nrequire-signature = yes\n", policy.display()),
+    ) else {
+        return;
+    };
+    let addr = s.registry.address();
+    let (private, public, pass) = key_pair(trust.path(), "ci");
+    let (_, other_public, _) = key_pair(trust.path(), "other");
+    write_policy(&policy, &addr, &public);
+    let base = s.bases.borrow()[0].clone();
+    let refused = |job: &str, expected: &[&str]| {
+        let out = s.executor(job, &s.image).arg("prepare").output().unwrap();
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(SYSTEM_FAILURE), "{stderr}");
+        assert!(stderr.contains("refused by the policy"), "{stderr}");
+        for part in expected {
+            assert!(stderr.contains(part), "{part:?} not in {stderr}");
+        }
+        assert!(
+            !vm::domain_exists(&base),
+            "the base VM was imported: {stderr}"
+        );
+        assert_ok("cleanup", &s.cleanup(job));
+        s.assert_gone(job);
+    };
+    let rule = format!(
+        "{} transports.docker[\"{addr}/ci\"][0] (sigstoreSigned)",
+        policy.display()
+    );
+    let pid = std::process::id();
+
+    // The image as the setup pushed it: unsigned.
+    refused(&format!("{pid}u"), &[&s.image, &rule, "no signature"]);
+
+    // Signed by the publisher; the runner host's cache gets it (with its
+    // signature), and a pull-policy = never job verifies from the cache.
+    let publisher = vm::workdir();
+    ok(sarde(publisher.path()).args(["fetch", "--insecure", &s.image]));
+    ok(sarde(publisher.path())
+        .args(["push", "--insecure", "--sign-by-sigstore-private-key"])
+        .arg(&private)
+        .arg("--sign-passphrase-file")
+        .arg(&pass)
+        .arg(&s.image));
+    ok(sarde(s.work.path())
+        .args(["fetch", "--insecure", "--policy"])
+        .arg(&policy)
+        .arg(&s.image));
+    let ini = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        ini.replacen("[DEFAULT]\n", "[DEFAULT]\npull-policy = never\n", 1),
+    )
+    .unwrap();
+    let job = format!("{pid}s");
+    let out = s.executor(&job, &s.image).arg("prepare").output().unwrap();
+    assert_ok("prepare of the signed image from the cache", &out);
+    assert_ok("cleanup", &s.cleanup(&job));
+    s.assert_gone(&job);
+    vm::undefine(&base);
+
+    // Another key trusted: refused from the cache, and from the registry.
+    write_policy(&policy, &addr, &other_public);
+    refused(
+        &format!("{pid}c"),
+        &[&rule, "not made by the trusted key", "from the cache"],
+    );
+    std::fs::write(
+        &s.config,
+        ini.replacen("[DEFAULT]\n", "[DEFAULT]\npull-policy = always\n", 1),
+    )
+    .unwrap();
+    refused(
+        &format!("{pid}r"),
+        &[&rule, "not made by the trusted key", "pulling"],
+    );
+
+    // require-signature: a policy that takes anything is not enough.
+    std::fs::write(
+        &policy,
+        r#"{"default": [{"type": "insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    refused(
+        &format!("{pid}a"),
+        &["require-signature", "insecureAcceptAnything"],
+    );
+}

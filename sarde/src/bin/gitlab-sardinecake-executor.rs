@@ -145,6 +145,8 @@ fn engine(settings: &Settings, registry: Arc<sarde_api::Registry>) -> Result<Eng
             bounds: settings.time_bounds,
             default_transport: sarde_engine::remote::DEFAULT_SCHEME.to_string(),
             credentials: Vec::new(),
+            // Only prepare reads images: set there, so a broken policy file
+            // never stops a cleanup.
             trust: Default::default(),
         },
         lifecycle: LifecycleSettings {
@@ -153,6 +155,19 @@ fn engine(settings: &Settings, registry: Arc<sarde_api::Registry>) -> Result<Eng
             prune_min_age: settings.prune_min_age,
             keep_blobs: settings.keep_blobs,
         },
+    })
+}
+
+/// The signature policy of the image's settings (`policy`, else where podman
+/// looks) and whether it must be signed (`require-signature`).
+fn trust(settings: &Settings) -> Result<sarde_engine::trust::Trust> {
+    let policy = match &settings.policy {
+        Some(path) => Some(sarde_trust::Policy::load(path)?),
+        None => sarde_trust::Policy::load_default()?,
+    };
+    Ok(sarde_engine::trust::Trust {
+        policy: policy.map(Arc::new),
+        require_signature: settings.require_signature,
     })
 }
 
@@ -217,13 +232,16 @@ fn run(cli: &Cli, job: &Job) -> Result<ExitCode> {
             println!("{}", stages::config(&engine, &settings, job));
             Ok(())
         }
-        Stage::Prepare => runtime
-            .block_on(until_terminated(stages::prepare(
-                &mut engine,
-                &settings,
-                job,
-            )))
-            .map(drop),
+        Stage::Prepare => {
+            engine.remote.trust = trust(&settings).context("the signature policy")?;
+            runtime
+                .block_on(until_terminated(stages::prepare(
+                    &mut engine,
+                    &settings,
+                    job,
+                )))
+                .map(drop)
+        }
         Stage::Run { script, stage } => {
             runtime.block_on(until_terminated(stages::run(&settings, job, script, stage)))
         }

@@ -415,3 +415,104 @@ fn a_sigstore_signed_policy_lets_signed_images_in_and_refuses_the_others() {
     ]));
     assert_refused(fresh.path(), &message, &["signedBy", "GPG"]);
 }
+
+/// Where a registry offers the OCI referrers API, a signature listed there
+/// verifies even without cosign's tag (served here by a scripting proxy in
+/// front of the real registry: Debian's distribution 2.8 has no referrers API).
+#[test]
+fn signatures_are_found_through_the_referrers_api() {
+    use sarde_e2e::hostile::{Action, Body, HostileServer, Matcher, Rule};
+    if !registry_tests_enabled("signatures_are_found_through_the_referrers_api") {
+        return;
+    }
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let front = HostileServer::start(Some(registry.address()));
+    let addr = front.address();
+    let work = vm::workdir();
+    let home = vm::workdir();
+    let h = home.path();
+    let (private, public, passphrase) = generate_key(h, "signer");
+    let mut vm = small_vm(work.path(), "sarde-sig-ref", 3);
+    let image = format!("{addr}/e2e/referred:1");
+    ok(sarde(h).args(["export", "--chunksize", "1MiB", &vm.name, &image]));
+    let pushed = json(&ok(sarde(h).args([
+        "push",
+        "--insecure",
+        "--format",
+        "json",
+        "--sign-by-sigstore-private-key",
+        private.to_str().unwrap(),
+        "--sign-passphrase-file",
+        passphrase.to_str().unwrap(),
+        &image,
+    ])));
+    let digest = digest_of(&pushed);
+    let sig = pushed["signed"][0]["signature_manifest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sig_bytes = registry_get(
+        &registry,
+        &format!("/v2/e2e/referred/manifests/{sig}"),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    // The tag schema is gone from view; the signature is a referrer.
+    front.add_rule(Rule::always(
+        Matcher::path_contains("GET", &format!("/manifests/{}", sig_tag(&digest))),
+        Action::Respond {
+            status: 404,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: Body::text(
+                r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+            ),
+        },
+    ));
+    let policy = h.join("policy.json");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"{{"default": [{{"type": "sigstoreSigned", "keyPath": "{}"}}]}}"#,
+            public.display()
+        ),
+    )
+    .unwrap();
+    let policy_arg = policy.to_str().unwrap();
+    let fresh = vm::workdir();
+    let message =
+        fails(sarde(fresh.path()).args(["fetch", "--insecure", "--policy", policy_arg, &image]));
+    assert_refused(fresh.path(), &message, &["no signature"]);
+
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{sig}","size":{},"artifactType":"application/vnd.dev.cosign.artifact.sig.v1+json"}}]}}"#,
+        sig_bytes.len()
+    );
+    front.add_rule(Rule::always(
+        Matcher::path_contains("GET", &format!("/referrers/{digest}")),
+        Action::Respond {
+            status: 200,
+            headers: vec![(
+                "Content-Type".into(),
+                "application/vnd.oci.image.index.v1+json".into(),
+            )],
+            body: Body::text(&index),
+        },
+    ));
+    let fresh = vm::workdir();
+    let pulled = json(&ok(sarde(fresh.path()).args([
+        "pull",
+        "--insecure",
+        "--format",
+        "json",
+        "--policy",
+        policy_arg,
+        &image,
+    ])));
+    assert_eq!(pulled["policy"]["signatures_verified"], 1, "{pulled}");
+    vm.cleanup_also(pulled["import"]["name"].as_str().unwrap());
+    let asked = front
+        .requests()
+        .iter()
+        .filter(|r| r.path().contains("/referrers/"))
+        .count();
+    assert!(asked >= 2, "the referrers API was not asked");
+}

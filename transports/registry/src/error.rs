@@ -25,6 +25,11 @@ pub enum Object {
     Tags {
         repository: String,
     },
+    /// The referrers of a manifest (OCI 1.1 referrers API).
+    Referrers {
+        repository: String,
+        digest: Digest,
+    },
     /// The login check (`GET /v2/`, token endpoint).
     Login,
     /// A token for these scopes.
@@ -48,6 +53,9 @@ impl std::fmt::Display for Object {
             } => write!(f, "manifest {repository}:{reference}"),
             Object::Blob { repository, digest } => write!(f, "blob {digest} in {repository}"),
             Object::Tags { repository } => write!(f, "the tags of {repository}"),
+            Object::Referrers { repository, digest } => {
+                write!(f, "the referrers of {repository}@{digest}")
+            }
             Object::Login => f.write_str("the login"),
             Object::Token { scopes } if scopes.is_empty() => f.write_str("a token"),
             Object::Token { scopes } => write!(f, "a token for {}", scopes.join(" ")),
@@ -133,6 +141,11 @@ pub fn map_status(
                 location,
                 repository: repository.clone(),
                 reference: "(any tag: the repository is unknown)".to_string(),
+            },
+            Object::Referrers { repository, digest } => TransportError::ManifestUnknown {
+                location,
+                repository: repository.clone(),
+                reference: digest.to_string(),
             },
             Object::Login => TransportError::Protocol {
                 location,

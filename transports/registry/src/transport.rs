@@ -572,6 +572,63 @@ impl Transport for RegistryTransport {
             })
     }
 
+    /// `GET /v2/<name>/referrers/<digest>`: the distribution spec's referrers
+    /// API. A registry without it answers 404 (Debian's distribution 2.8 does;
+    /// 400 and 405 are taken the same way): `None`, and callers use the tag
+    /// schema. Only the first page is read; a registry that ignores the
+    /// `artifactType` filter is filtered here.
+    async fn list_referrers(
+        &self,
+        repository: &str,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<Vec<Descriptor>>, TransportError> {
+        self.http.ready().await;
+        let object = Object::Referrers {
+            repository: repository.to_string(),
+            digest: subject.clone(),
+        };
+        let base = self.repository_url(repository, &format!("/referrers/{subject}"));
+        let mut url = reqwest::Url::parse(&base)
+            .map_err(|e| self.protocol_error(format!("{object}: bad URL {base:?}: {e}")))?;
+        if let Some(kind) = artifact_type {
+            url.query_pairs_mut().append_pair("artifactType", kind);
+        }
+        let scope = Scope::new(repository, Access::Pull);
+        let res = self
+            .send(&scope, &object, Kind::Small, || {
+                self.http
+                    .client()
+                    .get(url.clone())
+                    .header(ACCEPT, media_types::IMAGE_INDEX)
+            })
+            .await?;
+        match res.status() {
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED => {
+                tracing::debug!(
+                    "{}: {object}: no referrers API ({})",
+                    self.location,
+                    res.status()
+                );
+                return Ok(None);
+            }
+            status if !status.is_success() => return Err(self.http.error(&object, res).await),
+            _ => {}
+        }
+        let body = self
+            .http
+            .read_capped(res, MAX_MANIFEST_SIZE, &object)
+            .await?;
+        let index: sarde_api::oci::ImageIndex = serde_json::from_slice(&body).map_err(|e| {
+            self.protocol_error(format!("{object}: the answer is not an image index: {e}"))
+        })?;
+        let mut referrers = index.manifests;
+        if let Some(kind) = artifact_type {
+            referrers.retain(|d| d.artifact_type.as_deref() == Some(kind));
+        }
+        Ok(Some(referrers))
+    }
+
     async fn blob_exists(
         &self,
         repository: &str,

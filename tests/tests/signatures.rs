@@ -48,6 +48,22 @@ fn generate_key(home: &Path, prefix: &str) -> (PathBuf, PathBuf, PathBuf) {
     (private, public, passphrase)
 }
 
+/// `sarde push --sign-by-sigstore-private-key`; its JSON summary.
+fn push_signed(home: &Path, private: &Path, passphrase: &Path, image: &str) -> Value {
+    json(&ok(sarde(home)
+        .args([
+            "push",
+            "--insecure",
+            "--format",
+            "json",
+            "--sign-by-sigstore-private-key",
+        ])
+        .arg(private)
+        .arg("--sign-passphrase-file")
+        .arg(passphrase)
+        .arg(image)))
+}
+
 fn digest_of(manifest_json: &Value) -> String {
     manifest_json["manifest"]
         .as_str()
@@ -181,19 +197,7 @@ fn a_sigstore_signed_policy_lets_signed_images_in_and_refuses_the_others() {
         "something was pushed"
     );
 
-    let push_signed = || {
-        json(&ok(sarde(h).args([
-            "push",
-            "--insecure",
-            "--format",
-            "json",
-            "--sign-by-sigstore-private-key",
-            private.to_str().unwrap(),
-            "--sign-passphrase-file",
-            passphrase.to_str().unwrap(),
-            &signed,
-        ])))
-    };
+    let push_signed = || push_signed(h, &private, &passphrase, &signed);
     let pushed = push_signed();
     assert_eq!(pushed["signed"][0]["identity"], signed.as_str(), "{pushed}");
     assert_eq!(pushed["signed"][0]["signatures"], 1, "{pushed}");
@@ -435,17 +439,7 @@ fn signatures_are_found_through_the_referrers_api() {
     let mut vm = small_vm(work.path(), "sarde-sig-ref", 3);
     let image = format!("{addr}/e2e/referred:1");
     ok(sarde(h).args(["export", "--chunksize", "1MiB", &vm.name, &image]));
-    let pushed = json(&ok(sarde(h).args([
-        "push",
-        "--insecure",
-        "--format",
-        "json",
-        "--sign-by-sigstore-private-key",
-        private.to_str().unwrap(),
-        "--sign-passphrase-file",
-        passphrase.to_str().unwrap(),
-        &image,
-    ])));
+    let pushed = push_signed(h, &private, &passphrase, &image);
     let digest = digest_of(&pushed);
     let sig = pushed["signed"][0]["signature_manifest"]
         .as_str()

@@ -263,6 +263,24 @@ impl SignatureImage {
     }
 }
 
+impl SignatureImage {
+    /// The same signatures as an OCI 1.1 referrer of `subject`, as cosign
+    /// writes them with `--registry-referrers-mode=oci-1-1`: the config's media
+    /// type is the signature's artifact type, `artifactType` says it too, and
+    /// `subject` names the signed manifest. Stored by digest.
+    pub fn referrer(signatures: &[Signature], subject: SignatureDescriptor) -> Self {
+        let mut image = SignatureImage::build(signatures);
+        let mut manifest: SignatureManifest =
+            serde_json::from_slice(&image.manifest).expect("built just now");
+        manifest.config.media_type = SIGNATURE_ARTIFACT_TYPE.to_string();
+        manifest.artifact_type = Some(SIGNATURE_ARTIFACT_TYPE.to_string());
+        manifest.subject = Some(serde_json::to_value(subject).expect("a descriptor serialises"));
+        image.blobs[0].0.media_type = SIGNATURE_ARTIFACT_TYPE.to_string();
+        image.manifest = serde_json::to_vec(&manifest).expect("a manifest serialises");
+        image
+    }
+}
+
 /// The config JSON in go-containerregistry's field order (Go marshals struct
 /// fields in declaration order: architecture, created, history, os, rootfs,
 /// config), which serde_json's sorted maps would not keep.

@@ -4,7 +4,7 @@
 use sarde_api::{Digest, Transport};
 
 use crate::TrustError;
-use crate::cosign::{Signature, SimpleSigning};
+use crate::cosign::{SIGNATURE_ARTIFACT_TYPE, Signature, SignatureDescriptor, SimpleSigning};
 use crate::keys::PrivateKey;
 use crate::signatures;
 
@@ -54,8 +54,28 @@ pub async fn sign(
         }
     }
     let signature = key.sign(&payload)?;
-    existing.push(Signature { payload, signature });
+    let new = Signature { payload, signature };
+    existing.push(new.clone());
     let signature_manifest = signatures::write(transport, repository, manifest, &existing).await?;
+    // Where the registry offers the referrers API, a referrer too (cosign's
+    // OCI 1.1 mode), so clients that only look there find it.
+    if transport
+        .list_referrers(repository, manifest, Some(SIGNATURE_ARTIFACT_TYPE))
+        .await?
+        .is_some()
+    {
+        let signed = transport
+            .get_manifest(repository, &manifest.to_string())
+            .await?;
+        let subject = SignatureDescriptor {
+            media_type: signed.media_type.clone(),
+            size: signed.bytes.len() as u64,
+            digest: signed.digest.clone(),
+            annotations: Default::default(),
+        };
+        let referrer = signatures::write_referrer(transport, repository, subject, &[new]).await?;
+        tracing::info!("{repository}@{manifest}: signature also stored as referrer {referrer}");
+    }
     Ok(Signed {
         signature_manifest,
         identity: identity.to_string(),

@@ -9,8 +9,8 @@ use tokio::io::AsyncReadExt;
 
 use crate::TrustError;
 use crate::cosign::{
-    MAX_PAYLOAD_BYTES, SIGNATURE_ARTIFACT_TYPE, Signature, SignatureImage, SignatureManifest,
-    signature_tag,
+    MAX_PAYLOAD_BYTES, SIGNATURE_ARTIFACT_TYPE, Signature, SignatureDescriptor, SignatureImage,
+    SignatureManifest, signature_tag,
 };
 
 /// A signature as found, or why one layer could not be read as one (kept
@@ -126,6 +126,28 @@ pub async fn write(
     signatures: &[Signature],
 ) -> Result<Digest, TrustError> {
     let image = SignatureImage::build(signatures);
+    put(transport, repository, &signature_tag(manifest), image).await
+}
+
+/// Writes `signatures` as a referrer of `subject` (stored by digest), for a
+/// registry that offers the referrers API.
+pub async fn write_referrer(
+    transport: &dyn Transport,
+    repository: &str,
+    subject: SignatureDescriptor,
+    signatures: &[Signature],
+) -> Result<Digest, TrustError> {
+    let image = SignatureImage::referrer(signatures, subject);
+    let digest = Digest::sha256_of(&image.manifest);
+    put(transport, repository, &digest.to_string(), image).await
+}
+
+async fn put(
+    transport: &dyn Transport,
+    repository: &str,
+    reference: &str,
+    image: SignatureImage,
+) -> Result<Digest, TrustError> {
     for (descriptor, bytes) in &image.blobs {
         let blob = Descriptor::new(
             descriptor.media_type.clone(),
@@ -143,49 +165,6 @@ pub async fn write(
         digest: Digest::sha256_of(&image.manifest),
         bytes: image.manifest,
     };
-    transport
-        .put_manifest(repository, &signature_tag(manifest), &raw)
-        .await?;
+    transport.put_manifest(repository, reference, &raw).await?;
     Ok(raw.digest)
-}
-
-/// Copies the tag-schema signatures of `manifest` from one place to another
-/// (copy, fetch and push carry them, so a host without the registry still
-/// verifies). Returns how many signatures were carried; 0 when the source has
-/// none. The destination's own signatures of the image are kept: the two
-/// sets are merged, as cosign appends.
-pub async fn carry(
-    source: &dyn Transport,
-    source_repository: &str,
-    destination: &dyn Transport,
-    destination_repository: &str,
-    manifest: &Digest,
-) -> Result<usize, TrustError> {
-    let mut signatures: Vec<Signature> = find(source, source_repository, manifest)
-        .await?
-        .into_iter()
-        .filter_map(Result::ok)
-        .collect();
-    if signatures.is_empty() {
-        return Ok(0);
-    }
-    let carried = signatures.len();
-    let existing: Vec<Signature> =
-        match signature_manifest(destination, destination_repository, manifest).await {
-            Ok(Some(_)) => find(destination, destination_repository, manifest)
-                .await?
-                .into_iter()
-                .filter_map(Result::ok)
-                .collect(),
-            Ok(None) => Vec::new(),
-            Err(e) => return Err(e),
-        };
-    let mut merged = existing;
-    signatures.retain(|s| !merged.contains(s));
-    if signatures.is_empty() {
-        return Ok(carried);
-    }
-    merged.extend(signatures);
-    write(destination, destination_repository, manifest, &merged).await?;
-    Ok(carried)
 }

@@ -409,7 +409,7 @@ impl Engine {
             gate,
             withheld: Default::default(),
             blobs_only: false,
-            attachment_tags: Some(sarde_trust::cosign::attachment_tags),
+            attachment_tags: self.signatures_to_keep(source),
         };
         let options = &self.remote.transfer;
         let (resolved, policy) = self.resolve_trusted(&request, source).await?;

@@ -47,6 +47,31 @@ impl Engine {
             .await
     }
 
+    /// The attachments a fetch or pull keeps in the cache: the image's
+    /// signatures when the policy checks signatures of it (so a later use of
+    /// the cached image verifies without the registry); none otherwise, which
+    /// saves a request per fetch.
+    pub(crate) fn signatures_to_keep(
+        &self,
+        source: &RemoteReference,
+    ) -> Option<fn(&sarde_api::Digest) -> Vec<String>> {
+        let trust = &self.remote.trust;
+        let checked = trust.require_signature
+            || trust.policy.as_ref().is_some_and(|policy| {
+                policy
+                    .rules(
+                        sarde_trust::policy_transport(&source.scheme),
+                        &source.target.policy_scopes,
+                    )
+                    .requirements
+                    .iter()
+                    .any(|r| matches!(r, sarde_trust::policy::Requirement::SigstoreSigned(_)))
+            });
+        checked.then_some(
+            sarde_trust::cosign::attachment_tags as fn(&sarde_api::Digest) -> Vec<String>,
+        )
+    }
+
     /// Reads the source's manifest and checks the policy on it: before any
     /// blob of the image is used, and before a VM is defined.
     pub(crate) async fn resolve_trusted(

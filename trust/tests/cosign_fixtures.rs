@@ -362,3 +362,46 @@ fn key_order(bytes: &[u8]) -> Vec<String> {
     }
     keys
 }
+
+/// What sarde does not check refuses the image, even one whose key signature
+/// verifies: keyless (fulcio), X.509 (pki), a Rekor log, GPG (signedBy).
+#[tokio::test]
+async fn requirements_sarde_does_not_check_fail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = manifest(read("containers-image/valid/manifest.json"));
+    let transport = layout(
+        &dir.path().join("l"),
+        &image.digest,
+        &[signature("containers-image/valid")],
+    )
+    .await;
+    let key = fixture("containers-image/cosign.pub");
+    let key = key.display();
+    for (requirement, expected) in [
+        (
+            r#"{"type": "sigstoreSigned", "fulcio": {"caPath": "/dev/null", "oidcIssuer": "https://issuer", "subjectEmail": "a@b"}, "rekorPublicKeyPath": "/dev/null"}"#.to_string(),
+            "fulcio",
+        ),
+        (
+            r#"{"type": "sigstoreSigned", "pki": {"caRootsPath": "/dev/null"}}"#.to_string(),
+            "pki",
+        ),
+        (
+            format!(r#"{{"type": "sigstoreSigned", "keyPath": "{key}", "rekorPublicKeyPath": "/dev/null", "signedIdentity": {{"type": "matchRepository"}}}}"#),
+            "Rekor",
+        ),
+        (
+            r#"{"type": "signedBy", "keyType": "GPGKeys", "keyPath": "/dev/null"}"#.to_string(),
+            "signedBy",
+        ),
+    ] {
+        let path = dir.path().join("policy.json");
+        std::fs::write(&path, format!(r#"{{"default": [{requirement}]}}"#)).unwrap();
+        let policy = Policy::load(&path).unwrap();
+        let e = check(&policy, transport.as_ref(), COSIGN_IMAGE, &image)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TrustError::Refused { .. }), "{e}");
+        assert!(e.to_string().contains(expected), "{expected}: {e}");
+    }
+}

@@ -99,6 +99,10 @@ pub struct Attachment {
 /// Attachments are small (a signature's payload is about 250 bytes); a bigger
 /// blob is refused rather than read into memory.
 pub const MAX_ATTACHMENT_BLOB: u64 = 16 << 20;
+/// The bytes of all of an image's attachments together: beyond it (a hostile
+/// source's thousands of blobs) an attachment is left behind, with a warning,
+/// rather than fill the destination outside its space accounting.
+pub const MAX_ATTACHMENT_BYTES: u64 = 64 << 20;
 
 /// What a copy did.
 #[derive(Debug, Clone)]
@@ -258,6 +262,15 @@ impl CopyRequest {
                 tracing::warn!("{}: {tag} is an index, not carried", self.image);
                 continue;
             };
+            let bytes: u64 = blobs.iter().map(|b| b.size).sum();
+            if blobs.len() > 1024 || bytes > MAX_ATTACHMENT_BYTES {
+                tracing::warn!(
+                    "{}: {tag} has {} blobs of {bytes} bytes, more than an attachment may have ({MAX_ATTACHMENT_BYTES} bytes): not carried",
+                    self.image,
+                    blobs.len()
+                );
+                continue;
+            }
             if let Some(big) = blobs.iter().find(|b| b.size > MAX_ATTACHMENT_BLOB) {
                 return Err(TransferError::Manifest {
                     image: self.image.clone(),

@@ -24,6 +24,11 @@ pub const SIGNATURE_ARTIFACT_TYPE: &str = "application/vnd.dev.cosign.artifact.s
 /// Payloads larger than this are refused before they are read (containers/image
 /// allows 4 MiB; a real one is about 250 bytes).
 pub const MAX_PAYLOAD_BYTES: u64 = 4 << 20;
+/// Signatures read per image at most (a real image has a handful): a hostile
+/// registry cannot make a check read without end.
+pub const MAX_SIGNATURES: usize = 128;
+/// Payload bytes read per image at most, over all its signatures.
+pub const MAX_PAYLOAD_TOTAL: u64 = 32 << 20;
 /// A signature manifest larger than this is refused (it lists one small layer
 /// per signature).
 pub const MAX_SIGNATURE_MANIFEST_BYTES: usize = 4 << 20;

@@ -9,8 +9,8 @@ use tokio::io::AsyncReadExt;
 
 use crate::TrustError;
 use crate::cosign::{
-    MAX_PAYLOAD_BYTES, SIGNATURE_ARTIFACT_TYPE, Signature, SignatureDescriptor, SignatureImage,
-    SignatureManifest, signature_tag,
+    MAX_PAYLOAD_BYTES, MAX_PAYLOAD_TOTAL, MAX_SIGNATURES, SIGNATURE_ARTIFACT_TYPE, Signature,
+    SignatureDescriptor, SignatureImage, SignatureManifest, signature_tag,
 };
 
 /// A signature as found, or why one layer could not be read as one (kept
@@ -45,6 +45,7 @@ pub async fn find(
         }
     }
     let mut found = Vec::new();
+    let mut payload_bytes = 0u64;
     for raw in manifests {
         let parsed = match SignatureManifest::parse(&raw.bytes) {
             Ok(parsed) => parsed,
@@ -54,6 +55,13 @@ pub async fn find(
             }
         };
         for (layer, signature) in parsed.signature_layers() {
+            payload_bytes = payload_bytes.saturating_add(layer.size);
+            if found.len() >= MAX_SIGNATURES || payload_bytes > MAX_PAYLOAD_TOTAL {
+                found.push(Err(format!(
+                    "more than {MAX_SIGNATURES} signatures or {MAX_PAYLOAD_TOTAL} payload bytes: the rest is not read"
+                )));
+                return Ok(found);
+            }
             let payload = read_payload(transport, repository, &layer.digest, layer.size).await;
             found.push(payload.map(|payload| Signature {
                 payload,

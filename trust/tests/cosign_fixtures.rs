@@ -405,3 +405,25 @@ async fn requirements_sarde_does_not_check_fail_closed() {
         assert!(e.to_string().contains(expected), "{expected}: {e}");
     }
 }
+
+/// A signature manifest with more layers than any real image has is read only
+/// up to the bound.
+#[tokio::test]
+async fn signatures_are_read_up_to_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = manifest(read("containers-image/valid/manifest.json"));
+    let many: Vec<Signature> = (0..200)
+        .map(|i| Signature {
+            payload: format!("{{\"n\":{i}}}").into_bytes(),
+            signature: "MEUCIQ==".to_string(),
+        })
+        .collect();
+    let transport = layout(&dir.path().join("l"), &image.digest, &many).await;
+    let found = signatures::find(transport.as_ref(), "", &image.digest)
+        .await
+        .unwrap();
+    let limit = sarde_trust::cosign::MAX_SIGNATURES;
+    assert_eq!(found.len(), limit + 1);
+    assert!(found[..limit].iter().all(Result::is_ok));
+    assert!(found[limit].as_ref().unwrap_err().contains("not read"));
+}

@@ -9,9 +9,11 @@
 #   4. builds a small VM: a 2 GiB qcow2 base holding ~110 MiB of random data,
 #      text and binaries, a qcow2 overlay on it with ~24 MiB of changes, defined
 #      in qemu:///system as <domain type='qemu'> (it is never started);
-#   5. runs and shows: sarde export, sarde push, sarde pull into an empty cache,
-#      sarde list, a second pull of the unchanged tag, and qemu-img compare of
-#      the original disk with the pulled one; with the time of every step.
+#   5. runs and shows: sarde export, sarde key generate, a signed sarde push,
+#      sarde pull into an empty cache under a policy that wants the signature
+#      (an unsigned tag of the same image is refused), sarde list, a second pull
+#      of the unchanged tag, and qemu-img compare of the original disk with the
+#      pulled one; with the time of every step.
 #
 # Everything sarde touches is isolated: no config files (SARDE_CONF_FILES=),
 # caches and VM disks under a temp dir, explicit --connect qemu:///system.
@@ -222,14 +224,44 @@ step "build the demo VM $SOURCE_VM" build_vm
 # --- the demo ----------------------------------------------------------------
 
 step "sarde export" "$SARDE" -v export --connect "$CONNECT" -d "$CACHE_A" "$SOURCE_VM" "$IMAGE"
-step "sarde push" "$SARDE" -v push -d "$CACHE_A" --insecure "$IMAGE"
+echo "demo passphrase" >"$WORK/key.pass"
+step "sarde key generate" "$SARDE" key generate --output-prefix "$WORK/signer" --passphrase-file "$WORK/key.pass"
+step "sarde push, signed" "$SARDE" -v push -d "$CACHE_A" --insecure \
+    --sign-by-sigstore-private-key "$WORK/signer.private" --sign-passphrase-file "$WORK/key.pass" "$IMAGE"
+UNSIGNED="127.0.0.1:$REGISTRY_PORT/demo/vm:unsigned"
+step "sarde push, unsigned, as another tag" "$SARDE" push -d "$CACHE_A" --insecure -t "$UNSIGNED" "$IMAGE"
+
+# The runner trusts the demo registry's images only when signed by that key.
+cat >"$WORK/policy.json" <<POLICY
+{
+  "default": [{"type": "reject"}],
+  "transports": {
+    "docker": {
+      "127.0.0.1:$REGISTRY_PORT/demo": [{"type": "sigstoreSigned", "keyPath": "$WORK/signer.pub"}]
+    }
+  }
+}
+POLICY
+refused_unsigned() {
+    local out
+    if out=$("$SARDE" pull --connect "$CONNECT" -d "$CACHE_B" -o "$VMS_B" --insecure \
+        --policy "$WORK/policy.json" -n "$PULLED_VM" "$UNSIGNED" 2>&1); then
+        say "the unsigned image was pulled: $out" >&2
+        return 1
+    fi
+    say "$out" | sed -e "s|$WORK|\$WORK|g"
+    grep -q "refused by the policy" <<<"$out"
+}
+step "sarde pull of the unsigned tag: refused" refused_unsigned
 
 DEFINED_VMS+=("$PULLED_VM")
-step "sarde pull into an empty cache" \
-    "$SARDE" -v pull --connect "$CONNECT" -d "$CACHE_B" -o "$VMS_B" --insecure -n "$PULLED_VM" "$IMAGE"
+step "sarde pull into an empty cache, signature checked" \
+    "$SARDE" -v pull --connect "$CONNECT" -d "$CACHE_B" -o "$VMS_B" --insecure \
+    --policy "$WORK/policy.json" -n "$PULLED_VM" "$IMAGE"
 step "sarde list" "$SARDE" list --connect "$CONNECT" -d "$CACHE_B" -o "$VMS_B"
 step "sarde pull again (tag unchanged)" \
-    "$SARDE" -v pull --connect "$CONNECT" -d "$CACHE_B" -o "$VMS_B" --insecure -n "$PULLED_VM" "$IMAGE"
+    "$SARDE" -v pull --connect "$CONNECT" -d "$CACHE_B" -o "$VMS_B" --insecure \
+    --policy "$WORK/policy.json" -n "$PULLED_VM" "$IMAGE"
 
 compare_disks() {
     local pulled

@@ -136,7 +136,34 @@ fn parse_image(
     let config_bytes = layout.read_blob(&manifest.config)?;
     let config = sarde_format::parse_config(&manifest, &config_bytes)?;
     let content = match Format::detect(&manifest) {
-        Format::Native => Content::Native(native::parse(&manifest)?),
+        Format::Native => {
+            // The config (whose digest is the image id, and names the VM) must
+            // commit to the content, as sarde writes it: a diff_id per layer,
+            // a piece's being the digest of its uncompressed bytes (which the
+            // import verifies). Else two images with one config, one signed
+            // and one not, would share a VM.
+            let content_ids: Vec<String> = manifest
+                .layers
+                .iter()
+                .map(|l| {
+                    l.annotation(sarde_format::native::annotations::PIECE_DIGEST)
+                        .map_or_else(|| l.digest.to_string(), str::to_string)
+                })
+                .collect();
+            let diff_ids: Vec<String> = config
+                .rootfs
+                .diff_ids
+                .iter()
+                .map(Digest::to_string)
+                .collect();
+            if diff_ids != content_ids {
+                return Err(EngineError::Refused(format!(
+                    "{}: manifest {}: the config's rootfs.diff_ids do not list the image's layers, so its id would not identify its content: refused",
+                    image.name, manifest_descriptor.digest
+                )));
+            }
+            Content::Native(native::parse(&manifest)?)
+        }
         Format::V1 => Content::V1(v1::parse(&manifest, &config)?),
     };
     Ok(LoadedImage {

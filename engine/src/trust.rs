@@ -9,7 +9,7 @@ use sarde_api::{ImageReference, Transport};
 use sarde_transfer::{CopyRequest, Destination, SourceImage};
 use sarde_trust::{Accepted, Policy, PrivateKey, Subject, TrustError};
 
-use crate::remote::{CACHE_SCHEME, RemoteError, RemoteReference};
+use crate::remote::{RemoteError, RemoteReference};
 use crate::{Engine, ImageLocation};
 
 /// What this host trusts.
@@ -141,20 +141,29 @@ impl Engine {
 
     /// Checks the policy for an image of the cache, with the signatures the
     /// cache kept (a pull that does not go to the registry: `pull-policy =
-    /// never`, or the image is present).
+    /// never`, or the image is present). Returns the manifest checked: the
+    /// caller imports that digest, not the tag, which may move meanwhile.
     pub async fn check_cached_policy(
         &self,
         image: &ImageReference,
-    ) -> Result<Option<Accepted>, RemoteError> {
-        if self.remote.trust.policy.is_none() && !self.remote.trust.require_signature {
-            return Ok(None);
-        }
-        let cache = self.open_cache()?;
+    ) -> Result<(Option<Accepted>, sarde_api::Digest), RemoteError> {
         let location = ImageLocation::cached(&self.ocidir, image);
+        // From the layout itself: an image kept without its disk pieces
+        // (keep-blobs = no) has its manifest, which the transport would refuse.
+        let layout = sarde_transport_oci_dir::Layout::open(&location.layout)?;
+        let entry = layout.resolve(&location.reference)?;
+        if self.remote.trust.policy.is_none() && !self.remote.trust.require_signature {
+            return Ok((None, entry.digest));
+        }
+        let manifest = RawManifest {
+            bytes: layout.read_blob(&entry)?,
+            media_type: entry.media_type.clone(),
+            digest: entry.digest.clone(),
+        };
+        let cache = self.open_cache()?;
         let repository = location
             .cache_repository(&self.ocidir)
             .unwrap_or_else(|| crate::remote::cache_repository(image));
-        let manifest = cache.get_manifest(&repository, &location.reference).await?;
         if sarde_api::Digest::sha256_of(&manifest.bytes) != manifest.digest {
             return Err(RemoteError::Refused(format!(
                 "{image}: the cached manifest does not hash to {}",
@@ -165,14 +174,18 @@ impl Engine {
             repository,
             ..TransportReference::from(image)
         };
-        self.check_target(
-            &image.to_string(),
-            CACHE_SCHEME,
-            &target,
-            cache.as_ref(),
-            &manifest,
-        )
-        .await
+        // The engine's own cache keeps registry images under their names:
+        // the registry's rules apply.
+        let accepted = self
+            .check_target(
+                &image.to_string(),
+                sarde_trust::REGISTRY_POLICY_TRANSPORT,
+                &target,
+                cache.as_ref(),
+                &manifest,
+            )
+            .await?;
+        Ok((accepted, manifest.digest))
     }
 
     /// Signs the image `manifest` at each destination, for the name its
@@ -209,10 +222,45 @@ impl Engine {
 /// reference. A destination without one (a layout, an archive) cannot be
 /// signed for, as with skopeo.
 pub(crate) fn signing_identity(target: &RemoteReference) -> Result<String, RemoteError> {
-    target.target.identity.clone().ok_or_else(|| {
+    let identity = target.target.identity.clone().ok_or_else(|| {
         RemoteError::Refused(format!(
             "{target}: a signature names the image's registry reference, and this destination \
              has none: sign when pushing to a registry"
         ))
-    })
+    })?;
+    // The tag the push writes (`latest` when the reference names none), as
+    // skopeo signs and as the default identity rule expects.
+    match (identity.parse::<ImageReference>(), &target.target.tag) {
+        (Ok(image), Some(tag)) if image.tag().is_none() && image.digest().is_none() => image
+            .with_tag(tag)
+            .map(|i| i.to_string())
+            .map_err(|e| RemoteError::Refused(format!("{target}: {e}"))),
+        _ => Ok(identity),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_names_the_tag_the_push_writes() {
+        let identity = |text: &str| {
+            let image: ImageReference = text.parse().unwrap();
+            signing_identity(&RemoteReference::registry(&image)).unwrap()
+        };
+        assert_eq!(
+            identity("reg.example.org/ci/vm"),
+            "reg.example.org/ci/vm:latest"
+        );
+        assert_eq!(
+            identity("reg.example.org/ci/vm:2"),
+            "reg.example.org/ci/vm:2"
+        );
+        let digest = format!("sha256:{}", "b".repeat(64));
+        assert_eq!(
+            identity(&format!("reg.example.org/ci/vm@{digest}")),
+            format!("reg.example.org/ci/vm@{digest}")
+        );
+    }
 }

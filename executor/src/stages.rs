@@ -343,11 +343,14 @@ async fn source_vm(
     if pull {
         pull_source_vm(engine, source, Some(image)).await
     } else {
-        // The cached image, with the signatures the cache kept.
-        engine
+        // The cached image, with the signatures the cache kept; the manifest
+        // checked is the one imported, even if the tag moves meanwhile.
+        let (_, checked) = engine
             .check_cached_policy(image)
             .await
             .map_err(|e| system(format!("using {image} from the cache: {e}")))?;
+        let mut import = import;
+        import.image.reference = checked.to_string();
         let engine = engine.clone();
         let name = tokio::task::spawn_blocking(move || engine.import(&import))
             .await

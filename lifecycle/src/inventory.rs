@@ -269,6 +269,12 @@ fn fold_attachments(images: &mut Vec<CachedImage>) {
         }
     }
     for (subject, attachment) in attachments {
+        // A broken or unreadable attachment stays an entry of its own (prune
+        // removes it as broken), never making its image look broken.
+        if !attachment.missing.is_empty() || attachment.opaque {
+            kept.push(attachment);
+            continue;
+        }
         let mut owners = kept
             .iter_mut()
             .filter(|i| i.manifest.digest == subject)
@@ -279,8 +285,6 @@ fn fold_attachments(images: &mut Vec<CachedImage>) {
         }
         for owner in owners {
             owner.blobs.extend(attachment.blobs.iter().cloned());
-            owner.missing.extend(attachment.missing.iter().cloned());
-            owner.opaque |= attachment.opaque;
             owner.leased |= attachment.leased;
             if let Some(tag) = &attachment.tag {
                 owner.attachments.push(tag.clone());

@@ -445,7 +445,14 @@ impl From<&crate::ImageReference> for TransportReference {
 /// full reference, the repository, each parent namespace, the host, then
 /// `*.domain` wildcards from the most specific.
 pub fn registry_scopes(image: &crate::ImageReference) -> Vec<String> {
-    let mut scopes = vec![image.to_string()];
+    // A name without tag or digest is `:latest`, as containers/image reads it.
+    let full = match (image.tag(), image.digest()) {
+        (None, None) => image
+            .with_tag(crate::reference::DEFAULT_TAG)
+            .map_or_else(|_| image.to_string(), |i| i.to_string()),
+        _ => image.to_string(),
+    };
+    let mut scopes = vec![full];
     let mut name = image.name();
     scopes.push(name.clone());
     while let Some((parent, _)) = name.rsplit_once('/') {

@@ -71,8 +71,34 @@ impl Fixture {
             .clone()
     }
 
-    /// Stores a changed manifest and points the tag at it.
+    /// Stores a changed manifest, with a config whose `rootfs.diff_ids` list
+    /// its layers again (as a crafted image would), and points the tag at it.
     fn rewrite_manifest(&self, change: impl FnOnce(&mut Value)) {
+        self.rewrite_manifest_only(|manifest| {
+            change(manifest);
+            let mut config = read_json(&self.blob(manifest["config"]["digest"].as_str().unwrap()));
+            config["rootfs"]["diff_ids"] = manifest["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| {
+                    let piece = &l["annotations"]["org.sardinecake.piece.digest"];
+                    if piece.is_string() {
+                        piece.clone()
+                    } else {
+                        l["digest"].clone()
+                    }
+                })
+                .collect();
+            let bytes = serde_json::to_vec(&config).unwrap();
+            manifest["config"]["digest"] = Value::String(self.store(&bytes));
+            manifest["config"]["size"] = Value::from(bytes.len());
+        });
+    }
+
+    /// Stores a changed manifest as it is (its config untouched) and points
+    /// the tag at it.
+    fn rewrite_manifest_only(&self, change: impl FnOnce(&mut Value)) {
         let mut manifest = self.manifest();
         change(&mut manifest);
         let bytes = serde_json::to_vec(&manifest).unwrap();
@@ -318,4 +344,31 @@ fn an_import_killed_half_way_leaves_nothing_and_a_rerun_completes() {
         "the staging directory was not cleaned up"
     );
     vm::undefine(&name);
+}
+
+/// The image id (the config digest) names the base VM that later imports of
+/// the same id reuse: a config that does not list the image's layers could
+/// put one image's disks under another's id, so it is refused.
+#[test]
+fn a_config_that_does_not_name_the_layers_is_refused() {
+    if !vm::libvirt_enabled("a_config_that_does_not_name_the_layers_is_refused") {
+        return;
+    }
+    let f = Fixture::new(3);
+    f.rewrite_manifest_only(|m| {
+        let layers = m["layers"].as_array_mut().unwrap();
+        let pieces: Vec<usize> = (0..layers.len())
+            .filter(|i| {
+                layers[*i]["mediaType"]
+                    .as_str()
+                    .unwrap()
+                    .contains("disk.piece")
+            })
+            .collect();
+        // The first piece's layer names the second piece's data.
+        let second = layers[pieces[1]]["annotations"]["org.sardinecake.piece.digest"].clone();
+        layers[pieces[0]]["annotations"]["org.sardinecake.piece.digest"] = second;
+    });
+    let err = f.import_fails(&vm::unique("diffids"));
+    assert!(err.contains("rootfs.diff_ids"), "{err}");
 }

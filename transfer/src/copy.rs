@@ -272,14 +272,12 @@ impl CopyRequest {
                 continue;
             }
             if let Some(big) = blobs.iter().find(|b| b.size > MAX_ATTACHMENT_BLOB) {
-                return Err(TransferError::Manifest {
-                    image: self.image.clone(),
-                    digest: manifest.digest.to_string(),
-                    message: format!(
-                        "{tag} names a blob of {} bytes, more than an attachment may have ({MAX_ATTACHMENT_BLOB})",
-                        big.size
-                    ),
-                });
+                tracing::warn!(
+                    "{}: {tag} names a blob of {} bytes, more than an attachment may have ({MAX_ATTACHMENT_BLOB}): not carried",
+                    self.image,
+                    big.size
+                );
+                continue;
             }
             attachments.push(Attachment {
                 tag,

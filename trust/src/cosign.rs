@@ -230,6 +230,13 @@ impl SignatureImage {
     /// one last), with the config go-containerregistry makes for it.
     pub fn build(signatures: &[Signature]) -> Self {
         let layers: Vec<SignatureDescriptor> = signatures.iter().map(Signature::layer).collect();
+        Self::from_layers(layers, signatures)
+    }
+
+    /// The image of `layers` (an existing signature manifest's, kept as they
+    /// are with all their annotations, then new ones), whose blobs `new` are
+    /// written (the others are at the destination already).
+    pub fn from_layers(layers: Vec<SignatureDescriptor>, new: &[Signature]) -> Self {
         let config = serde_json::json!({
             "architecture": "",
             "created": ZERO_TIME,
@@ -258,8 +265,8 @@ impl SignatureImage {
             annotations: BTreeMap::new(),
         };
         let mut blobs = vec![(config_descriptor, config)];
-        for (layer, signature) in layers.into_iter().zip(signatures) {
-            blobs.push((layer, signature.payload.clone()));
+        for signature in new {
+            blobs.push((signature.layer(), signature.payload.clone()));
         }
         SignatureImage {
             manifest: serde_json::to_vec(&manifest).expect("a manifest always serialises"),

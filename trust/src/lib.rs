@@ -44,12 +44,14 @@ pub enum TrustError {
     Transport(#[from] sarde_api::TransportError),
 }
 
-/// The name a transport's images have in `containers-policy.json(5)`: the
-/// cache (`oci-dir`) keeps registry images under their registry names, so its
-/// rules are the registry's (`docker`).
+/// The policy transport of registries, which the engine's own cache uses too
+/// (it keeps registry images under their names, with their signatures).
+pub const REGISTRY_POLICY_TRANSPORT: &str = "docker";
+
+/// The name a transport's images have in `containers-policy.json(5)`: its
+/// scheme (`docker`, `oci`, `oci-archive`). A directory a user names with
+/// `oci-dir:` is judged by `oci-dir` rules, never by the registry's whose names
+/// it uses: its bytes never came from that registry.
 pub fn policy_transport(scheme: &str) -> &str {
-    match scheme {
-        "oci-dir" => "docker",
-        other => other,
-    }
+    scheme
 }

@@ -15,8 +15,12 @@ use crate::keys::PublicKey;
 /// Where podman and skopeo look, in order, when no `--policy` is given.
 pub fn default_paths() -> Vec<PathBuf> {
     let mut paths = Vec::new();
-    if let Some(home) = std::env::var_os("HOME") {
-        paths.push(PathBuf::from(home).join(".config/containers/policy.json"));
+    let config_home = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(dir) = config_home {
+        paths.push(dir.join("containers/policy.json"));
     }
     paths.push(PathBuf::from("/etc/containers/policy.json"));
     paths
@@ -112,8 +116,16 @@ impl Policy {
     /// when there is none.
     pub fn load_default() -> Result<Option<Policy>, TrustError> {
         for path in default_paths() {
-            if path.is_file() {
-                return Policy::load(&path).map(Some);
+            match std::fs::metadata(&path) {
+                Ok(_) => return Policy::load(&path).map(Some),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // A policy that exists but cannot be read is not "no policy".
+                Err(e) => {
+                    return Err(TrustError::Policy {
+                        path: path.display().to_string(),
+                        message: format!("cannot read it: {e}"),
+                    });
+                }
             }
         }
         Ok(None)

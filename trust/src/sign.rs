@@ -4,7 +4,10 @@
 use sarde_api::{Digest, Transport};
 
 use crate::TrustError;
-use crate::cosign::{SIGNATURE_ARTIFACT_TYPE, Signature, SignatureDescriptor, SimpleSigning};
+use crate::cosign::{
+    SIGNATURE_ARTIFACT_TYPE, Signature, SignatureDescriptor, SignatureImage, SignatureManifest,
+    SimpleSigning,
+};
 use crate::keys::PrivateKey;
 use crate::signatures;
 
@@ -31,39 +34,50 @@ pub async fn sign(
 ) -> Result<Signed, TrustError> {
     let payload = SimpleSigning::new(identity, manifest).to_bytes();
     let public = key.public_key()?;
-    let mut existing: Vec<Signature> = signatures::find(transport, repository, manifest)
-        .await?
-        .into_iter()
-        .filter_map(Result::ok)
-        .collect();
-    // Signing again with the same key and claim adds nothing: keep the one.
-    if existing
-        .iter()
-        .any(|s| s.payload == payload && public.verifies(&s.payload, &s.signature))
-    {
-        tracing::debug!("{repository}@{manifest}: already signed by this key for {identity}");
-        let digest = signatures::signature_manifest(transport, repository, manifest)
-            .await?
-            .map(|m| m.digest);
-        if let Some(signature_manifest) = digest {
+    // The signatures there are kept as they are, annotations (certificates,
+    // bundles) and all: the new one is appended, as cosign appends.
+    let existing = match signatures::signature_manifest(transport, repository, manifest).await? {
+        Some(raw) => Some((raw.digest, SignatureManifest::parse(&raw.bytes)?)),
+        None => None,
+    };
+    let payload_digest = Digest::sha256_of(&payload);
+    if let Some((digest, m)) = &existing {
+        // Signing again with the same key and claim adds nothing.
+        let already = m.signature_layers().any(|(layer, signature)| {
+            layer.digest == payload_digest && public.verifies(&payload, signature)
+        });
+        if already {
+            tracing::debug!("{repository}@{manifest}: already signed by this key for {identity}");
             return Ok(Signed {
-                signature_manifest,
+                signature_manifest: digest.clone(),
                 identity: identity.to_string(),
-                signatures: existing.len(),
+                signatures: m.signature_layers().count(),
             });
         }
     }
     let signature = key.sign(&payload)?;
     let new = Signature { payload, signature };
-    existing.push(new.clone());
-    let signature_manifest = signatures::write(transport, repository, manifest, &existing).await?;
+    let mut layers = existing.map(|(_, m)| m.layers).unwrap_or_default();
+    layers.push(new.layer());
+    let count = layers.len();
+    let image = SignatureImage::from_layers(layers, std::slice::from_ref(&new));
+    let signature_manifest =
+        signatures::write_image(transport, repository, manifest, image).await?;
     // Where the registry offers the referrers API, a referrer too (cosign's
     // OCI 1.1 mode), so clients that only look there find it.
-    if transport
+    let offers_referrers = match transport
         .list_referrers(repository, manifest, Some(SIGNATURE_ARTIFACT_TYPE))
-        .await?
-        .is_some()
+        .await
     {
+        Ok(listed) => listed.is_some(),
+        Err(e) => {
+            tracing::warn!(
+                "{repository}@{manifest}: signed under the tag; the referrers API failed ({e}), so no referrer was written"
+            );
+            false
+        }
+    };
+    if offers_referrers {
         let signed = transport
             .get_manifest(repository, &manifest.to_string())
             .await?;
@@ -79,6 +93,6 @@ pub async fn sign(
     Ok(Signed {
         signature_manifest,
         identity: identity.to_string(),
-        signatures: existing.len(),
+        signatures: count,
     })
 }

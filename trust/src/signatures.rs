@@ -29,10 +29,22 @@ pub async fn find(
     if let Some(m) = signature_manifest(transport, repository, manifest).await? {
         manifests.push(m);
     }
-    if let Some(referrers) = transport
+    let listed = match transport
         .list_referrers(repository, manifest, Some(SIGNATURE_ARTIFACT_TYPE))
-        .await?
+        .await
     {
+        Ok(listed) => listed,
+        // Signatures found under the tag are checked anyway; with none, a
+        // referrers list that cannot be read fails the check (fail closed).
+        Err(e) if !manifests.is_empty() => {
+            tracing::warn!(
+                "{repository}@{manifest}: the referrers API failed ({e}); using the signatures under the tag"
+            );
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(referrers) = listed {
         for referrer in referrers.iter().take(64) {
             match transport
                 .get_manifest(repository, &referrer.digest.to_string())
@@ -133,7 +145,22 @@ pub async fn write(
     manifest: &Digest,
     signatures: &[Signature],
 ) -> Result<Digest, TrustError> {
-    let image = SignatureImage::build(signatures);
+    write_image(
+        transport,
+        repository,
+        manifest,
+        SignatureImage::build(signatures),
+    )
+    .await
+}
+
+/// Writes a signature image under the signature tag of `manifest`.
+pub async fn write_image(
+    transport: &dyn Transport,
+    repository: &str,
+    manifest: &Digest,
+    image: SignatureImage,
+) -> Result<Digest, TrustError> {
     put(transport, repository, &signature_tag(manifest), image).await
 }
 

@@ -40,7 +40,15 @@ fn generate(args: &KeyGenerateArgs) -> Result<ExitCode> {
     let key = PrivateKey::generate()?;
     let pem = key.to_encrypted_pem(passphrase.as_bytes())?;
     write_new(&private, pem.as_bytes(), 0o600)?;
-    write_new(&public, key.public_key_pem()?.as_bytes(), 0o644)?;
+    // Both files or neither: a lone private key would block the next try.
+    if let Err(e) = key
+        .public_key_pem()
+        .map_err(anyhow::Error::from)
+        .and_then(|pem| write_new(&public, pem.as_bytes(), 0o644))
+    {
+        let _ = std::fs::remove_file(&private);
+        return Err(e);
+    }
     eprintln!(
         "Wrote {} (keep it secret) and {} (give it to the hosts that verify, as keyPath of a sigstoreSigned policy rule)",
         private.display(),
@@ -66,8 +74,10 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// (twice when `confirm`).
 fn passphrase(file: Option<&Path>, confirm: bool) -> Result<zeroize::Zeroizing<String>> {
     if let Some(file) = file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the passphrase file {}", file.display()))?;
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the passphrase file {}", file.display()))?,
+        );
         let line = text.lines().next().unwrap_or_default();
         return Ok(zeroize::Zeroizing::new(line.to_string()));
     }

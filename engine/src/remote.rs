@@ -279,7 +279,7 @@ impl Engine {
             gate: None,
             withheld: Default::default(),
             blobs_only: false,
-            attachment_tags: Some(sarde_trust::cosign::attachment_tags),
+            attachments: Some(crate::trust::signatures()),
         };
         let copied = request.run(&self.remote.transfer, progress).await?;
         let signed = match sign {
@@ -321,7 +321,7 @@ impl Engine {
             gate: None,
             withheld: Default::default(),
             blobs_only: false,
-            attachment_tags: Some(sarde_trust::cosign::attachment_tags),
+            attachments: Some(crate::trust::signatures()),
         };
         let options = &self.remote.transfer;
         let (resolved, policy) = self.resolve_trusted(&request, source).await?;
@@ -409,7 +409,7 @@ impl Engine {
             gate,
             withheld: Default::default(),
             blobs_only: false,
-            attachment_tags: self.signatures_to_keep(source),
+            attachments: self.signatures_to_keep(source),
         };
         let options = &self.remote.transfer;
         let (resolved, policy) = self.resolve_trusted(&request, source).await?;

@@ -54,7 +54,7 @@ impl Engine {
     pub(crate) fn signatures_to_keep(
         &self,
         source: &RemoteReference,
-    ) -> Option<fn(&sarde_api::Digest) -> Vec<String>> {
+    ) -> Option<Arc<dyn sarde_transfer::Attachments>> {
         let trust = &self.remote.trust;
         let checked = trust.require_signature
             || trust.policy.as_ref().is_some_and(|policy| {
@@ -67,9 +67,7 @@ impl Engine {
                     .iter()
                     .any(|r| matches!(r, sarde_trust::policy::Requirement::SigstoreSigned(_)))
             });
-        checked.then_some(
-            sarde_trust::cosign::attachment_tags as fn(&sarde_api::Digest) -> Vec<String>,
-        )
+        checked.then(signatures)
     }
 
     /// Reads the source's manifest and checks the policy on it: before any
@@ -216,6 +214,42 @@ impl Engine {
         }
         Ok(signed)
     }
+}
+
+/// Signatures as attachments of the copy engine: cosign's tag, and the
+/// destination's signatures kept beside the source's.
+struct CosignSignatures;
+
+impl sarde_transfer::Attachments for CosignSignatures {
+    fn tags(&self, manifest: &sarde_api::Digest) -> Vec<String> {
+        sarde_trust::cosign::attachment_tags(manifest)
+    }
+
+    fn merge(&self, existing: &[u8], incoming: &[u8]) -> sarde_transfer::Merge {
+        use sarde_trust::cosign::Merged;
+        match sarde_trust::cosign::merge(existing, incoming) {
+            Merged::Existing => sarde_transfer::Merge::Existing,
+            Merged::Incoming => sarde_transfer::Merge::Incoming,
+            Merged::Combined(image) => sarde_transfer::Merge::Combined {
+                manifest: image.manifest,
+                blobs: image
+                    .blobs
+                    .into_iter()
+                    .map(|(d, bytes)| {
+                        (
+                            sarde_api::oci::Descriptor::new(d.media_type, d.digest, d.size),
+                            bytes,
+                        )
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
+/// What push, copy and (when signatures are checked) fetch carry along.
+pub(crate) fn signatures() -> Arc<dyn sarde_transfer::Attachments> {
+    Arc::new(CosignSignatures)
 }
 
 /// The name a signature of an image written to `target` claims: its registry

@@ -402,6 +402,26 @@ fn a_sigstore_signed_policy_lets_signed_images_in_and_refuses_the_others() {
         &["no signature", "transports.oci-archive"],
     );
 
+    // A copy onto a repository that has its own signature of the same image
+    // keeps it beside the copied one.
+    ok(sarde(h).args([
+        "copy",
+        "--insecure",
+        &format!("docker://{signed}"),
+        &format!("docker://{other_key}"),
+    ]));
+    let merged: Value = serde_json::from_str(&registry_get(
+        &registry,
+        &format!("/v2/e2e/other-key/manifests/{}", sig_tag(&digest_a)),
+        "application/vnd.oci.image.manifest.v1+json",
+    ))
+    .unwrap();
+    assert_eq!(
+        merged["layers"].as_array().unwrap().len(),
+        2,
+        "the destination's signature was lost: {merged}"
+    );
+
     // Requirement types sarde does not check refuse (fail closed).
     let gpg = h.join("gpg-policy.json");
     std::fs::write(

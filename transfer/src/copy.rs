@@ -81,11 +81,36 @@ pub struct CopyRequest {
     /// Copies the blobs only; the caller writes the manifest and tag itself
     /// (pull's, once the import is done, for an image kept without its pieces).
     pub blobs_only: bool,
-    /// The tags at the source whose images belong to the image copied (cosign's
-    /// `sha256-<hex>.sig`), given its manifest digest: each one the source has
-    /// travels with it, written before the destination finishes the image (an
-    /// archive is closed then). `None`: nothing travels along.
-    pub attachment_tags: Option<fn(&Digest) -> Vec<String>>,
+    /// What travels with the image (its signatures): each attachment the
+    /// source has goes along, written before the destination finishes the
+    /// image (an archive is closed then). `None`: nothing travels along.
+    pub attachments: Option<Arc<dyn Attachments>>,
+}
+
+/// Images that belong to another under tags of their own (cosign's
+/// `sha256-<hex>.sig`), and how the destination's and the source's versions of
+/// one combine, so a copy never drops what the destination had.
+pub trait Attachments: Send + Sync {
+    /// The tags of the attachments of the image `manifest`.
+    fn tags(&self, manifest: &Digest) -> Vec<String>;
+
+    /// What to write where the destination has `existing` under an
+    /// attachment's tag and the source `incoming`.
+    fn merge(&self, existing: &[u8], incoming: &[u8]) -> Merge;
+}
+
+/// How an attachment lands at a destination that has one under its tag.
+pub enum Merge {
+    /// Write the source's as it is.
+    Incoming,
+    /// The destination's has everything already: write nothing.
+    Existing,
+    /// Write this manifest; `blobs` are those it names that neither side has
+    /// yet (the source's blobs are copied as usual).
+    Combined {
+        manifest: Vec<u8>,
+        blobs: Vec<(Descriptor, Vec<u8>)>,
+    },
 }
 
 /// An image that travels with another under a tag of its own (a signature).
@@ -248,11 +273,11 @@ impl CopyRequest {
         digest: &Digest,
         options: &TransferOptions,
     ) -> Result<Vec<Attachment>, TransferError> {
-        let Some(tags) = self.attachment_tags else {
+        let Some(kinds) = &self.attachments else {
             return Ok(Vec::new());
         };
         let mut attachments = Vec::new();
-        for tag in tags(digest) {
+        for tag in kinds.tags(digest) {
             let manifest = match self.get_manifest(&tag, options).await {
                 Ok(m) => m,
                 Err(TransferError::Transport(TransportError::ManifestUnknown { .. })) => continue,
@@ -308,25 +333,44 @@ impl CopyRequest {
         options: &TransferOptions,
     ) -> Result<(), TransferError> {
         let t = destination.transport.as_ref();
+        let Some(kinds) = &self.attachments else {
+            return Ok(());
+        };
         for attachment in &image.attachments {
-            match t
+            let existing = t
                 .get_manifest(&destination.repository, &attachment.tag)
-                .await
-            {
+                .await;
+            let merge = match existing {
                 Ok(m) if m.digest == attachment.manifest.digest => continue,
+                Ok(m) => kinds.merge(&m.bytes, &attachment.manifest.bytes),
                 Err(e) if e.is_transient() => return Err(e.into()),
-                Ok(_) | Err(_) => {}
-            }
+                Err(_) => Merge::Incoming,
+            };
+            let (manifest, extra) = match merge {
+                Merge::Existing => continue,
+                Merge::Incoming => (attachment.manifest.clone(), Vec::new()),
+                Merge::Combined { manifest, blobs } => (
+                    RawManifest {
+                        media_type: attachment.manifest.media_type.clone(),
+                        digest: Digest::sha256_of(&manifest),
+                        bytes: manifest,
+                    },
+                    blobs,
+                ),
+            };
             for blob in &attachment.blobs {
                 if t.blob_exists(&destination.repository, blob).await? {
                     continue;
                 }
                 let bytes = self.read_small_blob(blob).await?;
-                let reader: sarde_api::transport::BlobReader =
-                    Box::pin(std::io::Cursor::new(bytes));
-                t.put_blob(&destination.repository, blob, reader).await?;
+                put_small_blob(t, &destination.repository, blob, bytes).await?;
             }
-            self.put_manifest(destination, &attachment.tag, &attachment.manifest, options)
+            for (blob, bytes) in extra {
+                if !t.blob_exists(&destination.repository, &blob).await? {
+                    put_small_blob(t, &destination.repository, &blob, bytes).await?;
+                }
+            }
+            self.put_manifest(destination, &attachment.tag, &manifest, options)
                 .await?;
             tracing::debug!("{}: {} carried along", destination.name, attachment.tag);
         }
@@ -846,4 +890,15 @@ impl CopyRequest {
 enum BlobOutcome {
     Present { linked: bool },
     Written,
+}
+
+/// Writes a small blob held in memory (an attachment's).
+async fn put_small_blob(
+    transport: &dyn Transport,
+    repository: &str,
+    blob: &Descriptor,
+    bytes: Vec<u8>,
+) -> Result<(), TransferError> {
+    let reader: sarde_api::transport::BlobReader = Box::pin(std::io::Cursor::new(bytes));
+    Ok(transport.put_blob(repository, blob, reader).await?)
 }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use copy::{Copied, CopyRequest, Counting, Destination, SourceImage};
+pub use copy::{Attachments, Copied, CopyRequest, Counting, Destination, Merge, SourceImage};
 pub use error::{TransferError, VerifyFailure};
 pub use gate::{BlobGate, WITHHELD};
 pub use progress::{Event, NoProgress, Progress};

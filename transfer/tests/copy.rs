@@ -58,7 +58,7 @@ fn request(source: Arc<dyn Transport>, destination: &Path) -> CopyRequest {
         gate: None,
         withheld: Default::default(),
         blobs_only: false,
-        attachment_tags: None,
+        attachments: None,
     }
 }
 

@@ -42,7 +42,7 @@ pub fn signature_tag(manifest: &Digest) -> String {
 }
 
 /// The tags whose images travel with the image `manifest` (its signatures),
-/// for the copy engine's `attachment_tags`.
+/// for the copy engine's attachments.
 pub fn attachment_tags(manifest: &Digest) -> Vec<String> {
     vec![signature_tag(manifest)]
 }
@@ -293,6 +293,39 @@ impl SignatureImage {
     }
 }
 
+/// How two signature manifests of one image combine.
+pub enum Merged {
+    /// The existing one has every signature of the other.
+    Existing,
+    /// Both sets: the existing layers as they are, then the others' new ones.
+    Combined(SignatureImage),
+    /// The existing one is not a signature manifest: the other replaces it.
+    Incoming,
+}
+
+/// Combines the signature manifest a destination has with the one a copy
+/// brings, so neither side's signatures are lost (as cosign appends). A layer
+/// counts as present when one with the same digest and annotations is.
+pub fn merge(existing: &[u8], incoming: &[u8]) -> Merged {
+    let Ok(existing) = SignatureManifest::parse(existing) else {
+        return Merged::Incoming;
+    };
+    let Ok(incoming) = SignatureManifest::parse(incoming) else {
+        return Merged::Existing;
+    };
+    let mut layers = existing.layers;
+    let before = layers.len();
+    for layer in incoming.layers {
+        if !layers.contains(&layer) {
+            layers.push(layer);
+        }
+    }
+    if layers.len() == before {
+        return Merged::Existing;
+    }
+    Merged::Combined(SignatureImage::from_layers(layers, &[]))
+}
+
 /// The config JSON in go-containerregistry's field order (Go marshals struct
 /// fields in declaration order: architecture, created, history, os, rootfs,
 /// config), which serde_json's sorted maps would not keep.
@@ -337,6 +370,25 @@ mod tests {
             r#"{"critical":{"identity":{"docker-reference":"registry-testing.svc.lan/busybox"},"image":{"docker-manifest-digest":"sha256:f3cfc9d0dbf931d3db4685ec659b7ac68e2a578219da4aae65427886e649b06b"},"type":"cosign container image signature"},"optional":null}"#
         );
         assert_eq!(SimpleSigning::parse(&payload.to_bytes()).unwrap(), payload);
+    }
+
+    #[test]
+    fn merged_signature_manifests_keep_both_sides() {
+        let sig = |n: u8| Signature {
+            payload: vec![b'{', n, b'}'],
+            signature: format!("sig{n}"),
+        };
+        let one = SignatureImage::build(&[sig(1)]).manifest;
+        let two = SignatureImage::build(&[sig(1), sig(2)]).manifest;
+        let Merged::Combined(image) = merge(&one, &SignatureImage::build(&[sig(2)]).manifest)
+        else {
+            panic!("not combined")
+        };
+        assert_eq!(image.manifest, two, "existing first, then the new one");
+        assert_eq!(image.blobs.len(), 1, "only the new config is written");
+        assert!(matches!(merge(&two, &one), Merged::Existing));
+        assert!(matches!(merge(b"junk", &one), Merged::Incoming));
+        assert!(matches!(merge(&one, b"junk"), Merged::Existing));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct CachedImage {
     /// `sha256-<hex>.sig` tag): not images of their own; kept, counted and
     /// removed with it.
     pub attachments: Vec<String>,
+    /// An attachment whose image this layout no longer holds (its tag moved
+    /// on): garbage once it is older than `prune-min-age`.
+    pub orphaned: bool,
 }
 
 impl CachedImage {
@@ -235,6 +238,7 @@ pub(crate) fn scan_layout(
             missing: Vec::new(),
             opaque: false,
             attachments: Vec::new(),
+            orphaned: false,
         };
         walk(layout, &blobs, &entry, 0, metadata_only, &mut image);
         image.last_used = modified(&usage_dir.join(image_key(&key, &entry.digest)))
@@ -280,7 +284,10 @@ fn fold_attachments(images: &mut Vec<CachedImage>) {
             .filter(|i| i.manifest.digest == subject)
             .peekable();
         if owners.peek().is_none() {
-            kept.push(attachment);
+            kept.push(CachedImage {
+                orphaned: true,
+                ..attachment
+            });
             continue;
         }
         for owner in owners {

@@ -98,6 +98,8 @@ pub enum Reason {
     Reclaim,
     /// Named by `sarde rm`.
     Requested,
+    /// A signature (or other attachment) whose image is gone.
+    Orphaned,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -278,6 +280,9 @@ pub fn plan(
                 planner.remove_image(li, ii, Reason::Requested);
             } else if !image.missing.is_empty() {
                 planner.remove_image(li, ii, Reason::Broken);
+            } else if image.orphaned && older(policy.now, image.last_used, policy.min_age) {
+                // Young ones may be a pull's, written just before its image.
+                planner.remove_image(li, ii, Reason::Orphaned);
             } else if let Some(age) = policy.older_than {
                 if older(policy.now, image.last_used, age) {
                     planner.remove_image(li, ii, Reason::OlderThan);

@@ -472,3 +472,57 @@ fn a_manifest_that_cannot_be_understood_keeps_its_repository_s_blobs() {
     assert!(planned.blobs.is_empty(), "{planned:?}");
     assert!(planned.images.is_empty(), "{planned:?}");
 }
+
+/// An image's signature (cosign's `sha256-<hex>.sig` tag) is part of it: not
+/// an image of its own, kept with it, removed with it; one whose image is gone
+/// (its tag moved on) is garbage once older than prune-min-age.
+#[test]
+fn signatures_go_with_their_image() {
+    let cache = tempfile::tempdir().unwrap();
+    let root = cache.path();
+    let layout = Layout::create(root.join("r.example/team/app")).unwrap();
+    let signed = image(&layout, "1", &[&data(1, 3000)]);
+    let sig_tag = |d: &Digest| format!("sha256-{}.sig", d.hex());
+    let signature = image(&layout, &sig_tag(&signed.digest), &[&data(2, 200)]);
+    let inventory = CacheInventory::scan(root).unwrap();
+    let images: Vec<_> = inventory.images().collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(images[0].attachments, [sig_tag(&signed.digest)]);
+    assert!(images[0].blobs.contains(&signature.digest));
+
+    // The tag moves to another image: the old signature is an orphan, kept
+    // while young, garbage once old.
+    let other = image(&layout, "1", &[&data(3, 3000)]);
+    assert_ne!(other.digest, signed.digest);
+    let now = SystemTime::now();
+    let inventory = CacheInventory::scan(root).unwrap();
+    let orphan = inventory
+        .images()
+        .find(|i| i.tag.as_deref() == Some(sig_tag(&signed.digest).as_str()))
+        .expect("listed on its own");
+    assert!(orphan.orphaned);
+    let young = plan::plan(&inventory, &[], &[], &policy(now));
+    assert!(young.images.iter().all(|i| i.reason != Reason::Orphaned));
+    let later = plan::plan(&inventory, &[], &[], &policy(now + 2 * HOUR));
+    assert!(
+        later
+            .images
+            .iter()
+            .any(|i| i.reason == Reason::Orphaned && i.manifest == signature.digest),
+        "{:?}",
+        later.images
+    );
+
+    // Removing an image removes its signature too.
+    let again = image(&layout, &sig_tag(&other.digest), &[&data(4, 200)]);
+    let inventory = CacheInventory::scan(root).unwrap();
+    let mut policy = policy(now);
+    policy.remove = vec![(layout_key(root, layout.path()), "1".to_string())];
+    let planned = plan::plan(&inventory, &[], &[], &policy);
+    sweep(root, &planned, &mut |_| Ok(false)).unwrap();
+    let index = layout.index().unwrap();
+    assert!(
+        index.manifests.iter().all(|m| m.digest != again.digest),
+        "the signature stayed: {index:?}"
+    );
+}

@@ -159,6 +159,7 @@ pub fn prune(cli: &Cli, config: &Config, args: &PruneArgs) -> Result<ExitCode> {
 fn reason(r: Reason) -> &'static str {
     match r {
         Reason::Broken => "broken: a blob it needs is missing",
+        Reason::Orphaned => "a signature whose image is gone",
         Reason::Unreferenced => "no image uses it",
         Reason::DeadProcess => "left by a process that is gone",
         Reason::Abandoned => "abandoned download",

@@ -250,18 +250,30 @@ impl ImageReference {
     }
 
     /// The short form docker shows: `docker.io/` and an official image's `library/`
-    /// left out, e.g. `debian:12`, `sardines/debian`, `localhost:5000/foo`.
+    /// left out, e.g. `debian:12`, `sardines/debian`, `localhost:5000/foo`. A
+    /// Docker Hub repository whose first component would read as a host
+    /// (`docker.io/foo.bar/x`) keeps `docker.io/`, so the short form reads back
+    /// as the same image.
     pub fn familiar(&self) -> String {
-        let mut out = if self.registry == DEFAULT_REGISTRY && self.port.is_none() {
-            match self.repository.strip_prefix(OFFICIAL_PREFIX) {
-                Some(rest) if !rest.contains('/') => rest.to_string(),
-                _ => self.repository.clone(),
-            }
-        } else {
-            self.name()
-        };
+        let short = self.docker_hub_path().filter(|path| match path.split_once('/') {
+            Some((first, _)) => !is_registry_component(first),
+            None => true,
+        });
+        let mut out = short.map_or_else(|| self.name(), str::to_string);
         self.push_tag_and_digest(&mut out);
         out
+    }
+
+    /// A Docker Hub image's path without an official image's `library/`; `None`
+    /// for other registries.
+    fn docker_hub_path(&self) -> Option<&str> {
+        if self.registry != DEFAULT_REGISTRY || self.port.is_some() {
+            return None;
+        }
+        Some(match self.repository.strip_prefix(OFFICIAL_PREFIX) {
+            Some(rest) if !rest.contains('/') => rest,
+            _ => self.repository.as_str(),
+        })
     }
 
     /// The path components of this image's directory in a local cache. Where
@@ -288,13 +300,7 @@ impl ImageReference {
     /// A Docker Hub image's familiar path, unless its first component would
     /// read as a host (`localhost/x`, `foo.bar`): those keep `docker.io/`.
     fn familiar_cache_path(&self) -> Option<&str> {
-        if self.registry != DEFAULT_REGISTRY || self.port.is_some() {
-            return None;
-        }
-        let familiar = match self.repository.strip_prefix(OFFICIAL_PREFIX) {
-            Some(rest) if !rest.contains('/') => rest,
-            _ => self.repository.as_str(),
-        };
+        let familiar = self.docker_hub_path()?;
         let first = familiar.split('/').next().unwrap_or(familiar);
         let host_like = first.contains(['.', ':']) || first == "localhost";
         (!host_like).then_some(familiar)
@@ -890,9 +896,14 @@ mod tests {
             ),
             ("localhost/library/debian", "localhost/library/debian"),
             ("ghcr.io/a/b:c", "ghcr.io/a/b:c"),
+            ("foo.bar", "foo.bar"),
+            // Found by fuzzing: a first component that reads as a host.
+            ("index.docker.io/foo.io/x", "docker.io/foo.io/x"),
+            ("docker.io/localhost/x:1", "docker.io/localhost/x:1"),
         ] {
             let r: ImageReference = input.parse().unwrap();
             assert_eq!(r.familiar(), familiar, "familiar form of {input:?}");
+            assert_eq!(familiar.parse::<ImageReference>().unwrap(), r, "{input:?}");
         }
     }
 

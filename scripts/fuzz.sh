@@ -12,7 +12,8 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #
-# Environment: FUZZ_NICE (niceness, default 19), FUZZ_RSS_LIMIT_MB (default 2048).
+# Environment: FUZZ_NICE (niceness, default 19), FUZZ_RSS_LIMIT_MB (default 2048),
+# FUZZ_BUILD=0 to run the binaries already built.
 set -uo pipefail
 
 cd "$(dirname "$0")/../fuzz"
@@ -37,8 +38,15 @@ else
     mapfile -t targets < <(cargo +nightly fuzz list)
 fi
 
-echo "building ${#targets[@]} targets" >&2
-nice -n "$nice" cargo +nightly fuzz build || exit 2
+if [[ ${FUZZ_BUILD:-1} != 0 ]]; then
+    echo "building ${#targets[@]} targets" >&2
+    nice -n "$nice" cargo +nightly fuzz build || exit 2
+fi
+# The binaries as built now: `cargo fuzz run` would build again before each
+# target, picking up whatever the working tree holds by then.
+triple=$(rustc +nightly -vV | awk '/^host:/ {print $2}')
+bin=target/$triple/release
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_odr_violation=0}
 
 crashed=()
 printf '%-28s %8s %12s %7s %10s  %s\n' target seconds runs files bytes result
@@ -46,7 +54,7 @@ for target in "${targets[@]}"; do
     mkdir -p "corpus/$target" "artifacts/$target"
     log=$(mktemp)
     before=$(find "artifacts/$target" -type f | wc -l)
-    nice -n "$nice" cargo +nightly fuzz run "$target" "corpus/$target" -- \
+    nice -n "$nice" "$bin/$target" "corpus/$target" -artifact_prefix="artifacts/$target/" \
         -max_total_time="$seconds" -rss_limit_mb="$rss" -timeout=30 \
         -print_final_stats=1 >"$log" 2>&1
     status=$?

@@ -95,6 +95,9 @@ pub struct Settings {
     pub require_signature: bool,
 }
 
+/// The longest `timeout` (boot, address and SSH in prepare) accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Every key this executor reads.
 pub const KEYS: &[&str] = &[
     "connect",
@@ -425,6 +428,18 @@ impl Settings {
                 .map_err(|e| bad("min-rate", e))?
                 .map_or(defaults.min_rate, |b| b.0),
         };
+        // prepare waits until now + timeout: a timeout must fit the clock.
+        let timeout = number("timeout", 300.0)?;
+        if timeout > MAX_TIMEOUT.as_secs_f64() {
+            return Err(bad(
+                "timeout",
+                format!(
+                    "{timeout} s is longer than the {} s (30 days) allowed",
+                    MAX_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        let timeout = Duration::from_secs_f64(timeout);
         let port = number("port", 22.0)?;
         if !(1.0..=65535.0).contains(&port) || port.fract() != 0.0 {
             return Err(bad("port", format!("{port} is not a TCP port")));
@@ -438,7 +453,7 @@ impl Settings {
             ocidir: get("ocidir").map(path).unwrap_or_else(|| data.join("OCI")),
             vmdir: get("vmdir").map(path).unwrap_or_else(|| data.join("VMs")),
             clonedir: get("clonedir").map(path),
-            timeout: Duration::from_secs_f64(number("timeout", 300.0)?),
+            timeout,
             username: get("username").map(str::to_string),
             password: get("password").map(str::to_string),
             identity_file: get("identity-file").map(path),
@@ -575,6 +590,22 @@ mod tests {
             e.contains("x.ini [DEFAULT]") && e.contains("pull-policy"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_timeout_too_long_for_the_clock_is_refused() {
+        // 1e20 s made Duration::from_secs_f64 panic (fuzz/regressions/executor_config/).
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.ini");
+        for (value, ok) in [("2592000", true), ("2592000.5", false), ("1e20", false)] {
+            std::fs::write(&file, format!("[DEFAULT]\ntimeout = {value}\n")).unwrap();
+            let files = Files::read(std::slice::from_ref(&file)).unwrap();
+            let result = files.settings(None, &BTreeMap::new(), true, &schemes);
+            match result {
+                Ok(s) => assert!(ok && s.timeout == MAX_TIMEOUT, "{value}"),
+                Err(e) => assert!(!ok && e.to_string().contains("timeout"), "{value}: {e}"),
+            }
+        }
     }
 
     #[test]

@@ -27,6 +27,10 @@ const READ_BUFFER: usize = 1 << 20;
 /// Above this much memory the multi-threaded decoder uses fewer threads, so a
 /// many-core host does not buffer gigabytes of blocks.
 const DECODER_THREADING_MEMLIMIT: u64 = 1 << 30;
+/// The most memory one stream may take to decode, even single-threaded: the
+/// dictionary a stream's headers announce is allocated up front, so without a
+/// limit a piece of a few bytes could ask for 4 GiB. `xz -9` needs 65 MiB.
+const DECODER_MEMLIMIT: u64 = DECODER_THREADING_MEMLIMIT;
 
 /// xz streams, suffix `+xz`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,10 +62,10 @@ fn new_stream_decoder(threads: u32) -> Result<Stream, liblzma::stream::Error> {
             .threads(threads)
             .timeout_ms(0)
             .memlimit_threading(DECODER_THREADING_MEMLIMIT)
-            .memlimit_stop(u64::MAX)
+            .memlimit_stop(DECODER_MEMLIMIT)
             .decoder()
     } else {
-        Stream::new_stream_decoder(u64::MAX, 0)
+        Stream::new_stream_decoder(DECODER_MEMLIMIT, 0)
     }
 }
 
@@ -350,6 +354,47 @@ mod tests {
         let mut bad = packed.clone();
         bad[index_start - 3] ^= 0x01;
         assert!(decode_all(&bad).is_err());
+    }
+
+    /// CRC-32 (IEEE), as xz headers carry it.
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn a_dictionary_beyond_the_memory_limit_is_refused() {
+        // A small stream whose block header announces a 4 GiB dictionary, which
+        // liblzma allocated (the codec_xz fuzz target's malloc limit caught the
+        // input kept in fuzz/regressions/codec_xz/).
+        let data = sample(10_000);
+        for threads in [0, 1, 2] {
+            let mut stream = encode_to_vec(&Xz, &data, &options(0, 0)).unwrap();
+            // The block header after the 12-byte stream header: its size, flags,
+            // the LZMA2 filter (id 0x21, one property byte: the dictionary size).
+            let size = (usize::from(stream[12]) + 1) * 4;
+            let header = &mut stream[12..12 + size];
+            let at = header.windows(2).position(|w| w == [0x21, 0x01]).unwrap() + 2;
+            header[at] = 40;
+            let crc = crc32(&header[..size - 4]);
+            header[size - 4..].copy_from_slice(&crc.to_le_bytes());
+            let mut decoder = XzDecoder {
+                input: BufReader::new(Box::new(&stream[..]) as Input<'_>),
+                state: State::Stream(new_stream_decoder(threads).unwrap()),
+                threads,
+            };
+            let err = io::copy(&mut decoder, &mut io::sink()).unwrap_err();
+            assert!(
+                err.to_string().contains("memory"),
+                "{threads} threads: {err}"
+            );
+        }
     }
 
     #[test]

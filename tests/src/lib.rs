@@ -76,6 +76,12 @@ pub fn sarde_bin() -> PathBuf {
     path
 }
 
+/// Makes [`sarde_bin`] (and [`executor_bin`]) the binaries already built in `dir`
+/// (a release build, say) instead of building them; for programs, not tests.
+pub fn use_binaries_in(dir: &Path) {
+    *SARDE_LOCK.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.join("sarde"));
+}
+
 /// The `gitlab-sardinecake-executor` binary of this checkout (built with `sarde`).
 pub fn executor_bin() -> PathBuf {
     sarde_bin().with_file_name("gitlab-sardinecake-executor")

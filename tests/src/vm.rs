@@ -251,9 +251,14 @@ pub fn unique(prefix: &str) -> String {
 
 /// Paths inside a fresh temporary directory that the libvirt-qemu user can reach.
 pub fn workdir() -> tempfile::TempDir {
+    workdir_in(Path::new("/var/tmp"))
+}
+
+/// [`workdir`] inside `parent` (a file system of its own, say).
+pub fn workdir_in(parent: &Path) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("sarde-e2e-")
-        .tempdir_in("/var/tmp")
+        .tempdir_in(parent)
         .expect("temp dir");
     // qemu runs as libvirt-qemu; let it traverse.
     use std::os::unix::fs::PermissionsExt;

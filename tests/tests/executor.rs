@@ -6,150 +6,15 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use sarde_e2e::guest::{self, GuestImage};
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, require_registry_tools};
-use sarde_e2e::runner::{self, BUILD_FAILURE, SYSTEM_FAILURE, assert_ok, text};
+use sarde_e2e::runner::{
+    self, BUILD_FAILURE, STAGES, SYSTEM_FAILURE, Setup, assert_ok, setup, terminate_group, text,
+};
 use sarde_e2e::vm::{self, TestVm};
 use sarde_e2e::{ok, sarde};
 use serde_json::Value;
-
-/// The stages gitlab-runner runs, in order, for a passing job.
-const STAGES: &[&str] = &[
-    "prepare_script",
-    "get_sources",
-    "restore_cache",
-    "download_artifacts",
-    "step_script",
-    "after_script",
-    "archive_cache",
-    "upload_artifacts_on_success",
-    "cleanup_file_variables",
-];
-
-/// A registry with the test guest's image, and an executor configuration for it.
-struct Setup {
-    registry: TestRegistry,
-    _source: guest::GuestVm,
-    /// Base VMs the executor imports (named by image id), undefined at the end.
-    bases: std::cell::RefCell<Vec<String>>,
-    work: tempfile::TempDir,
-    image: String,
-    config: PathBuf,
-    state: PathBuf,
-    clones: PathBuf,
-}
-
-fn setup(test: &str, extra_ini: &str) -> Option<(Setup, GuestImage)> {
-    if !vm::libvirt_enabled(test) {
-        return None;
-    }
-    if !require_registry_tools(test) {
-        return None;
-    }
-    let guest = guest::test_guest()?;
-    let registry = TestRegistry::start(RegistryOptions::default());
-    let addr = registry.address();
-    let work = vm::workdir();
-    // The source VM: a copy of the guest's disk, never booted.
-    let name = vm::unique("sarde-exec-src");
-    // Undefined when the setup goes.
-    let source = guest.define(&name, work.path());
-    let image = format!("{addr}/ci/guest:1");
-    let publisher = vm::workdir();
-    let image_id = ok(sarde(publisher.path())
-        .args(["export", "--vmconfig"])
-        .arg(&guest.access)
-        .args([&name, &image]));
-    ok(sarde(publisher.path()).args(["push", "--insecure", &image]));
-
-    let state = work.path().join("state");
-    let clones = work.path().join("clones");
-    let config = work.path().join("executor.ini");
-    std::fs::write(
-        &config,
-        format!(
-            "[DEFAULT]\nconnect = {}\nocidir = {}\nvmdir = {}\nclonedir = {}\nstate-dir = {}\n\
-             timeout = 90\ninsecure = {addr}\nguest-builds-dir = /root/builds\nguest-cache-dir = /root/cache\n{extra_ini}\n",
-            vm::LIBVIRT_URI,
-            work.path().join("OCI").display(),
-            work.path().join("VMs").display(),
-            clones.display(),
-            state.display(),
-        ),
-    )
-    .unwrap();
-    Some((
-        Setup {
-            registry,
-            _source: source,
-            bases: std::cell::RefCell::new(vec![image_id]),
-            work,
-            image,
-            config,
-            state,
-            clones,
-        },
-        guest,
-    ))
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        for base in self.bases.borrow().iter() {
-            vm::undefine(base);
-        }
-    }
-}
-
-impl Setup {
-    /// The executor as gitlab-runner starts it for job `job`.
-    fn executor(&self, job: &str, image: &str) -> Command {
-        runner::executor(&self.config, job, image, self.work.path())
-    }
-
-    /// A generated stage script, as the runner writes one per stage.
-    fn script(&self, job: &str, stage: &str, body: &str) -> PathBuf {
-        runner::stage_script(self.work.path(), job, stage, body)
-    }
-
-    fn run_stage(&self, job: &str, stage: &str, body: &str, exit_file: Option<&Path>) -> Output {
-        let script = self.script(job, stage, body);
-        let mut cmd = self.executor(job, &self.image);
-        cmd.arg("run").arg(&script).arg(stage);
-        if let Some(f) = exit_file {
-            cmd.env("BUILD_EXIT_CODE_FILE", f);
-        }
-        cmd.output().unwrap()
-    }
-
-    fn cleanup(&self, job: &str) -> Output {
-        self.executor(job, &self.image)
-            .arg("cleanup")
-            .output()
-            .unwrap()
-    }
-
-    /// Nothing of job `job` is left: no domain, no overlay, no state.
-    fn assert_gone(&self, job: &str) {
-        let vm_name = format!("gitlab-{job}");
-        assert!(!vm::domain_exists(&vm_name), "{vm_name} still defined");
-        let left: Vec<_> = std::fs::read_dir(&self.clones)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&format!("{vm_name}-")))
-            .collect();
-        assert!(left.is_empty(), "overlays left: {left:?}");
-        assert!(
-            !self.state.join(format!("{vm_name}.json")).exists(),
-            "job state left"
-        );
-    }
-}
 
 /// `prepare`'s timing line: image, clone, boot, SSH seconds.
 fn timings(stderr: &str) -> Option<String> {
@@ -245,15 +110,6 @@ fn a_job_passes_fails_and_leaves_nothing_behind() {
     s.assert_gone(&job2);
 }
 
-/// Sends SIGTERM to the whole process group, as gitlab-runner does.
-fn terminate_group(child: &Child) {
-    let pgid = child.id() as i32;
-    // SAFETY: kill(2) with a negative pid signals a process group we created.
-    unsafe {
-        libc::kill(-pgid, libc::SIGTERM);
-    }
-}
-
 #[test]
 fn a_cancelled_job_stops_promptly_and_cleans_up() {
     let Some((s, guest)) = setup("a_cancelled_job_stops_promptly_and_cleans_up", "") else {
@@ -311,14 +167,7 @@ fn cleanup_after_a_killed_prepare_removes_everything() {
     };
     let job = format!("{}k", std::process::id());
     let vm_name = format!("gitlab-{job}");
-    let mut child = s
-        .executor(&job, &s.image)
-        .arg("prepare")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let mut child = s.spawn_in_group(&job, "prepare", Stdio::null());
     // Killed once the clone exists and boots, before SSH is up.
     let deadline = Instant::now() + Duration::from_secs(120);
     while !vm::domain_exists(&vm_name) && Instant::now() < deadline {
@@ -351,7 +200,7 @@ fn a_guest_without_an_address_fails_prepare_in_bounded_time() {
     let image = s.image.replace("/ci/guest:1", "/ci/blank:1");
     let publisher = vm::workdir();
     let blank_id = ok(sarde(publisher.path()).args(["export", &name, &image]));
-    s.bases.borrow_mut().push(blank_id);
+    s.bases.lock().unwrap().push(blank_id);
     ok(sarde(publisher.path()).args(["push", "--insecure", &image]));
     let job = format!("{}n", std::process::id());
     let started = Instant::now();
@@ -584,7 +433,7 @@ fn prepare_refuses_images_the_signature_policy_refuses_as_system_failures() {
     let (private, public, pass) = key_pair(trust.path(), "ci");
     let (_, other_public, _) = key_pair(trust.path(), "other");
     write_policy(&policy, &addr, &public);
-    let base = s.bases.borrow()[0].clone();
+    let base = s.bases.lock().unwrap()[0].clone();
     let refused = |job: &str, expected: &[&str]| {
         let out = s.executor(job, &s.image).arg("prepare").output().unwrap();
         let (_, stderr) = text(&out);

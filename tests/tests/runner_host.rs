@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sarde_e2e::guest::{self, GuestImage};
-use sarde_e2e::registry::{RegistryOptions, TestRegistry, require_registry_tools};
+use sarde_e2e::registry::{RegistryOptions, TestRegistry};
 use sarde_e2e::runner::{self, assert_ok, text};
 use sarde_e2e::vm;
 use sarde_e2e::{ok, sarde};
@@ -59,13 +59,7 @@ struct Host {
 }
 
 fn setup(test: &str) -> Option<Host> {
-    if !vm::libvirt_enabled(test) {
-        return None;
-    }
-    if !require_registry_tools(test) {
-        return None;
-    }
-    let guest = guest::test_guest()?;
+    let guest = runner::prerequisites(test)?;
     let registry = TestRegistry::start(RegistryOptions::default());
     let addr = registry.address();
     let work = vm::workdir();

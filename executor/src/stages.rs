@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use sarde_api::ImageReference;
@@ -172,6 +173,7 @@ pub async fn prepare(
             deadline,
             &exists,
         )
+        .await
         .map_err(|e| system(format!("claiming a VM slot: {e}")))?
         .ok_or_else(|| system("no VM slot became free"))?;
         tracing::info!("{vm}: VM slot {}", slot.path().display());
@@ -500,6 +502,32 @@ pub async fn run(
     )))
 }
 
+/// The signal (SIGTERM, SIGINT) that arrived while cleanup ran; 0 for none.
+static CLEANUP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_cleanup_signal(signal: libc::c_int) {
+    CLEANUP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// Makes SIGTERM and SIGINT noted instead of fatal for the rest of the process,
+/// so a cleanup that gitlab-runner cancels (its timeout, a runner that stops)
+/// still removes the VM, its overlays, state and slot: nothing calls cleanup
+/// again. Called first thing in a cleanup process; SIGKILL still stops it.
+pub fn shield_cleanup_from_signals() {
+    // SAFETY: sigaction(2) with a zeroed struct, an empty mask and a handler that
+    // only stores into an atomic (async-signal-safe); children start with the
+    // default action again (exec resets handled signals).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = note_cleanup_signal as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        for signal in [libc::SIGTERM, libc::SIGINT] {
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
 /// `cleanup`: the clone, its overlays, the job state and the VM slot go; harmless
 /// when nothing is left.
 pub async fn cleanup(
@@ -523,6 +551,14 @@ pub async fn cleanup(
     let cached_as = state.and_then(|s| s.cached_as.or(Some(s.image)));
     if let Some(image) = cached_as.and_then(|name| name.parse::<ImageReference>().ok()) {
         remove_superseded(engine, &image).await;
+    }
+    let signal = match CLEANUP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        libc::SIGINT => Some("SIGINT"),
+        _ => Some("SIGTERM"),
+    };
+    if let Some(signal) = signal {
+        eprintln!("{signal} arrived during cleanup: finished removing {vm} first");
     }
     Ok(done)
 }

@@ -74,8 +74,9 @@ pub struct Slot {
 impl Slot {
     /// Claims one of `max` slots for `vm`, waiting while all are taken by other
     /// jobs' VMs. A slot whose VM is gone and which nobody holds is free again (a
-    /// job that died without cleanup). `exists` tells whether a VM exists.
-    pub fn claim(
+    /// job that died without cleanup). `exists` tells whether a VM exists. The
+    /// wait is asynchronous, so a SIGTERM (a cancelled job) stops it at once.
+    pub async fn claim(
         state_dir: &Path,
         max: usize,
         vm: &str,
@@ -114,7 +115,7 @@ impl Slot {
                 tracing::warn!("all {max} VM slots of this host are in use; waiting for one");
                 announced = true;
             }
-            std::thread::sleep(Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -140,19 +141,22 @@ pub fn release_slot(state_dir: &Path, vm: &str) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn slots_bound_running_vms_and_free_up_when_a_vm_is_gone() {
+    #[tokio::test]
+    async fn slots_bound_running_vms_and_free_up_when_a_vm_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let alive = std::cell::RefCell::new(vec!["gitlab-1".to_string()]);
         let exists = |n: &str| alive.borrow().iter().any(|a| a == n);
         let soon = || Instant::now() + Duration::from_millis(50);
         // Prepare of job 1 holds the slot, then ends (its VM keeps the slot).
-        let slot = Slot::claim(dir.path(), 1, "gitlab-1", soon(), &exists).unwrap();
+        let slot = Slot::claim(dir.path(), 1, "gitlab-1", soon(), &exists)
+            .await
+            .unwrap();
         assert!(slot.is_some());
         drop(slot);
         // Job 2 waits while job 1's VM exists…
         assert!(
             Slot::claim(dir.path(), 1, "gitlab-2", soon(), &exists)
+                .await
                 .unwrap()
                 .is_none()
         );
@@ -160,6 +164,7 @@ mod tests {
         alive.borrow_mut().clear();
         assert!(
             Slot::claim(dir.path(), 1, "gitlab-2", soon(), &exists)
+                .await
                 .unwrap()
                 .is_some()
         );
@@ -168,21 +173,25 @@ mod tests {
         release_slot(dir.path(), "gitlab-2");
         assert!(
             Slot::claim(dir.path(), 1, "gitlab-3", soon(), &exists)
+                .await
                 .unwrap()
                 .is_some()
         );
     }
 
-    #[test]
-    fn a_slot_held_by_a_running_prepare_is_not_taken() {
+    #[tokio::test]
+    async fn a_slot_held_by_a_running_prepare_is_not_taken() {
         let dir = tempfile::tempdir().unwrap();
         let exists = |_: &str| false;
         let soon = || Instant::now() + Duration::from_millis(50);
-        let held = Slot::claim(dir.path(), 1, "gitlab-1", soon(), &exists).unwrap();
+        let held = Slot::claim(dir.path(), 1, "gitlab-1", soon(), &exists)
+            .await
+            .unwrap();
         assert!(held.is_some());
         // The VM does not exist yet, but the flock says prepare is still at work.
         assert!(
             Slot::claim(dir.path(), 1, "gitlab-2", soon(), &exists)
+                .await
                 .unwrap()
                 .is_none()
         );

@@ -185,6 +185,116 @@ fn cleanup_after_a_killed_prepare_removes_everything() {
 }
 
 #[test]
+fn a_cancelled_cleanup_still_removes_everything() {
+    let Some((s, _guest)) = setup(
+        "a_cancelled_cleanup_still_removes_everything",
+        "max-vms = 2\n",
+    ) else {
+        return;
+    };
+    let job = format!("{}t", std::process::id());
+    assert_ok(
+        "prepare",
+        &s.executor(&job, &s.image).arg("prepare").output().unwrap(),
+    );
+    // gitlab-runner cancels the cleanup itself (its timeout, a runner that
+    // stops): SIGTERM to the group, every 100 ms while it runs. Nothing calls
+    // cleanup again, so it must finish.
+    let mut child = s.spawn_in_group(&job, "cleanup", Stdio::piped());
+    let started = Instant::now();
+    let mut sent = 0;
+    let status = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("cleanup still runs after 120 s");
+        }
+        terminate_group(&child);
+        sent += 1;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(sent > 0, "cleanup ended before a signal: {stderr}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{status}, after {sent} SIGTERMs: {stderr}"
+    );
+    assert!(
+        stderr.contains("SIGTERM arrived during cleanup"),
+        "{stderr}"
+    );
+    s.assert_gone(&job);
+}
+
+#[test]
+fn a_prepare_waiting_for_a_vm_slot_stops_at_sigterm() {
+    let Some((s, _guest)) = setup(
+        "a_prepare_waiting_for_a_vm_slot_stops_at_sigterm",
+        "max-vms = 1\n",
+    ) else {
+        return;
+    };
+    let pid = std::process::id();
+    let (first, second) = (format!("{pid}s1"), format!("{pid}s2"));
+    assert_ok(
+        "prepare",
+        &s.executor(&first, &s.image)
+            .arg("prepare")
+            .output()
+            .unwrap(),
+    );
+    // The second job waits for the only slot, which the first job's VM holds.
+    let log = s.work.path().join("second-prepare.err");
+    let mut child = s.spawn_in_group(
+        &second,
+        "prepare",
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stderr().contains("waiting for one") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the second prepare ended: {}",
+            stderr()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no wait for a slot: {}",
+            stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Cancelled while it waits: it stops at once, not once a slot is free.
+    let sent = Instant::now();
+    terminate_group(&child);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if sent.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = sent.elapsed();
+    for job in [&first, &second] {
+        assert_ok("cleanup", &s.cleanup(job));
+        s.assert_gone(job);
+    }
+    let status = status.unwrap_or_else(|| panic!("ignored SIGTERM for 20 s: {}", stderr()));
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+    assert_eq!(status.code(), Some(SYSTEM_FAILURE), "{}", stderr());
+    assert!(stderr().contains("SIGTERM"), "{}", stderr());
+}
+
+#[test]
 fn a_guest_without_an_address_fails_prepare_in_bounded_time() {
     // A disk with nothing to boot: the VM runs, but never asks for an address.
     let Some((s, _guest)) = setup(

@@ -190,6 +190,10 @@ async fn until_terminated<T>(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.stage, Stage::Cleanup) {
+        // A cancelled cleanup still finishes: nothing calls it again.
+        stages::shield_cleanup_from_signals();
+    }
     sarde_cli::logging::init(1 + i32::from(cli.verbose) - i32::from(cli.quiet));
     let job = Job::from_env();
     match run(&cli, &job) {

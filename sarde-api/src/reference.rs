@@ -255,10 +255,12 @@ impl ImageReference {
     /// (`docker.io/foo.bar/x`) keeps `docker.io/`, so the short form reads back
     /// as the same image.
     pub fn familiar(&self) -> String {
-        let short = self.docker_hub_path().filter(|path| match path.split_once('/') {
-            Some((first, _)) => !is_registry_component(first),
-            None => true,
-        });
+        let short = self
+            .docker_hub_path()
+            .filter(|path| match path.split_once('/') {
+                Some((first, _)) => !is_registry_component(first),
+                None => true,
+            });
         let mut out = short.map_or_else(|| self.name(), str::to_string);
         self.push_tag_and_digest(&mut out);
         out

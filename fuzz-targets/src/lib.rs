@@ -29,6 +29,9 @@ use sarde_api::{Codec, ImageReference, Registry};
 /// compiled here from the same file: the code fuzzed is the code that runs.
 #[path = "../../engine/src/gzip_header.rs"]
 mod gzip_header;
+mod trust;
+
+pub use trust::{policy_json, signature_manifest, signature_payload};
 
 /// A fuzz target: bytes in, no panic out.
 pub type Target = fn(&[u8]);
@@ -58,8 +61,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("registry_token", registry_token),
     ("registry_www_authenticate", registry_www_authenticate),
     ("registry_link", registry_link),
-    // Signature payloads and containers policy.json: added with the `trust/`
-    // crate, as `signature_payload` and `policy_json`.
+    ("signature_payload", signature_payload),
+    ("signature_manifest", signature_manifest),
+    ("policy_json", policy_json),
 ];
 
 /// `data` cut at its first `N - 1` NUL bytes; missing parts are empty.

@@ -23,13 +23,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# Every binary runs, so one failure does not hide the others.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 
 # libtest counts per binary; sum what the end-to-end binaries (tests/tests/*.rs,
-# run after the sarde_e2e library's own unit tests) ran, so a suite that
-# silently ran nothing shows.
+# run after the sarde_e2e library's own unit tests and its src/bin tools) ran,
+# so a suite that silently ran nothing shows. A package starts with its library
+# or main.rs unit tests; its src/bin/ unit tests stay in the package.
 awk '
-    /^ *Running unittests / { in_e2e_package = ($0 ~ /sarde_e2e-/); e2e = 0 }
+    /^ *Running unittests src\/(lib|main)\.rs / { in_e2e_package = ($0 ~ /sarde_e2e-/) }
+    /^ *Running unittests / { e2e = 0 }
     /^ *Running tests\// { e2e = in_e2e_package }
     /^test result:/ {
         if (e2e) { passed += $4; failed += $6; ignored += $8; binaries++ }

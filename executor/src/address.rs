@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use sarde_api::Hypervisor;
 use sarde_api::hypervisor::{AddressSource, DomainState};
 
-/// Waits until the domain has an IPv4 address, up to `deadline`. `Err` names
-/// what was tried.
+/// Waits until the domain has an IPv4 address, up to `deadline` (`timeout` is
+/// what the message quotes). `Err` names what was tried, or that the domain
+/// stopped running, which ends the wait at once.
 pub fn wait_for_address(
     hv: &dyn Hypervisor,
     name: &str,
     deadline: Instant,
+    timeout: Duration,
 ) -> Result<IpAddr, String> {
     let macs = hv
         .domain_xml(name, false)
@@ -25,7 +27,11 @@ pub fn wait_for_address(
     loop {
         match hv.state(name) {
             Ok(DomainState::Running) => {}
-            Ok(state) => return Err(format!("VM {name} is {state:?}, not running")),
+            Ok(state) => {
+                return Err(format!(
+                    "VM {name} stopped while booting (state {state:?}): the guest powered off or crashed, or something else destroyed it; the hypervisor's log of the domain says which"
+                ));
+            }
             Err(e) => return Err(format!("VM {name}: {e}")),
         }
         for source in [
@@ -46,12 +52,13 @@ pub fn wait_for_address(
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "VM {name} got no IPv4 address (DHCP lease, guest agent, ARP and neighbour table for MAC {}): does the guest start its network with DHCP?",
+                "VM {name} got no IPv4 address (DHCP lease, guest agent, ARP and neighbour table for MAC {}): does the guest start its network with DHCP? (gave up after {}s)",
                 if macs.is_empty() {
                     "(none)".to_string()
                 } else {
                     macs.join(", ")
-                }
+                },
+                timeout.as_secs()
             ));
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -267,15 +267,11 @@ pub async fn prepare(
     let address = {
         let hv = engine.registry.connect(&engine.connect).map_err(system)?;
         let name = vm.clone();
-        tokio::task::spawn_blocking(move || wait_for_address(hv.as_ref(), &name, deadline))
+        let timeout = settings.timeout;
+        tokio::task::spawn_blocking(move || wait_for_address(hv.as_ref(), &name, deadline, timeout))
             .await
             .map_err(system)?
-            .map_err(|e| {
-                system(format!(
-                    "{e} (gave up after {}s)",
-                    settings.timeout.as_secs()
-                ))
-            })?
+            .map_err(system)?
     };
     times.boot = t.elapsed().as_secs_f64();
     eprintln!("{vm} has address {address}; waiting for SSH…");

@@ -2,6 +2,7 @@
 //! gitlab-runner starts it (environment, a generated script per stage) and what
 //! the tests read from its output.
 
+use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -27,6 +28,23 @@ pub const STAGES: &[&str] = &[
 /// Exit codes the runner hands the executor for a failed build and a system failure.
 pub const BUILD_FAILURE: i32 = 77;
 pub const SYSTEM_FAILURE: i32 = 78;
+
+/// A job id unique in this test process: `<pid><tag>`. Tests of one binary run
+/// at once and the executor names the VM `gitlab-<job id>`, so two tests using
+/// one tag would clean up each other's VM; a tag used twice panics instead.
+pub fn job_id(tag: &str) -> String {
+    static USED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let id = format!("{}{tag}", std::process::id());
+    let fresh = USED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone());
+    assert!(
+        fresh,
+        "job id tag {tag:?} is used by two tests of this binary"
+    );
+    id
+}
 
 /// The executor for job `job` of `image`, with the INI `config` and `tmpdir` for
 /// its temporary files; the stage's arguments follow.

@@ -10,7 +10,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use sarde_e2e::runner::{
-    self, BUILD_FAILURE, STAGES, SYSTEM_FAILURE, Setup, assert_ok, setup, terminate_group, text,
+    self, BUILD_FAILURE, STAGES, SYSTEM_FAILURE, Setup, assert_ok, job_id, setup, terminate_group,
+    text,
 };
 use sarde_e2e::vm::{self, TestVm};
 use sarde_e2e::{ok, sarde};
@@ -26,7 +27,7 @@ fn a_job_passes_fails_and_leaves_nothing_behind() {
     let Some((s, _guest)) = setup("a_job_passes_fails_and_leaves_nothing_behind", "") else {
         return;
     };
-    let job = format!("{}", std::process::id());
+    let job = job_id("");
 
     // config: one JSON object with what the runner shows and uses.
     let out = s.executor(&job, &s.image).arg("config").output().unwrap();
@@ -127,7 +128,7 @@ fn a_cancelled_job_stops_promptly_and_cleans_up() {
         1,
     );
     std::fs::write(&s.config, ini).unwrap();
-    let job = format!("{}c", std::process::id());
+    let job = job_id("c");
     assert_ok(
         "prepare",
         &s.executor(&job, &s.image).arg("prepare").output().unwrap(),
@@ -165,7 +166,7 @@ fn cleanup_after_a_killed_prepare_removes_everything() {
     let Some((s, _guest)) = setup("cleanup_after_a_killed_prepare_removes_everything", "") else {
         return;
     };
-    let job = format!("{}k", std::process::id());
+    let job = job_id("k");
     let vm_name = format!("gitlab-{job}");
     let mut child = s.spawn_in_group(&job, "prepare", Stdio::null());
     // Killed once the clone exists and boots, before SSH is up.
@@ -192,7 +193,7 @@ fn a_cancelled_cleanup_still_removes_everything() {
     ) else {
         return;
     };
-    let job = format!("{}t", std::process::id());
+    let job = job_id("t");
     assert_ok(
         "prepare",
         &s.executor(&job, &s.image).arg("prepare").output().unwrap(),
@@ -238,8 +239,7 @@ fn a_prepare_waiting_for_a_vm_slot_stops_at_sigterm() {
     ) else {
         return;
     };
-    let pid = std::process::id();
-    let (first, second) = (format!("{pid}s1"), format!("{pid}s2"));
+    let (first, second) = (job_id("w1"), job_id("w2"));
     assert_ok(
         "prepare",
         &s.executor(&first, &s.image)
@@ -312,7 +312,7 @@ fn a_guest_without_an_address_fails_prepare_in_bounded_time() {
     let blank_id = ok(sarde(publisher.path()).args(["export", &name, &image]));
     s.bases.lock().unwrap().push(blank_id);
     ok(sarde(publisher.path()).args(["push", "--insecure", &image]));
-    let job = format!("{}n", std::process::id());
+    let job = job_id("n");
     let started = Instant::now();
     let out = s.executor(&job, &image).arg("prepare").output().unwrap();
     let took = started.elapsed();
@@ -329,10 +329,7 @@ fn two_concurrent_jobs_from_one_image() {
     let Some((s, _guest)) = setup("two_concurrent_jobs_from_one_image", "max-vms = 4\n") else {
         return;
     };
-    let jobs = [
-        format!("{}a", std::process::id()),
-        format!("{}b", std::process::id()),
-    ];
+    let jobs = [job_id("a"), job_id("b")];
     let started = Instant::now();
     let children: Vec<Child> = jobs
         .iter()
@@ -384,7 +381,7 @@ fn two_concurrent_jobs_from_one_image() {
 
     // The allow-list refuses other images as the job's fault (no retries).
     let refused = s
-        .executor("refused", "evil.example/x:1")
+        .executor(&job_id("x"), "evil.example/x:1")
         .env(
             "GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES",
             write_allow_list(&s),
@@ -448,7 +445,7 @@ fn a_job_runs_from_an_archive_on_a_shared_file_system() {
         cmd.env("GITLAB_SARDINECAKE_EXECUTOR_CONF_FILES", &config);
         cmd
     };
-    let job = format!("{}ar", std::process::id());
+    let job = job_id("ar");
     let prepared = executor(&job, &archive).arg("prepare").output().unwrap();
     assert_ok("prepare from the archive", &prepared);
     let script = s.script(
@@ -563,10 +560,9 @@ fn prepare_refuses_images_the_signature_policy_refuses_as_system_failures() {
         "{} transports.docker[\"{addr}/ci\"][0] (sigstoreSigned)",
         policy.display()
     );
-    let pid = std::process::id();
 
     // The image as the setup pushed it: unsigned.
-    refused(&format!("{pid}u"), &[&s.image, &rule, "no signature"]);
+    refused(&job_id("pu"), &[&s.image, &rule, "no signature"]);
 
     // Signed by the publisher; the runner host's cache gets it (with its
     // signature), and a pull-policy = never job verifies from the cache.
@@ -588,7 +584,7 @@ fn prepare_refuses_images_the_signature_policy_refuses_as_system_failures() {
         ini.replacen("[DEFAULT]\n", "[DEFAULT]\npull-policy = never\n", 1),
     )
     .unwrap();
-    let job = format!("{pid}s");
+    let job = job_id("ps");
     let out = s.executor(&job, &s.image).arg("prepare").output().unwrap();
     assert_ok("prepare of the signed image from the cache", &out);
     assert_ok("cleanup", &s.cleanup(&job));
@@ -598,7 +594,7 @@ fn prepare_refuses_images_the_signature_policy_refuses_as_system_failures() {
     // Another key trusted: refused from the cache, and from the registry.
     write_policy(&policy, &addr, &other_public);
     refused(
-        &format!("{pid}c"),
+        &job_id("pc"),
         &[&rule, "not made by the trusted key", "from the cache"],
     );
     std::fs::write(
@@ -607,7 +603,7 @@ fn prepare_refuses_images_the_signature_policy_refuses_as_system_failures() {
     )
     .unwrap();
     refused(
-        &format!("{pid}r"),
+        &job_id("pr"),
         &[&rule, "not made by the trusted key", "pulling"],
     );
 
@@ -618,7 +614,7 @@ fn prepare_refuses_images_the_signature_policy_refuses_as_system_failures() {
     )
     .unwrap();
     refused(
-        &format!("{pid}a"),
+        &job_id("pa"),
         &["require-signature", "insecureAcceptAnything"],
     );
 }

@@ -113,6 +113,11 @@ impl Lease {
         };
         let record = lease.record.lock().expect("lease record lock").clone();
         lease.write(&record)?;
+        // Leases of killed processes would otherwise stay until a prune; a
+        // runner host that never prunes would gather one pair per kill.
+        for dead in Leases::read(cache).dead {
+            remove_dead(&dead);
+        }
         Ok(lease)
     }
 
@@ -345,5 +350,22 @@ mod tests {
         assert_eq!(leases.dead, vec![record.clone()]);
         assert!(remove_dead(&record));
         assert!(!record.exists() && !lock.exists());
+    }
+
+    #[test]
+    fn taking_a_lease_removes_dead_ones() {
+        let cache = tempfile::tempdir().unwrap();
+        let killed = Lease::take(cache.path(), "killed").unwrap();
+        let (record, lock) = (killed.record_path.clone(), killed.lock_path.clone());
+        let kept = fs::read(&record).unwrap();
+        drop(killed);
+        fs::write(&record, kept).unwrap();
+        fs::write(&lock, b"").unwrap();
+        let other = Lease::take(cache.path(), "live elsewhere").unwrap();
+        let lease = Lease::take(cache.path(), "next").unwrap();
+        assert!(!record.exists() && !lock.exists(), "the dead lease stays");
+        let leases = Leases::read(cache.path());
+        assert_eq!(leases.live.len(), 2, "a live lease went: {leases:?}");
+        drop((other, lease));
     }
 }

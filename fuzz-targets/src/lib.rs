@@ -11,8 +11,8 @@
 //! Inputs made of several parts (a manifest and its config, a header and a body)
 //! cut them at NUL bytes ([`parts`]), so seeds stay readable.
 //!
-//! The signature payload and `policy.json` targets of the `trust/` crate go in
-//! [`TARGETS`] too once it exists (see the note there).
+//! The `trust/` crate's signature payloads, signature manifests and
+//! `policy.json` are targets too (module `trust`).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};

@@ -67,7 +67,12 @@ fn every_corpus_and_regression_replays_without_a_panic() {
         }
         let regressions = files(&fuzz_dir().join("regressions").join(name));
         for path in corpus.iter().chain(&regressions) {
-            let data = fs::read(path).unwrap();
+            let data = match fs::read(path) {
+                Ok(data) => data,
+                // A fuzzer running on the corpus replaces inputs with smaller ones.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => panic!("{}: {e}", path.display()),
+            };
             if catch_unwind(AssertUnwindSafe(|| target(&data))).is_err() {
                 failures.push(path.display().to_string());
             }

@@ -313,6 +313,11 @@ pub fn merge(existing: &[u8], incoming: &[u8]) -> Merged {
     let Ok(incoming) = SignatureManifest::parse(incoming) else {
         return Merged::Existing;
     };
+    // A destination manifest without signatures keeps nothing: the incoming
+    // one goes as it is, not rebuilt.
+    if existing.layers.is_empty() {
+        return Merged::Incoming;
+    }
     let mut layers = existing.layers;
     let before = layers.len();
     for layer in incoming.layers {
@@ -389,6 +394,9 @@ mod tests {
         assert!(matches!(merge(&two, &one), Merged::Existing));
         assert!(matches!(merge(b"junk", &one), Merged::Incoming));
         assert!(matches!(merge(&one, b"junk"), Merged::Existing));
+        // No signature at the destination: the incoming manifest as it is.
+        let none = SignatureImage::build(&[]).manifest;
+        assert!(matches!(merge(&none, &one), Merged::Incoming));
     }
 
     #[test]

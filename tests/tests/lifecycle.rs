@@ -552,6 +552,10 @@ fn a_pull_that_cannot_fit_fails_first_and_auto_prune_frees_only_the_shortfall() 
         ok(cmd.args(["fetch", "--insecure", image]));
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A collector spares blobs written up to 2 s before a live writer of their
+    // layout began (clock slack: they may be that writer's); the pull below is
+    // such a writer, and the fetches take well under a second each.
+    std::thread::sleep(Duration::from_millis(2_100));
     let name = vm::unique("sarde-fit-vm");
     let _guard = Undefine(name.clone());
     let newest = &images[3];

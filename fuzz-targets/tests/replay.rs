@@ -66,6 +66,7 @@ fn every_corpus_and_regression_replays_without_a_panic() {
             empty.push(*name);
         }
         let regressions = files(&fuzz_dir().join("regressions").join(name));
+        let started = std::time::Instant::now();
         for path in corpus.iter().chain(&regressions) {
             let data = match fs::read(path) {
                 Ok(data) => data,
@@ -77,6 +78,12 @@ fn every_corpus_and_regression_replays_without_a_panic() {
                 failures.push(path.display().to_string());
             }
         }
+        // Shown with --nocapture: which corpus makes the replay slow.
+        eprintln!(
+            "{name}: {} inputs in {:.1?}",
+            corpus.len() + regressions.len(),
+            started.elapsed()
+        );
     }
     assert!(
         empty.is_empty(),

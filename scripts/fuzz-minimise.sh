@@ -2,9 +2,10 @@
 # Shrinks the fuzz corpora to the inputs that add coverage, keeping every seed.
 # Seeds are the files not named by the fuzzer (a 40-hex SHA-1); they stay as they
 # are, then libFuzzer's set-cover merge adds a small set of the found inputs
-# that together cover what they cover beyond the seeds, from
-# fuzz/corpus/<target>/ (a quarter fewer files than the plain -merge=1 keeps). `cargo fuzz cmin` would drop seeds that cover nothing
-# new, and seeds are what the replay test and the next fuzzer start from.
+# (from fuzz/corpus/<target>/) that together cover what they cover beyond the
+# seeds: a quarter fewer files than the plain -merge=1 keeps. `cargo fuzz cmin`
+# would drop seeds that cover nothing new, and seeds are what the replay test
+# and the next fuzzer start from.
 #
 # Runs the binaries scripts/fuzz.sh built (FUZZ_BUILD=0 there); not part of CI.
 #

@@ -209,8 +209,8 @@ pub fn index(data: &[u8]) {
     // With its marker present, Layout::create writes nothing: its synced
     // writes made this target 20 ms an input.
     std::fs::write(
-        dir.dir().join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        dir.dir().join(sarde_transport_oci_dir::OCI_LAYOUT_FILE),
+        sarde_transport_oci_dir::OCI_LAYOUT_MARKER,
     )
     .expect("writing a temporary file");
     let Ok(layout) = sarde_transport_oci_dir::Layout::create(dir.dir()) else {

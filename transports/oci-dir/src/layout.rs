@@ -28,7 +28,10 @@ use crate::error::{LayoutError, io_error};
 /// domain XML are far smaller; anything bigger is a disk layer named by mistake.
 pub const MAX_IN_MEMORY_BLOB: u64 = 16 << 20;
 
-const OCI_LAYOUT_FILE: &str = "oci-layout";
+/// The file that makes a directory an OCI image layout.
+pub const OCI_LAYOUT_FILE: &str = "oci-layout";
+/// What sarde writes in it (image-layout version 1.0.0; it reads any 1.x).
+pub const OCI_LAYOUT_MARKER: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
 const INDEX_FILE: &str = "index.json";
 const LOCK_FILE: &str = "index.json.lock";
 /// Writers of blobs hold it shared around the moment a blob appears or is reused;
@@ -37,7 +40,6 @@ const LOCK_FILE: &str = "index.json.lock";
 const BLOBS_LOCK_FILE: &str = "blobs.lock";
 /// Prefix of temporary files; never a valid hex digest, so never taken for a blob.
 const TEMP_PREFIX: &str = ".tmp-";
-const LAYOUT_VERSION: &str = "1.0.0";
 
 type Result<T, E = LayoutError> = std::result::Result<T, E>;
 
@@ -102,8 +104,7 @@ impl Layout {
                 write_atomic(&layout.path, &index, &empty)?;
             }
             if !marker.exists() {
-                let content = format!(r#"{{"imageLayoutVersion":"{LAYOUT_VERSION}"}}"#);
-                write_atomic(&layout.path, &marker, content.as_bytes())?;
+                write_atomic(&layout.path, &marker, OCI_LAYOUT_MARKER.as_bytes())?;
             }
         }
         Layout::open(layout.path)

@@ -29,5 +29,5 @@ pub const ANNOTATION_BLOBS: &str = "org.sardinecake.blobs";
 pub const BLOBS_METADATA_ONLY: &str = "metadata-only";
 pub use direct::DirectReader;
 pub use error::LayoutError;
-pub use layout::{BlobWriter, Layout, MAX_IN_MEMORY_BLOB};
+pub use layout::{BlobWriter, Layout, MAX_IN_MEMORY_BLOB, OCI_LAYOUT_FILE, OCI_LAYOUT_MARKER};
 pub use transport::{OciDirFactory, OciDirTransport, SCHEME, register};

@@ -238,17 +238,7 @@ impl HostileServer {
     pub fn start(upstream: Option<String>) -> HostileServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free port on 127.0.0.1");
         let address = listener.local_addr().expect("the listener's address");
-        let shared = Arc::new(Shared {
-            own_address: address.to_string(),
-            upstream,
-            rules: Mutex::new(Vec::new()),
-            seen: Mutex::new(Vec::new()),
-            stopping: AtomicBool::new(false),
-            wake_lock: Mutex::new(()),
-            wake: Condvar::new(),
-            open_sockets: Mutex::new(HashMap::new()),
-            next_socket: AtomicU64::new(0),
-        });
+        let shared = Arc::new(Shared::new(address.to_string(), upstream));
         let accepting = Arc::clone(&shared);
         let accept_loop = std::thread::Builder::new()
             .name(format!("hostile-accept-{}", address.port()))
@@ -279,6 +269,18 @@ impl HostileServer {
     /// Removes every rule: from now on everything is forwarded.
     pub fn clear_rules(&self) {
         lock(&self.shared.rules).clear();
+    }
+
+    /// Closes every open connection, client and upstream side, at once, as a
+    /// server that dies does, and ends every stall and drip; unlike dropping the
+    /// server, it goes on accepting (and forwarding) new connections. A test that
+    /// stalls a download with a rule can so end it at the moment it chooses.
+    pub fn cut_connections(&self) {
+        self.shared.cuts.fetch_add(1, Ordering::SeqCst);
+        self.shared.wake_all();
+        for socket in lock(&self.shared.open_sockets).values() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
     }
 
     /// Every request received so far, in order of arrival.
@@ -312,6 +314,9 @@ struct Shared {
     rules: Mutex<Vec<Rule>>,
     seen: Mutex<Vec<SeenRequest>>,
     stopping: AtomicBool,
+    /// How many times [`HostileServer::cut_connections`] ran: a pause that sees it
+    /// change ends, as it does when the server stops.
+    cuts: AtomicU64,
     /// Stalls and drips wait on `wake` so that stopping ends them at once.
     wake_lock: Mutex<()>,
     wake: Condvar,
@@ -322,29 +327,49 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(own_address: String, upstream: Option<String>) -> Shared {
+        Shared {
+            own_address,
+            upstream,
+            rules: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            cuts: AtomicU64::new(0),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
+            open_sockets: Mutex::new(HashMap::new()),
+            next_socket: AtomicU64::new(0),
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
     fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        {
-            let _guard = lock(&self.wake_lock);
-            self.wake.notify_all();
-        }
+        self.wake_all();
         for socket in lock(&self.open_sockets).values() {
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
 
-    /// Waits `duration` or until the server stops; true when the whole time passed.
+    fn wake_all(&self) {
+        let _guard = lock(&self.wake_lock);
+        self.wake.notify_all();
+    }
+
+    /// Waits `duration`, or until the server stops or its connections are cut;
+    /// true when the whole time passed.
     fn pause(&self, duration: Duration) -> bool {
+        let cuts = self.cuts.load(Ordering::SeqCst);
+        let interrupted = || self.stopping() || self.cuts.load(Ordering::SeqCst) != cuts;
         let guard = lock(&self.wake_lock);
         let _ = self
             .wake
-            .wait_timeout_while(guard, duration, |_| !self.stopping())
+            .wait_timeout_while(guard, duration, |_| !interrupted())
             .unwrap_or_else(|e| e.into_inner());
-        !self.stopping()
+        !interrupted()
     }
 
     /// Registers `socket` to be shut down when the server stops, until the
@@ -1187,17 +1212,7 @@ mod tests {
 
     #[test]
     fn points_upstream_locations_at_itself() {
-        let shared = Shared {
-            own_address: "127.0.0.1:1".into(),
-            upstream: Some("127.0.0.1:5000".into()),
-            rules: Mutex::new(Vec::new()),
-            seen: Mutex::new(Vec::new()),
-            stopping: AtomicBool::new(false),
-            wake_lock: Mutex::new(()),
-            wake: Condvar::new(),
-            open_sockets: Mutex::new(HashMap::new()),
-            next_socket: AtomicU64::new(0),
-        };
+        let shared = Shared::new("127.0.0.1:1".into(), Some("127.0.0.1:5000".into()));
         assert_eq!(
             shared.point_at_self("http://127.0.0.1:5000/v2/t/blobs/uploads/u?_state=s"),
             "http://127.0.0.1:1/v2/t/blobs/uploads/u?_state=s"

@@ -89,6 +89,16 @@ fn curl_counting(args: &[&str]) -> (i32, u64) {
     (out.status.code().unwrap_or(-1), size)
 }
 
+/// A registry holding `data` as a blob of repository `t`, a rule-less hostile
+/// server in front of it, and the blob's URL through that server.
+fn proxied_blob(data: &[u8]) -> (TestRegistry, HostileServer, String) {
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let (digest, _) = push_blob(&registry.url(), "t", data, false);
+    let hostile = HostileServer::start(Some(registry.address()));
+    let blob_url = format!("{}/v2/t/blobs/{digest}", hostile.url());
+    (registry, hostile, blob_url)
+}
+
 /// Pushes `data` as a blob of repository `repo` at `base` (`http://HOST:PORT`):
 /// POST an upload session, then PUT the data with the digest, chunked or with a
 /// Content-Length. Returns the digest and the session's Location.
@@ -354,11 +364,8 @@ fn forwarded_answers_spoiled_and_first_time_only() {
     if !tools("forwarded_answers_spoiled_and_first_time_only") {
         return;
     }
-    let registry = TestRegistry::start(RegistryOptions::default());
     let data = sample(100_000);
-    let (digest, _) = push_blob(&registry.url(), "t", &data, false);
-    let hostile = HostileServer::start(Some(registry.address()));
-    let blob_url = format!("{}/v2/t/blobs/{digest}", hostile.url());
+    let (_registry, hostile, blob_url) = proxied_blob(&data);
 
     // `times: Some(1)`, then a normal forward.
     hostile.add_rule(Rule::first(
@@ -438,6 +445,47 @@ fn forwarded_answers_spoiled_and_first_time_only() {
     let full_speed = curl(&["--max-time", "5", &blob_url]);
     assert!(full_speed.body == data);
     assert!(full_speed.elapsed < Duration::from_secs(1));
+}
+
+#[test]
+fn cut_connections_ends_a_stall_at_once_and_the_server_goes_on() {
+    if !tools("cut_connections_ends_a_stall_at_once_and_the_server_goes_on") {
+        return;
+    }
+    let data = sample(100_000);
+    let (_registry, hostile, blob_url) = proxied_blob(&data);
+    hostile.add_rule(Rule::first(
+        1,
+        Matcher::path_contains("GET", "/blobs/"),
+        Action::ForwardThen(Mutation::StallAfter {
+            bytes: 700,
+            for_: Duration::from_secs(60),
+        }),
+    ));
+    let stalled = std::thread::spawn({
+        let blob_url = blob_url.clone();
+        move || curl(&["--max-time", "20", &blob_url])
+    });
+    // Wait until the stall holds the request, then cut.
+    let waiting = Instant::now();
+    while hostile.requests().is_empty() {
+        assert!(waiting.elapsed() < Duration::from_secs(10), "no request");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    hostile.cut_connections();
+    let cut = stalled.join().expect("curl thread");
+    assert_eq!(cut.exit, 18, "partial file, not a timeout");
+    assert_eq!(cut.body, data[..700]);
+    assert!(
+        cut.elapsed < Duration::from_secs(5),
+        "took {:?}",
+        cut.elapsed
+    );
+    // New connections are still served.
+    let after = curl(&["--max-time", "5", &blob_url]);
+    assert_eq!((after.exit, after.status.as_str()), (0, "200"));
+    assert!(after.body == data);
 }
 
 #[test]

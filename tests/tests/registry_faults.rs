@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use sarde_e2e::cache::{
     Blob, CachedImage, PushedVm, assert_no_vm, listed, read_json, run_with_stdin,
 };
+use sarde_e2e::hostile::{Action, HostileServer, Matcher, Mutation, Rule};
 use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
 use sarde_e2e::vm::{self, TestVm, fill_random, qcow2, same_guest_content};
 use sarde_e2e::{fails, ok, sarde};
@@ -91,18 +92,21 @@ struct Interrupted {
     partial: (Blob, u64),
 }
 
-/// Starts `sarde fetch --concurrency 1 --retries 0` of `source` into the empty cache
-/// of `home`, stops the registry once more than 1 MiB of a blob has arrived, and
-/// checks the fetch failed cleanly. `None` when the moment was missed (the fetch
-/// finished first, or the registry stopped between two blobs): then there is no
-/// partial download to resume, and the caller tries again.
+/// Starts `sarde fetch --concurrency 1 --retries 0` of `image` (served through
+/// `hostile`, whose rule stalls the download of `stalled` half way) into the empty
+/// cache of `home`. Once more than 1 MiB of that blob is on disk, stops the
+/// registry and cuts the connections, as a registry host that dies does, and checks
+/// the fetch failed cleanly, leaving the blobs before it complete and that one
+/// partial.
 fn fetch_until_stopped(
     registry: &mut TestRegistry,
-    source: &PushedVm,
+    hostile: &HostileServer,
+    image: &str,
+    blobs: &[Blob],
+    stalled: &Blob,
     home: &Path,
-) -> Option<Interrupted> {
-    let blobs = source.cached().blobs();
-    let target = CachedImage::new(home, &source.image);
+) -> Interrupted {
+    let target = CachedImage::new(home, image);
     let stderr_path = home.join("fetch.stderr");
     let mut child: Child = sarde(home)
         .args([
@@ -112,40 +116,40 @@ fn fetch_until_stopped(
             "--retries",
             "0",
             "--insecure",
-            &source.image,
+            image,
         ])
         .stdout(Stdio::null())
         .stderr(File::create(&stderr_path).unwrap())
         .spawn()
         .expect("sarde fetch starts");
-    // Wait for bytes on disk: > 1 MiB in a partial download, or a whole piece landed.
+    let partial_name = format!("sha256-{}", stalled.hex());
     let started = Instant::now();
-    let caught = loop {
-        let partial = partials(home).iter().any(|(_, len)| *len > MIB);
-        let landed = blobs
+    loop {
+        if partials(home)
             .iter()
-            .any(|b| b.is_piece() && target.blob_path(&b.digest).exists());
-        if partial || landed {
-            break true;
+            .any(|(name, len)| *name == partial_name && *len > MIB)
+        {
+            break;
         }
         if child.try_wait().unwrap().is_some() {
-            break false;
+            panic!(
+                "the fetch ended before {} was half downloaded: {}",
+                stalled.digest,
+                fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "the fetch wrote nothing within 120 s"
+            "no MiB of {} within 120 s",
+            stalled.digest
         );
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    if caught {
-        registry.stop();
+        std::thread::sleep(Duration::from_millis(5));
     }
+    registry.stop();
+    hostile.cut_connections();
     let status = child.wait().unwrap();
     let stderr = fs::read_to_string(&stderr_path).unwrap();
-    if !caught || status.success() {
-        eprintln!("the fetch finished before the registry stopped; again");
-        return None;
-    }
+    assert!(!status.success(), "the fetch succeeded: {stderr}");
     eprintln!(
         "fetch stopped after {:.2}s: {}",
         started.elapsed().as_secs_f64(),
@@ -153,11 +157,11 @@ fn fetch_until_stopped(
     );
     // A clear error, naming the registry; no image in the cache.
     assert!(
-        stderr.contains(&registry.address()) && stderr.contains("error"),
+        stderr.contains(&hostile.address()) && stderr.contains("error"),
         "{stderr}"
     );
     assert!(target.tagged().is_none(), "tagged after a failed fetch");
-    assert!(!listed(home, &source.image), "listed after a failed fetch");
+    assert!(!listed(home, image), "listed after a failed fetch");
 
     let completed: Vec<Blob> = blobs
         .iter()
@@ -177,22 +181,20 @@ fn fetch_until_stopped(
         completed.len(),
         blobs.len()
     );
-    assert!(left.len() <= 1, "one blob at a time, yet {left:?}");
-    let (file, len) = left.first()?.clone();
-    if len == 0 {
-        return None;
-    }
-    let blob = blobs
-        .iter()
-        .find(|b| file == format!("sha256-{}", b.hex()))
-        .unwrap_or_else(|| panic!("partial download {file} of no blob of the image"))
-        .clone();
-    assert!(len < blob.size, "{file}: {len} bytes of {}", blob.size);
-    assert!(!completed.iter().any(|b| b.digest == blob.digest));
-    Some(Interrupted {
+    assert_eq!(left.len(), 1, "one partial download, of {partial_name}");
+    let (file, len) = left[0].clone();
+    assert_eq!(file, partial_name);
+    assert!(
+        len > MIB && len <= stalled.size / 2,
+        "{file}: {len} bytes, {} sent of {}",
+        stalled.size / 2,
+        stalled.size
+    );
+    assert!(!completed.iter().any(|b| b.digest == stalled.digest));
+    Interrupted {
         completed,
-        partial: (blob, len),
-    })
+        partial: (stalled.clone(), len),
+    }
 }
 
 #[test]
@@ -214,18 +216,29 @@ fn registry_stopped_mid_fetch_then_resumes() {
     let total: u64 = blobs.iter().map(|b| b.size).sum();
     let (_, manifest_size) = source.cached().manifest_descriptor();
 
-    // Stop the registry while a piece downloads; should the moment be missed (the
-    // fetch ended, or stopped between two blobs), start over with an empty cache.
-    let mut attempt = 0;
-    let (home, interrupted) = loop {
-        attempt += 1;
-        let home = vm::workdir();
-        if let Some(i) = fetch_until_stopped(&mut registry, &source, home.path()) {
-            break (home, i);
-        }
-        assert!(attempt < 5, "never caught the fetch mid-blob in 5 attempts");
-        registry.restart();
-    };
+    // The fetch goes through a proxy that stalls the last whole piece half way, so
+    // the registry always stops in the middle of a blob, however fast this machine.
+    let hostile = HostileServer::start(Some(registry.address()));
+    let image = format!("{}/faults/stopped:1", hostile.address());
+    let stalled = (*pieces.iter().rev().find(|b| b.size == PIECE).unwrap()).clone();
+    assert!(stalled.size > 4 * MIB, "{stalled:?}");
+    hostile.add_rule(Rule::first(
+        1,
+        Matcher::path_ends_with("GET", &format!("/blobs/{}", stalled.digest)),
+        Action::ForwardThen(Mutation::StallAfter {
+            bytes: stalled.size / 2,
+            for_: Duration::from_secs(300),
+        }),
+    ));
+    let home = vm::workdir();
+    let interrupted = fetch_until_stopped(
+        &mut registry,
+        &hostile,
+        &image,
+        &blobs,
+        &stalled,
+        home.path(),
+    );
     let home = home.path();
     let (partial_blob, partial_len) = interrupted.partial.clone();
     let completed_bytes: u64 = interrupted.completed.iter().map(|b| b.size).sum();
@@ -233,14 +246,7 @@ fn registry_stopped_mid_fetch_then_resumes() {
     // Again, with the registry back: only what is missing moves.
     registry.restart();
     let log_before = registry.log().len();
-    let out = ok(sarde(home).args([
-        "fetch",
-        "-q",
-        "--format",
-        "json",
-        "--insecure",
-        &source.image,
-    ]));
+    let out = ok(sarde(home).args(["fetch", "-q", "--format", "json", "--insecure", &image]));
     let summary: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     eprintln!("rerun: {summary}");
     let received = summary["bytes_received"].as_u64().unwrap();
@@ -285,11 +291,11 @@ fn registry_stopped_mid_fetch_then_resumes() {
         assert_eq!(gets(blob, "200") + gets(blob, "206"), 0, "{rerun}");
     }
     assert!(partials(home).is_empty(), "{:?}", partials(home));
-    assert!(listed(home, &source.image));
+    assert!(listed(home, &image));
 
     let name = vm::unique("sarde-resumed");
     source.vm.cleanup_also(&name);
-    import_and_compare(home, &source.image, &name, &source.disk);
+    import_and_compare(home, &image, &name, &source.disk);
 }
 
 #[test]

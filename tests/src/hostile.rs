@@ -283,6 +283,13 @@ impl HostileServer {
         }
     }
 
+    /// How many stalls (and waits of drips) have begun so far: a stalled answer
+    /// has sent everything it will before its stall begins, so a test can wait for
+    /// this instead of guessing how long the answer takes.
+    pub fn pauses(&self) -> u64 {
+        self.shared.pauses.load(Ordering::SeqCst)
+    }
+
     /// Every request received so far, in order of arrival.
     pub fn requests(&self) -> Vec<SeenRequest> {
         lock(&self.shared.seen).clone()
@@ -317,6 +324,8 @@ struct Shared {
     /// How many times [`HostileServer::cut_connections`] ran: a pause that sees it
     /// change ends, as it does when the server stops.
     cuts: AtomicU64,
+    /// How many pauses (stalls, and the waits of drips) have begun.
+    pauses: AtomicU64,
     /// Stalls and drips wait on `wake` so that stopping ends them at once.
     wake_lock: Mutex<()>,
     wake: Condvar,
@@ -335,6 +344,7 @@ impl Shared {
             seen: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             cuts: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
             open_sockets: Mutex::new(HashMap::new()),
@@ -362,6 +372,7 @@ impl Shared {
     /// Waits `duration`, or until the server stops or its connections are cut;
     /// true when the whole time passed.
     fn pause(&self, duration: Duration) -> bool {
+        self.pauses.fetch_add(1, Ordering::SeqCst);
         let cuts = self.cuts.load(Ordering::SeqCst);
         let interrupted = || self.stopping() || self.cuts.load(Ordering::SeqCst) != cuts;
         let guard = lock(&self.wake_lock);

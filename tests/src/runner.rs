@@ -7,6 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::guest::{self, GuestImage};
 use crate::registry::{RegistryOptions, TestRegistry, require_registry_tools};
@@ -113,6 +114,36 @@ pub fn signal_group(child: &Child, signal: i32) {
 /// Sends SIGTERM to the whole process group, as gitlab-runner does.
 pub fn terminate_group(child: &Child) {
     signal_group(child, libc::SIGTERM);
+}
+
+/// Waits until `child` has a handler for SIGTERM (its `SigCgt` in
+/// `/proc/PID/status`), so a signal sent now tests what the handler does rather
+/// than the default action before it existed. Panics after `within`, or when the
+/// child ends first.
+pub fn wait_until_catching_sigterm(child: &mut Child, within: Duration) {
+    let status = format!("/proc/{}/status", child.id());
+    let started = Instant::now();
+    loop {
+        let caught = std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|text| {
+                let mask = text.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+                u64::from_str_radix(mask.trim(), 16).ok()
+            })
+            .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0);
+        if caught {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the process ended before it caught SIGTERM"
+        );
+        assert!(
+            started.elapsed() < within,
+            "no SIGTERM handler within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A registry with the test guest's image, and an executor configuration for it.

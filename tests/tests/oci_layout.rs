@@ -479,6 +479,7 @@ fn layout_partials(dir: &Path) -> Vec<(String, u64)> {
 #[test]
 fn a_copy_into_a_directory_killed_mid_blob_resumes_inside_it() {
     use sarde_e2e::cache::PushedVm;
+    use sarde_e2e::hostile::{Action, HostileServer, Matcher, Mutation, Rule};
     if !enabled("a_copy_into_a_directory_killed_mid_blob_resumes_inside_it")
         || !registry_tests_enabled("a_copy_into_a_directory_killed_mid_blob_resumes_inside_it")
     {
@@ -496,42 +497,60 @@ fn a_copy_into_a_directory_killed_mid_blob_resumes_inside_it() {
     let total: u64 = blobs.iter().map(|b| b.size).sum();
     let home = vm::workdir();
     let work = vm::workdir();
-    // Killed (SIGKILL: no cleanup of its own) once more than 1 MiB of a blob is in.
-    let mut attempt = 0;
-    let (dir, partial) = loop {
-        attempt += 1;
-        assert!(attempt <= 5, "never caught the copy mid-blob in 5 attempts");
-        let dir = work.path().join(format!("out-{attempt}"));
-        let mut child = sarde(home.path())
-            .args(["copy", "-q", "--concurrency", "1", "--insecure"])
-            .arg(&source.image)
-            .arg(format!("oci:{}:v1", dir.display()))
-            .spawn()
-            .expect("sarde copy starts");
-        let started = std::time::Instant::now();
-        let caught = loop {
-            if layout_partials(&dir).iter().any(|(_, len)| *len > MIB) {
-                break true;
-            }
-            if child.try_wait().unwrap().is_some() {
-                break false;
-            }
-            assert!(
-                started.elapsed().as_secs() < 120,
-                "nothing written in 120 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        };
-        child.kill().unwrap();
-        child.wait().unwrap();
-        if !caught {
-            continue;
-        }
-        let partials = layout_partials(&dir);
-        if let [(_, len)] = partials.as_slice() {
-            break (dir, *len);
-        }
+    // The copy goes through a proxy that stalls the last whole piece half way, so
+    // the kill always lands in the middle of a blob, however fast this machine.
+    let largest = blobs.iter().map(|b| b.size).max().unwrap();
+    let stalled = blobs
+        .iter()
+        .rev()
+        .find(|b| b.size == largest)
+        .unwrap()
+        .clone();
+    assert!(stalled.is_piece() && stalled.size > 4 * MIB, "{blobs:?}");
+    let hostile = HostileServer::start(Some(registry.address()));
+    hostile.add_rule(Rule::first(
+        1,
+        Matcher::path_ends_with("GET", &format!("/blobs/{}", stalled.digest)),
+        Action::ForwardThen(Mutation::StallAfter {
+            bytes: stalled.size / 2,
+            for_: std::time::Duration::from_secs(300),
+        }),
+    ));
+    let image = format!("{}/layout/killed:1", hostile.address());
+    // Killed (SIGKILL: no cleanup of its own) once more than 1 MiB of it is in.
+    let dir = work.path().join("out");
+    let partial_name = format!(".partial-{}", stalled.hex());
+    let mut child = sarde(home.path())
+        .args(["copy", "-q", "--concurrency", "1", "--insecure"])
+        .arg(&image)
+        .arg(format!("oci:{}:v1", dir.display()))
+        .spawn()
+        .expect("sarde copy starts");
+    let started = std::time::Instant::now();
+    while !layout_partials(&dir)
+        .iter()
+        .any(|(name, len)| *name == partial_name && *len > MIB)
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the copy ended before {} was half copied",
+            stalled.digest
+        );
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no MiB of {} in 120 s",
+            stalled.digest
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partials = layout_partials(&dir);
+    let [(_, partial)] = partials.as_slice() else {
+        panic!("one partial file expected: {partials:?}");
     };
+    let partial = *partial;
+    assert!(partial > MIB && partial <= stalled.size / 2, "{partials:?}");
     let tags_now = std::fs::read_to_string(dir.join("index.json"))
         .map(|t| json(&t))
         .unwrap_or_default();
@@ -546,7 +565,7 @@ fn a_copy_into_a_directory_killed_mid_blob_resumes_inside_it() {
         "--format",
         "json",
         "--insecure",
-        &source.image,
+        &image,
         &format!("oci:{}:v1", dir.display()),
     ])));
     let received = again["bytes_received"].as_u64().unwrap();
@@ -569,7 +588,7 @@ fn a_copy_into_a_directory_killed_mid_blob_resumes_inside_it() {
         "--format",
         "json",
         "--insecure",
-        &source.image,
+        &image,
         &format!("oci:{}:v1", dir.display()),
     ])));
     assert_eq!(once_more["manifest_only"], true, "{once_more}");

@@ -595,8 +595,9 @@ fn wrong_password_is_refused_without_retry_storm() {
         "{stderr}"
     );
     assert!(!stderr.contains(wrong));
+    // The request count below is the real check; this catches backoffs.
     assert!(
-        elapsed < Duration::from_secs(5),
+        elapsed < Duration::from_secs(20),
         "took {elapsed:?}: retried?"
     );
     let log = settled_log(&registry);

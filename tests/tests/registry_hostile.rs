@@ -482,7 +482,7 @@ fn a_stall_before_the_headers_times_out() {
     let run = scene.fetch();
     // (retries + 1) idle timeouts and a backoff of 0.5 s (+25% jitter).
     let expected = IDLE * (RETRIES as u32 + 1) + Duration::from_millis(625);
-    let err = run.failed_within(case, expected + Duration::from_secs(8));
+    let err = run.failed_within(case, expected + Duration::from_secs(15));
     assert!(
         run.elapsed >= IDLE * (RETRIES as u32 + 1),
         "{case}: gave up after {:?}, before the idle timeouts: {err}",
@@ -666,7 +666,7 @@ fn a_redirect_loop_is_refused_at_once() {
         },
     ));
     let run = scene.fetch();
-    let err = run.failed_within(case, Duration::from_secs(10));
+    let err = run.failed_within(case, Duration::from_secs(20));
     assert_mentions(case, err, &[&scene.hostile.address(), "redirect loop"]);
     assert_nothing_cached(scene.home(), &scene.image, err);
     // At most one request and its one redirect per blob: no retries.
@@ -711,7 +711,7 @@ fn a_401_from_a_redirect_target_is_not_the_registrys_challenge() {
             .env("SARDE_REGISTRY_PASSWORD", "a-secret-for-the-registry")
             .args(["fetch", "-q", "--insecure", &scene.image]),
     );
-    let err = run.failed_within(case, Duration::from_secs(10));
+    let err = run.failed_within(case, Duration::from_secs(20));
     assert_mentions(case, err, &[&storage.address(), "redirected", "401"]);
     assert!(
         !err.contains("sarde login"),
@@ -959,5 +959,6 @@ async fn tag_pages_that_never_end_stop_at_1000() {
     );
     assert_mentions("endless tag pages", &err, &[&server.address, "1000 pages"]);
     assert_eq!(pages, 1000);
-    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+    // Ends, in far less than the test harness's patience; 1000 is the real check.
+    assert!(elapsed < Duration::from_secs(90), "{elapsed:?}");
 }

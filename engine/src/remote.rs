@@ -297,20 +297,32 @@ impl Engine {
     }
 
     /// Copies an image between two transports, neither of them necessarily the
-    /// cache, with its signatures, once the signature policy accepts it.
+    /// cache, with its signatures, once the signature policy accepts it; signs
+    /// it at the destination with `sign` when given (a registry: a signature
+    /// names the image's registry reference).
     pub async fn copy(
         &self,
         source: &RemoteReference,
         destination: &RemoteReference,
+        sign: Option<&sarde_trust::PrivateKey>,
         progress: Arc<dyn Progress>,
     ) -> Result<Pushed, RemoteError> {
         let started = std::time::Instant::now();
+        // Refused before anything moves.
+        let identity = sign
+            .map(|_| crate::trust::signing_identity(destination))
+            .transpose()?;
+        let target = self.destination(destination)?;
+        let to_sign: Vec<_> = identity
+            .map(|identity| (target.clone(), identity))
+            .into_iter()
+            .collect();
         let request = CopyRequest {
             source: self.open_remote(source)?,
             repository: source.target.repository.clone(),
             reference: source.target.reference.clone(),
             image: source.to_string(),
-            destinations: vec![self.destination(destination)?],
+            destinations: vec![target],
             // A registry mounts blobs of the source repository it holds too.
             mount_from: vec![(
                 source.target.location.clone(),
@@ -328,10 +340,17 @@ impl Engine {
         let copied = request
             .copy_resolved(&resolved, options, progress, started)
             .await?;
+        let signed = match sign {
+            Some(key) => {
+                self.sign_destinations(&to_sign, &copied.manifest.digest, key)
+                    .await?
+            }
+            None => Vec::new(),
+        };
         Ok(Pushed {
             copied,
             policy,
-            signed: Vec::new(),
+            signed,
         })
     }
 

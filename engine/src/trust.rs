@@ -259,7 +259,7 @@ pub(crate) fn signing_identity(target: &RemoteReference) -> Result<String, Remot
     let identity = target.target.identity.clone().ok_or_else(|| {
         RemoteError::Refused(format!(
             "{target}: a signature names the image's registry reference, and this destination \
-             has none: sign when pushing to a registry"
+             has none: sign where the image goes to a registry (push, or copy to docker://…)"
         ))
     })?;
     // The tag the push writes (`latest` when the reference names none), as

@@ -228,12 +228,8 @@ pub struct PushArgs {
     /// Allow plain HTTP and unverified TLS for the registries of this command
     #[arg(long)]
     pub insecure: bool,
-    /// Sign the pushed image with this private key (cosign's format; `sarde key generate` writes one)
-    #[arg(long, value_name = "KEY")]
-    pub sign_by_sigstore_private_key: Option<PathBuf>,
-    /// Read the signing key's passphrase from FILE (asked for on a terminal when missing)
-    #[arg(long, value_name = "FILE", requires = "sign_by_sigstore_private_key")]
-    pub sign_passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub sign: SignFlags,
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,
@@ -243,6 +239,17 @@ pub struct PushArgs {
     pub transfer: TransferFlags,
     /// Image of the local cache, name[:tag|@digest]
     pub image: String,
+}
+
+/// Signing what a command writes to a registry, with skopeo's flag names.
+#[derive(Debug, Args)]
+pub struct SignFlags {
+    /// Sign the image at its destination with this private key (cosign's format; `sarde key generate` writes one)
+    #[arg(long, value_name = "KEY")]
+    pub sign_by_sigstore_private_key: Option<PathBuf>,
+    /// Read the signing key's passphrase from FILE (asked for on a terminal when missing)
+    #[arg(long, value_name = "FILE", requires = "sign_by_sigstore_private_key")]
+    pub sign_passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -272,6 +279,8 @@ pub struct CopyArgs {
     /// Allow plain HTTP and unverified TLS for the registries of this command
     #[arg(long)]
     pub insecure: bool,
+    #[command(flatten)]
+    pub sign: SignFlags,
     /// Output format (json: one summary line)
     #[arg(long, value_enum, default_value_t)]
     pub format: OutputFormat,

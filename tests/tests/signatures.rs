@@ -422,6 +422,61 @@ fn a_sigstore_signed_policy_lets_signed_images_in_and_refuses_the_others() {
         "the destination's signature was lost: {merged}"
     );
 
+    // copy signs at a registry destination, as skopeo copy does: the unsigned
+    // image, copied and signed, is let in.
+    let countersigned = format!("{addr}/e2e/countersigned:1");
+    let sign_flags = [
+        "--sign-by-sigstore-private-key",
+        private.to_str().unwrap(),
+        "--sign-passphrase-file",
+        passphrase.to_str().unwrap(),
+    ];
+    let copied = json(&ok(sarde(h)
+        .args(["copy", "--insecure", "--format", "json"])
+        .args(sign_flags)
+        .args([
+            format!("docker://{unsigned}"),
+            format!("docker://{countersigned}"),
+        ])));
+    assert_eq!(
+        copied["signed"][0]["identity"],
+        countersigned.as_str(),
+        "{copied}"
+    );
+    assert_eq!(copied["signed"][0]["signatures"], 1, "{copied}");
+    let fresh = vm::workdir();
+    let fetched = json(&ok(sarde(fresh.path()).args([
+        "fetch",
+        "--insecure",
+        "--format",
+        "json",
+        "--policy",
+        policy_arg,
+        &countersigned,
+    ])));
+    assert_eq!(fetched["policy"]["signatures_verified"], 1, "{fetched}");
+    // A destination without a registry name cannot be signed for: refused
+    // before anything is written.
+    let layout = work.path().join("signed-layout");
+    let message = fails(
+        sarde(h)
+            .args(["copy", "--insecure"])
+            .args(sign_flags)
+            .args([
+                format!("docker://{signed}"),
+                format!("oci:{}:1", layout.display()),
+            ]),
+    );
+    assert!(
+        message.contains("registry reference") && message.contains(&layout.display().to_string()),
+        "{message}"
+    );
+    assert!(
+        !layout.exists(),
+        "the refused copy wrote {}",
+        layout.display()
+    );
+
     // Requirement types sarde does not check refuse (fail closed).
     let gpg = h.join("gpg-policy.json");
     std::fs::write(

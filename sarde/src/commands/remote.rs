@@ -131,12 +131,7 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
             engine.remote.insecure.push(image.registry_location());
         }
     }
-    let key = args
-        .sign_by_sigstore_private_key
-        .as_deref()
-        .map(|key| super::trust::signing_key(key, args.sign_passphrase_file.as_deref()))
-        .transpose()
-        .context("the signing key")?;
+    let key = super::trust::signing_key(&args.sign)?;
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let result = runtime(config)?
         .block_on(engine.push(&image, &targets, key.as_ref(), progress))
@@ -155,17 +150,7 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
                     .map(|(name, manifest_only)| json!({"name": name, "manifest_only": manifest_only}))
                     .collect::<Vec<_>>()
             );
-            value["signed"] = json!(
-                result
-                    .signed
-                    .iter()
-                    .map(|s| json!({
-                        "identity": s.identity,
-                        "signature_manifest": s.signature_manifest.to_string(),
-                        "signatures": s.signatures,
-                    }))
-                    .collect::<Vec<_>>()
-            );
+            value["signed"] = signed_json(&result.signed);
             println!("{value}");
         }
         OutputFormat::Text => {
@@ -177,6 +162,20 @@ pub fn push(cli: &Cli, config: &Config, args: &PushArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The signatures a push or copy wrote, for `--format json`.
+fn signed_json(signed: &[sarde_trust::sign::Signed]) -> serde_json::Value {
+    json!(
+        signed
+            .iter()
+            .map(|s| json!({
+                "identity": s.identity,
+                "signature_manifest": s.signature_manifest.to_string(),
+                "signatures": s.signatures,
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
 pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
     let (mut engine, refs) = engine_for(
         cli,
@@ -186,9 +185,10 @@ pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
     )?;
     engine.remote.trust = super::trust::trust(config)?;
     let (source, destination) = (&refs[0], &refs[1]);
+    let key = super::trust::signing_key(&args.sign)?;
     let progress = Arc::new(Reporter::new(quiet(cli, config)));
     let result = runtime(config)?
-        .block_on(engine.copy(source, destination, progress))
+        .block_on(engine.copy(source, destination, key.as_ref(), progress))
         .with_context(|| format!("copying {source} to {destination}"))?;
     let copied = &result.copied;
     tracing::info!(
@@ -203,6 +203,7 @@ pub fn copy(cli: &Cli, config: &Config, args: &CopyArgs) -> Result<ExitCode> {
             value["manifest"] = json!(copied.manifest.digest.to_string());
             value["manifest_only"] = json!(copied.targets.first().is_some_and(|t| t.1));
             value["policy"] = super::trust::policy_json(result.policy.as_ref());
+            value["signed"] = signed_json(&result.signed);
             println!("{value}");
         }
         OutputFormat::Text => println!("{destination}@{}", copied.manifest.digest),

@@ -13,7 +13,7 @@ use sarde_engine::trust::Trust;
 use sarde_trust::{Accepted, Policy, PrivateKey};
 use serde_json::{Value, json};
 
-use crate::cli::{KeyCommand, KeyGenerateArgs};
+use crate::cli::{KeyCommand, KeyGenerateArgs, SignFlags};
 
 pub fn key(command: &KeyCommand) -> Result<ExitCode> {
     match command {
@@ -96,11 +96,15 @@ fn passphrase(file: Option<&Path>, confirm: bool) -> Result<zeroize::Zeroizing<S
     Ok(first)
 }
 
-/// The signing key of `push --sign-by-sigstore-private-key`, opened before
-/// anything is sent.
-pub fn signing_key(key: &Path, passphrase_file: Option<&Path>) -> Result<PrivateKey> {
-    let passphrase = passphrase(passphrase_file, false)?;
-    Ok(PrivateKey::load(key, passphrase.as_bytes())?)
+/// The signing key of `--sign-by-sigstore-private-key` (push, copy), opened
+/// before anything is sent; `None` without the flag.
+pub fn signing_key(flags: &SignFlags) -> Result<Option<PrivateKey>> {
+    let Some(key) = flags.sign_by_sigstore_private_key.as_deref() else {
+        return Ok(None);
+    };
+    let passphrase = passphrase(flags.sign_passphrase_file.as_deref(), false)?;
+    let key = PrivateKey::load(key, passphrase.as_bytes()).context("the signing key")?;
+    Ok(Some(key))
 }
 
 /// The policy in force: the `policy` setting (`--policy`), else the first

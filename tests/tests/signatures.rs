@@ -618,3 +618,63 @@ fn signatures_are_written_and_found_through_the_referrers_api() {
     assert_eq!(pulled["policy"]["signatures_verified"], 1, "{pulled}");
     vm.cleanup_also(pulled["import"]["name"].as_str().unwrap());
 }
+
+/// Signing appends to the signatures where it writes, even when
+/// `registries.conf` sends reads of that name to a mirror first: the mirror's
+/// stale copy (one signature behind) must not be what the new one is merged
+/// with, or the signature added since would be lost.
+#[test]
+fn signing_behind_a_stale_mirror_keeps_every_signature_of_the_registry() {
+    if !registry_tests_enabled(
+        "signing_behind_a_stale_mirror_keeps_every_signature_of_the_registry",
+    ) {
+        return;
+    }
+    let primary = TestRegistry::start(RegistryOptions::default());
+    let mirror = TestRegistry::start(RegistryOptions::default());
+    let work = vm::workdir();
+    let home = vm::workdir();
+    let h = home.path();
+    let keys: Vec<_> = ["first", "second", "third"]
+        .iter()
+        .map(|name| generate_key(h, name))
+        .collect();
+    let mut vm = small_vm(work.path(), "sarde-sig-mirror", 4);
+    let image = format!("{}/e2e/mirrored:1", primary.address());
+    ok(sarde(h).args(["export", "--chunksize", "1MiB", &vm.name, &image]));
+    vm.cleanup_also(&vm.name.clone());
+    let (private, _, passphrase) = &keys[0];
+    let digest = digest_of(&push_signed(h, private, passphrase, &image));
+    // The mirror gets the image with its one signature, and then no more.
+    ok(sarde(h).args([
+        "copy",
+        "--insecure",
+        &format!("docker://{image}"),
+        &format!("docker://{}/e2e/mirrored:1", mirror.address()),
+    ]));
+    std::fs::write(
+        h.join("registries.conf"),
+        format!(
+            "[[registry]]\nlocation = \"{}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            primary.address(),
+            mirror.address()
+        ),
+    )
+    .unwrap();
+    let layers = |registry: &TestRegistry| {
+        let manifest: Value = serde_json::from_str(&registry_get(
+            registry,
+            &format!("/v2/e2e/mirrored/manifests/{}", sig_tag(&digest)),
+            "application/vnd.oci.image.manifest.v1+json",
+        ))
+        .unwrap();
+        manifest["layers"].as_array().unwrap().len()
+    };
+    for (signers, (private, _, passphrase)) in keys.iter().enumerate().skip(1) {
+        let pushed = push_signed(h, private, passphrase, &image);
+        assert_eq!(pushed["signed"][0]["signatures"], signers + 1, "{pushed}");
+        assert_eq!(layers(&primary), signers + 1, "signatures lost");
+    }
+    assert_eq!(layers(&mirror), 1, "the mirror was written to");
+}

@@ -32,6 +32,9 @@ pub async fn sign(
     identity: &str,
     key: &PrivateKey,
 ) -> Result<Signed, TrustError> {
+    // Signing writes here: the signatures it appends to are read where it
+    // writes too (never a mirror's stale copy), with one token for both.
+    transport.will_access(repository, sarde_api::transport::Access::Push);
     let payload = SimpleSigning::new(identity, manifest).to_bytes();
     let public = key.public_key()?;
     // The signatures there are kept as they are, annotations (certificates,

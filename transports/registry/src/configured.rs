@@ -5,6 +5,10 @@
 //! the name as written, as skopeo pushes (with its table's `insecure`). A
 //! blocked prefix refuses everything.
 //!
+//! A repository announced for pushing (`will_access(…, Push)`: a destination) is
+//! read where it is written too, so what a push merges with (its signatures,
+//! say) is the registry's current state, never a mirror's stale copy.
+//!
 //! A mirror that fails (refused connection, 404, anything) is passed over at
 //! once: the copy engine's retries and their budget see only the primary's error.
 //! Once an endpoint served a repository's manifest, every later read of that
@@ -32,7 +36,8 @@ pub struct ConfiguredRegistry {
     options: TransportOptions,
     /// Opened endpoints by `host[:port]` and insecurity.
     endpoints: Mutex<HashMap<(String, bool), Arc<RegistryTransport>>>,
-    /// The endpoint that served each repository's manifest.
+    /// Where each repository's reads go: the endpoint that served its
+    /// manifest, or, for a repository being pushed to, where writes go.
     serving: Mutex<HashMap<String, Endpoint>>,
 }
 
@@ -153,6 +158,14 @@ impl Transport for ConfiguredRegistry {
     }
 
     fn will_access(&self, repository: &str, access: Access) {
+        if access == Access::Push
+            && let Ok(endpoint) = self.writing(repository)
+        {
+            self.serving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(repository.to_string(), endpoint);
+        }
         let by_tag = self.endpoints_for(repository, false).unwrap_or_default();
         let by_digest = self.endpoints_for(repository, true).unwrap_or_default();
         for endpoint in by_tag.iter().chain(&by_digest) {

@@ -360,7 +360,14 @@ impl TestRegistry {
                     Failure::Exited(status.to_string())
                 });
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // Ours only once this run logged that it listens: until then an
+            // answer on the port may come from another test's server that took
+            // the port first (ours then exits with "address already in use").
+            let listening = self
+                .log()
+                .get(log_start as usize..)
+                .is_some_and(|run| run.contains(&format!("listening on {}", self.address())));
+            if listening && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 let code = self.probe();
                 if code == "200" || code == "401" {
                     return Ok(());

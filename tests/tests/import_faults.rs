@@ -292,6 +292,23 @@ fn a_stored_piece_that_differs_from_its_announced_digest_is_refused() {
     assert!(err.contains(&lie) && err.contains("disk.qcow2"), "{err}");
 }
 
+/// The bytes allocated on disk by the files under `dir` (0 when it is missing):
+/// what an import has written so far, however large its files' apparent sizes.
+fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 #[test]
 fn an_import_killed_half_way_leaves_nothing_and_a_rerun_completes() {
     if !vm::libvirt_enabled("an_import_killed_half_way_leaves_nothing_and_a_rerun_completes") {
@@ -304,12 +321,16 @@ fn an_import_killed_half_way_leaves_nothing_and_a_rerun_completes() {
         .args(["import", "-n", &name, "localhost/faults:1"])
         .spawn()
         .unwrap();
-    // Wait until pieces are being written, then kill without warning.
+    // Wait until 32 MiB of the disk are written, then kill without warning.
     let start = std::time::Instant::now();
-    while !staging.exists() && start.elapsed().as_secs() < 60 {
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    while allocated_bytes(&staging) < 32 << 20 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "import finished before it could be killed; make the disk bigger"
+        );
+        assert!(start.elapsed().as_secs() < 60, "nothing written in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    std::thread::sleep(std::time::Duration::from_millis(50));
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert!(

@@ -410,6 +410,27 @@ fn a_pull_through_cache_serves_concurrent_clients_and_then_alone() {
             grep(&proxy.log(), hex)
         );
     }
+    // The proxy stores what it streamed in the background: wait until every
+    // blob is stored and linked in the repository, or the warm round could find
+    // one still missing (and rightly go upstream) on a slow machine.
+    let stored = |blob: &String| {
+        let hex = blob.strip_prefix("sha256:").unwrap();
+        proxy.blob_data_path(blob).exists()
+            && proxy
+                .storage()
+                .join("docker/registry/v2/repositories/e2e/conf/_layers/sha256")
+                .join(hex)
+                .join("link")
+                .exists()
+    };
+    let waiting = std::time::Instant::now();
+    while !blobs.iter().all(stored) {
+        assert!(
+            waiting.elapsed().as_secs() < 60,
+            "the proxy has not stored every blob after 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let after_cold = blob_gets(&upstream, &blobs);
     assert!(
         after_cold > pushed_gets,

@@ -107,6 +107,13 @@ fn files_named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     out
 }
 
+fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
 fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -244,12 +251,25 @@ fn prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said() {
     ]));
     let layout = h.join("OCI/localhost/prune/killed");
     let blobs = layout.join("blobs/sha256");
-    assert!(
-        wait_for(Duration::from_secs(30), || files_named(&blobs, ".tmp-")
+    let writing = || {
+        files_named(&blobs, ".tmp-")
             .iter()
-            .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))),
-        "the export wrote no temporary blob"
-    );
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+    };
+    // Stopped first, so the kill finds a temporary blob even if the one seen
+    // was committed in the meantime: when none is left, go on and look again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            wait_for(deadline.saturating_duration_since(Instant::now()), writing),
+            "the export wrote no temporary blob"
+        );
+        signal(&export, libc::SIGSTOP);
+        if writing() {
+            break;
+        }
+        signal(&export, libc::SIGCONT);
+    }
     kill9(&mut export);
     for temp in files_named(&layout, ".tmp-") {
         backdate(&temp);

@@ -194,4 +194,24 @@ impl PushedVm {
         let (_, rest) = self.image.split_once('/').expect("registry/repository:tag");
         rest.rsplit_once(':').expect("a tag").0
     }
+
+    /// The same image named at another server, `address` (`127.0.0.1:PORT` of a
+    /// proxy in front of the registry, say).
+    pub fn image_via(&self, address: &str) -> String {
+        format!("{address}/{}:1", self.repository())
+    }
+
+    /// The largest disk piece (of several, the last in the manifest): a layer of
+    /// several MiB.
+    pub fn largest_piece(&self) -> Blob {
+        let blobs = self.cached().blobs();
+        let piece = blobs
+            .iter()
+            .filter(|b| b.is_piece())
+            .max_by_key(|b| b.size)
+            .unwrap_or_else(|| panic!("no disk piece in {blobs:?}"))
+            .clone();
+        assert!(piece.size > 2 << 20, "{piece:?}");
+        piece
+    }
 }

@@ -117,6 +117,11 @@ impl Matcher {
         Matcher::new(method, move |path| path.ends_with(&suffix))
     }
 
+    /// Downloads (`GET`) of the blob `digest` (`sha256:HEX`), in any repository.
+    pub fn blob_get(digest: &str) -> Matcher {
+        Matcher::path_ends_with("GET", &format!("/blobs/{digest}"))
+    }
+
     /// Whether a request of `method` for `path` (no query) matches.
     pub fn matches(&self, method: &str, path: &str) -> bool {
         (self.method == "*" || self.method.eq_ignore_ascii_case(method)) && (self.path)(path)

@@ -111,6 +111,14 @@ pub fn signal_group(child: &Child, signal: i32) {
     }
 }
 
+/// Sends `signal` to `child` alone (SIGSTOP to hold it still, say).
+pub fn signal_process(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
 /// Sends SIGTERM to the whole process group, as gitlab-runner does.
 pub fn terminate_group(child: &Child) {
     signal_group(child, libc::SIGTERM);

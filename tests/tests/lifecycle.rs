@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sarde_e2e::registry::{RegistryOptions, TestRegistry, registry_tests_enabled};
+use sarde_e2e::runner::signal_process;
 use sarde_e2e::vm::{self, TestVm, fill, fill_random, qcow2, same_guest_content};
 use sarde_e2e::{fails, ok, sarde};
 use serde_json::Value;
@@ -105,13 +106,6 @@ fn files_named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-fn signal(child: &Child, signal: i32) {
-    // SAFETY: kill(2) on a child this test spawned and has not reaped.
-    unsafe {
-        libc::kill(child.id() as i32, signal);
-    }
 }
 
 fn kill9(child: &mut Child) {
@@ -264,11 +258,11 @@ fn prune_collects_what_killed_processes_left_and_does_what_its_dry_run_said() {
             wait_for(deadline.saturating_duration_since(Instant::now()), writing),
             "the export wrote no temporary blob"
         );
-        signal(&export, libc::SIGSTOP);
+        signal_process(&export, libc::SIGSTOP);
         if writing() {
             break;
         }
-        signal(&export, libc::SIGCONT);
+        signal_process(&export, libc::SIGCONT);
     }
     kill9(&mut export);
     for temp in files_named(&layout, ".tmp-") {

@@ -499,24 +499,18 @@ fn a_copy_into_a_directory_killed_mid_blob_resumes_inside_it() {
     let work = vm::workdir();
     // The copy goes through a proxy that stalls the last whole piece half way, so
     // the kill always lands in the middle of a blob, however fast this machine.
-    let largest = blobs.iter().map(|b| b.size).max().unwrap();
-    let stalled = blobs
-        .iter()
-        .rev()
-        .find(|b| b.size == largest)
-        .unwrap()
-        .clone();
-    assert!(stalled.is_piece() && stalled.size > 4 * MIB, "{blobs:?}");
+    let stalled = source.largest_piece();
+    assert!(stalled.size > 4 * MIB, "{blobs:?}");
     let hostile = HostileServer::start(Some(registry.address()));
     hostile.add_rule(Rule::first(
         1,
-        Matcher::path_ends_with("GET", &format!("/blobs/{}", stalled.digest)),
+        Matcher::blob_get(&stalled.digest),
         Action::ForwardThen(Mutation::StallAfter {
             bytes: stalled.size / 2,
             for_: std::time::Duration::from_secs(300),
         }),
     ));
-    let image = format!("{}/layout/killed:1", hostile.address());
+    let image = source.image_via(&hostile.address());
     // Killed (SIGKILL: no cleanup of its own) once more than 1 MiB of it is in.
     let dir = work.path().join("out");
     let partial_name = format!(".partial-{}", stalled.hex());

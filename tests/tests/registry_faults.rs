@@ -219,12 +219,12 @@ fn registry_stopped_mid_fetch_then_resumes() {
     // The fetch goes through a proxy that stalls the last whole piece half way, so
     // the registry always stops in the middle of a blob, however fast this machine.
     let hostile = HostileServer::start(Some(registry.address()));
-    let image = format!("{}/faults/stopped:1", hostile.address());
-    let stalled = (*pieces.iter().rev().find(|b| b.size == PIECE).unwrap()).clone();
+    let image = source.image_via(&hostile.address());
+    let stalled = source.largest_piece();
     assert!(stalled.size > 4 * MIB, "{stalled:?}");
     hostile.add_rule(Rule::first(
         1,
-        Matcher::path_ends_with("GET", &format!("/blobs/{}", stalled.digest)),
+        Matcher::blob_get(&stalled.digest),
         Action::ForwardThen(Mutation::StallAfter {
             bytes: stalled.size / 2,
             for_: Duration::from_secs(300),

@@ -62,30 +62,8 @@ fn assert_nothing_cached(home: &Path, image: &str, err: &str) {
 }
 
 /// Matches the GETs of `blob`, in any repository.
-fn gets(blob: &Blob) -> Matcher {
-    Matcher::path_ends_with("GET", &format!("/blobs/{}", blob.digest))
-}
-
 fn is_get_of(blob: &Blob, request: &SeenRequest) -> bool {
     request.method == "GET" && request.path().ends_with(&format!("/blobs/{}", blob.digest))
-}
-
-/// `source`'s image through `server`.
-fn image_via(source: &PushedVm, server: &HostileServer) -> String {
-    format!("{}/{}:1", server.address(), source.repository())
-}
-
-/// The largest disk piece of `source`: a layer of several MiB.
-fn largest_piece(source: &PushedVm) -> Blob {
-    let blobs = source.cached().blobs();
-    let piece = blobs
-        .iter()
-        .filter(|b| b.is_piece())
-        .max_by_key(|b| b.size)
-        .unwrap_or_else(|| panic!("no disk piece in {blobs:?}"))
-        .clone();
-    assert!(piece.size > 2 * MIB, "{piece:?}");
-    piece
 }
 
 /// A private registry with a [`Source`] image, a hostile server in front of it and
@@ -104,7 +82,7 @@ impl Scene {
         let registry = TestRegistry::start(RegistryOptions::default());
         let source = PushedVm::new(&registry, repository, RANDOM_MIB, EXPORT_ARGS);
         let hostile = HostileServer::start(Some(registry.address()));
-        let image = image_via(&source, &hostile);
+        let image = source.image_via(&hostile.address());
         Scene {
             _registry: registry,
             source,
@@ -334,7 +312,7 @@ fn an_endless_config_blob_is_not_cached() {
     let config = scene.source.cached().blobs()[0].clone();
     assert!(config.media_type.contains("config"), "{config:?}");
     scene.hostile.add_rule(Rule::always(
-        gets(&config),
+        Matcher::blob_get(&config.digest),
         Action::Respond {
             status: 200,
             headers: vec![header("Content-Type", "application/octet-stream")],
@@ -438,9 +416,9 @@ fn a_blob_longer_than_its_descriptor_is_refused() {
         return;
     }
     let mut scene = Scene::new("hostile/longer");
-    let piece = largest_piece(&scene.source);
+    let piece = scene.source.largest_piece();
     scene.hostile.add_rule(Rule::always(
-        gets(&piece),
+        Matcher::blob_get(&piece.digest),
         Action::ForwardThen(Mutation::AppendBytes(10)),
     ));
     let name = vm::unique("sarde-hostile-longer");
@@ -510,10 +488,10 @@ fn a_stall_in_the_middle_of_a_blob_is_resumed() {
         return;
     }
     let mut scene = Scene::new("hostile/resume");
-    let piece = largest_piece(&scene.source);
+    let piece = scene.source.largest_piece();
     scene.hostile.add_rule(Rule::first(
         1,
-        gets(&piece),
+        Matcher::blob_get(&piece.digest),
         Action::ForwardThen(Mutation::StallAfter {
             bytes: MIB,
             for_: Duration::from_secs(60),
@@ -557,9 +535,9 @@ fn a_drip_ends_below_the_minimum_rate() {
         return;
     }
     let scene = Scene::new("hostile/drip");
-    let piece = largest_piece(&scene.source);
+    let piece = scene.source.largest_piece();
     scene.hostile.add_rule(Rule::always(
-        gets(&piece),
+        Matcher::blob_get(&piece.digest),
         Action::ForwardThen(Mutation::Drip {
             bytes_per_second: 1,
         }),
@@ -607,7 +585,7 @@ fn a_redirect_to_another_host_gets_no_credentials() {
             location: format!("{}{{path}}", other.url()),
         },
     ));
-    let image = image_via(&source, &front);
+    let image = source.image_via(&front.address());
     let home = vm::workdir();
     let home = home.path();
     let run = measured(

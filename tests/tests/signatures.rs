@@ -639,10 +639,9 @@ fn signing_behind_a_stale_mirror_keeps_every_signature_of_the_registry() {
         .iter()
         .map(|name| generate_key(h, name))
         .collect();
-    let mut vm = small_vm(work.path(), "sarde-sig-mirror", 4);
+    let vm = small_vm(work.path(), "sarde-sig-mirror", 4);
     let image = format!("{}/e2e/mirrored:1", primary.address());
     ok(sarde(h).args(["export", "--chunksize", "1MiB", &vm.name, &image]));
-    vm.cleanup_also(&vm.name.clone());
     let (private, _, passphrase) = &keys[0];
     let digest = digest_of(&push_signed(h, private, passphrase, &image));
     // The mirror gets the image with its one signature, and then no more.
